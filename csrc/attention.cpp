@@ -1,0 +1,120 @@
+// Checks a Problem, flattens it into KernelArgs and runs the kernel variant for this CPU.
+#include "attention.hpp"
+
+#include <new>
+#include <stdexcept>
+
+#include "cpu_features.hpp"
+#include "kernel_args.hpp"
+
+#ifdef FASTATTN_OPENMP
+#include <omp.h>
+#endif
+
+namespace fastattn {
+
+#define FASTATTN_DECLARE_VARIANT(ns) \
+  namespace ns {                     \
+  KernelStatus run_attention(const KernelArgs& args); \
+  }
+FASTATTN_DECLARE_VARIANT(baseline)
+#ifdef FASTATTN_HAVE_AVX2
+FASTATTN_DECLARE_VARIANT(avx2)
+#endif
+#ifdef FASTATTN_HAVE_AVX512
+FASTATTN_DECLARE_VARIANT(avx512)
+#endif
+#undef FASTATTN_DECLARE_VARIANT
+
+namespace {
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+void copy_view(const Operand& op, size_t n_batch_dims, const char* name, StridedView& view,
+               bool required) {
+  require(!required || op.data != nullptr, std::string(name) + ": null data pointer");
+  require(op.data == nullptr || op.batch_strides.size() == n_batch_dims,
+          std::string(name) + ": expected one batch stride per batch axis");
+  view.data = op.data;
+  for (size_t d = 0; d < op.batch_strides.size() && d < n_batch_dims; ++d)
+    view.batch_strides[d] = op.batch_strides[d];
+  view.row_stride = op.row_stride;
+  view.col_stride = op.col_stride;
+}
+
+}  // namespace
+
+bool has_openmp() {
+#ifdef FASTATTN_OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+int default_threads() {
+#ifdef FASTATTN_OPENMP
+  return omp_get_max_threads();  // honours OMP_NUM_THREADS and threadpoolctl's limits
+#else
+  return 1;
+#endif
+}
+
+std::string active_isa() { return selected_isa(); }
+std::vector<std::string> available_isas() { return supported_isas(); }
+void set_isa(const std::string& name) { force_isa(name); }
+
+void attention(const Problem& p) {
+  const size_t nd = p.batch_shape.size();
+  require(nd <= size_t(kMaxBatchDims), "too many batch axes");
+  require(p.L >= 0 && p.S >= 0 && p.E >= 0 && p.Ev >= 0, "negative size");
+  require(p.kv_group >= 1, "kv_group must be >= 1");
+  require(p.kv_group == 1 || nd >= 1, "grouped-query attention needs a head axis");
+  require(p.kv_group == 1 || p.batch_shape[nd - 1] % p.kv_group == 0,
+          "the number of query heads must be a multiple of kv_group");
+
+  KernelArgs a;
+  a.dtype = p.dtype == DType::kFloat64 ? 1 : 0;
+  a.n_batch_dims = int(nd);
+  a.batch_count = 1;
+  for (size_t d = 0; d < nd; ++d) {
+    require(p.batch_shape[d] >= 0, "negative batch size");
+    a.batch_shape[d] = p.batch_shape[d];
+    a.batch_count *= p.batch_shape[d];
+  }
+  a.L = p.L;
+  a.S = p.S;
+  a.E = p.E;
+  a.Ev = p.Ev;
+  copy_view(p.q, nd, "q", a.q, true);
+  copy_view(p.k, nd, "k", a.k, true);
+  copy_view(p.v, nd, "v", a.v, true);
+  copy_view(p.out, nd, "out", a.out, true);
+  copy_view(p.weights, nd, "weights", a.weights, false);
+  a.mask_kind = int(p.mask_kind);
+  copy_view(p.mask, nd, "mask", a.mask, p.mask_kind != MaskKind::kNone);
+  a.kv_group = p.kv_group;
+  a.causal = p.causal;
+  a.causal_offset = p.causal_offset;
+  a.scale = p.scale;
+  require(p.num_threads >= 0, "num_threads must be >= 0");
+  a.num_threads = p.num_threads > 0 ? p.num_threads : default_threads();
+  if (a.num_threads < 1) a.num_threads = 1;
+
+  const std::string isa = selected_isa();
+  KernelStatus status = KernelStatus::kOk;
+#ifdef FASTATTN_HAVE_AVX512
+  if (isa == "avx512") status = avx512::run_attention(a);
+  else
+#endif
+#ifdef FASTATTN_HAVE_AVX2
+  if (isa == "avx2") status = avx2::run_attention(a);
+  else
+#endif
+    status = baseline::run_attention(a);
+  if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
+}
+
+}  // namespace fastattn

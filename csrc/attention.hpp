@@ -1,0 +1,61 @@
+// fastattn's C++ core: the problem description shared by every kernel variant.
+//
+// The core knows nothing of Python. NumPy semantics (broadcasting, dtype promotion, argument
+// checks) are resolved by the Python layer; what arrives here is plain pointers, one broadcast
+// batch shape, and element strides (possibly 0 or negative) for every operand.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fastattn {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1 };
+
+enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
+
+// A strided view: element strides for each batch axis, then for the two matrix axes.
+struct Operand {
+  const void* data = nullptr;
+  std::vector<int64_t> batch_strides;  // one per batch axis, 0 where broadcast
+  int64_t row_stride = 0;              // along L (q, out, mask, weights) or S (k, v)
+  int64_t col_stride = 0;              // along E / Ev (q, k, v, out) or S (mask, weights)
+};
+
+struct Problem {
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> batch_shape;  // broadcast batch shape of the output
+  int64_t L = 0, S = 0, E = 0, Ev = 0;
+
+  Operand q, k, v;
+  // Grouped-query attention: along the last batch axis, k and v are read at index h / kv_group.
+  int64_t kv_group = 1;
+
+  MaskKind mask_kind = MaskKind::kNone;
+  Operand mask;  // bool masks as bytes (nonzero = key takes part); additive masks in `dtype`
+
+  bool causal = false;   // key j is seen by query i only if j <= i + causal_offset
+  int64_t causal_offset = 0;
+  double scale = 1.0;
+
+  Operand out;      // written: (batch..., L, Ev)
+  Operand weights;  // written when data != nullptr: (batch..., L, S)
+
+  int num_threads = 0;  // 0: OpenMP's default (OMP_NUM_THREADS, threadpoolctl)
+};
+
+// Runs the fused kernel; throws std::invalid_argument for an inconsistent problem.
+void attention(const Problem& p);
+
+// The instruction set the dispatcher uses now ("avx512", "avx2" or "baseline").
+std::string active_isa();
+// Every instruction set this build has a kernel for and this CPU can run, best first.
+std::vector<std::string> available_isas();
+// Forces an instruction set ("" restores automatic choice); throws if unavailable.
+void set_isa(const std::string& name);
+// Whether the build has OpenMP, and the thread count a call with num_threads = 0 would use.
+bool has_openmp();
+int default_threads();
+
+}  // namespace fastattn

@@ -1,0 +1,80 @@
+#include "cpu_features.hpp"
+
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+
+namespace fastattn {
+
+namespace {
+
+bool cpu_has(const std::string& isa) {
+  if (isa == "baseline") return true;
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0).
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#endif
+  return false;
+}
+
+bool compiled_in(const std::string& isa) {
+#ifdef FASTATTN_HAVE_AVX512
+  if (isa == "avx512") return true;
+#endif
+#ifdef FASTATTN_HAVE_AVX2
+  if (isa == "avx2") return true;
+#endif
+  return isa == "baseline";
+}
+
+std::mutex g_mutex;
+std::string g_forced;     // set by force_isa
+bool g_env_read = false;  // FASTATTN_ISA is read on first use
+
+void check_available(const std::string& name, const char* origin) {
+  for (const auto& isa : supported_isas())
+    if (isa == name) return;
+  std::string have;
+  for (const auto& isa : supported_isas()) have += (have.empty() ? "" : ", ") + isa;
+  throw std::invalid_argument(std::string(origin) + "='" + name +
+                              "' is not available on this CPU and build (available: " + have +
+                              ")");
+}
+
+}  // namespace
+
+std::vector<std::string> supported_isas() {
+  static const std::vector<std::string> isas = [] {
+    std::vector<std::string> out;
+    for (const char* isa : {"avx512", "avx2", "baseline"})
+      if (compiled_in(isa) && cpu_has(isa)) out.push_back(isa);
+    return out;
+  }();
+  return isas;
+}
+
+std::string selected_isa() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_env_read) {
+    const char* env = std::getenv("FASTATTN_ISA");
+    if (env && *env) {
+      check_available(env, "FASTATTN_ISA");  // every call fails alike until it is fixed
+      g_forced = env;
+    }
+    g_env_read = true;
+  }
+  return g_forced.empty() ? supported_isas().front() : g_forced;
+}
+
+void force_isa(const std::string& name) {
+  if (!name.empty()) check_available(name, "isa");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_env_read = !name.empty();  // "" goes back to FASTATTN_ISA, then to the best variant
+  g_forced = name;
+}
+
+}  // namespace fastattn

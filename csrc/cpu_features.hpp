@@ -1,0 +1,18 @@
+// Which kernel variants this CPU can run, and which one calls use.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace fastattn {
+
+// Variants compiled into this build and supported by this CPU (and its OS), best first.
+std::vector<std::string> supported_isas();
+
+// The variant calls use: the environment variable FASTATTN_ISA when set (read once), else the
+// best supported one. An unknown or unsupported FASTATTN_ISA throws std::invalid_argument, so a
+// forced path is never silently replaced by another.
+std::string selected_isa();
+void force_isa(const std::string& name);  // "" goes back to FASTATTN_ISA or the best variant
+
+}  // namespace fastattn

@@ -1,0 +1,39 @@
+// The problem as the kernel variants see it: plain arrays only, built once by attention.cpp.
+//
+// Every kernel variant (one per instruction set) reads this struct. It holds no std:: containers
+// so that no library template is instantiated inside an instruction-set-specific translation unit,
+// where the linker could pick an AVX-512 copy of it for a CPU without AVX-512.
+#pragma once
+
+#include <cstdint>
+
+namespace fastattn {
+
+constexpr int kMaxBatchDims = 64;  // NumPy's own limit on ndim
+
+struct StridedView {
+  const void* data = nullptr;
+  int64_t batch_strides[kMaxBatchDims] = {};
+  int64_t row_stride = 0;
+  int64_t col_stride = 0;
+};
+
+struct KernelArgs {
+  int dtype = 0;  // 0 float32, 1 float64
+  int n_batch_dims = 0;
+  int64_t batch_shape[kMaxBatchDims] = {};
+  int64_t batch_count = 1;
+  int64_t L = 0, S = 0, E = 0, Ev = 0;
+  StridedView q, k, v, mask, out, weights;
+  int64_t kv_group = 1;
+  int mask_kind = 0;  // 0 none, 1 bool bytes, 2 additive in dtype
+  bool causal = false;
+  int64_t causal_offset = 0;
+  double scale = 1.0;
+  int num_threads = 1;  // resolved by the dispatcher: >= 1
+};
+
+// Status of a kernel run; the dispatcher turns failures into exceptions.
+enum class KernelStatus : int { kOk = 0, kOutOfMemory = 1 };
+
+}  // namespace fastattn

@@ -1,0 +1,127 @@
+// The online softmax (FlashAttention-2): one row of a score block at a time, a running maximum m
+// and sum l per query row, the output accumulator rescaled only when m grows.
+//
+// Scores arrive in base 2: the query was multiplied by scale * log2(e) when packed, and additive
+// masks are multiplied by log2(e) here, so exp(x) becomes the cheaper exp2(x).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "simd.hpp"
+
+namespace fastattn {
+namespace FASTATTN_ISA_NS {
+
+constexpr double kLog2e = 1.4426950408889634;
+
+// Where the mask of one query row lives: element (i, j) of the block is at ptr[j * col_stride].
+template <class T>
+struct MaskRow {
+  int kind = 0;  // 0 none, 1 bool bytes, 2 additive (T)
+  const void* ptr = nullptr;
+  int64_t col_stride = 0;
+};
+
+template <class T>
+struct RowOps {
+  using S = Simd<T>;
+  using V = typename S::V;
+  static constexpr int kLanes = S::kLanes;
+  static constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+  static inline void fill(T* s, int64_t n, T value) {
+    for (int64_t j = 0; j < n; ++j) s[j] = value;
+  }
+
+  // Applies the mask to s[0:n] (n keys of this block). Masked-out keys become -inf.
+  static inline void apply_mask(T* s, int64_t n, const MaskRow<T>& mk) {
+    if (mk.kind == 1) {
+      const uint8_t* m = static_cast<const uint8_t*>(mk.ptr);
+      if (mk.col_stride == 0) {
+        if (!m[0]) fill(s, n, kNegInf);
+        return;
+      }
+      int64_t j = 0;
+      if (mk.col_stride == 1) {
+        typedef uint8_t B __attribute__((vector_size(kLanes)));
+        const V ninf = S::splat(kNegInf);
+        for (; j + kLanes <= n; j += kLanes) {
+          B b;
+          std::memcpy(&b, m + j, sizeof b);
+          auto keep = __builtin_convertvector(b, typename S::I) != 0;
+          S::store(s + j, keep ? S::load(s + j) : ninf);
+        }
+      }
+      for (; j < n; ++j)
+        if (!m[j * mk.col_stride]) s[j] = kNegInf;
+    } else if (mk.kind == 2) {
+      const T* a = static_cast<const T*>(mk.ptr);
+      const T c = T(kLog2e);
+      if (mk.col_stride == 0) {
+        const T add = a[0] * c;
+        for (int64_t j = 0; j < n; ++j) s[j] += add;
+        return;
+      }
+      int64_t j = 0;
+      if (mk.col_stride == 1)
+        for (; j + kLanes <= n; j += kLanes) S::store(s + j, S::load(s + j) + S::load(a + j) * c);
+      for (; j < n; ++j) s[j] += a[j * mk.col_stride] * c;
+    }
+  }
+
+  // max over s[0:n], n a multiple of kLanes. A NaN score may or may not win the max; either way
+  // exp2 turns it (or every weight of the row) into NaN, so the row is NaN, as in the reference.
+  static inline T max(const T* s, int64_t n) {
+    V m = S::splat(kNegInf);
+    for (int64_t j = 0; j < n; j += kLanes) m = S::max(m, S::load(s + j));
+    return S::hmax(m);
+  }
+
+  // s[j] = exp2(s[j] - m) for j < n (n a multiple of kLanes); returns the sum.
+  static inline T exp2_sum(T* s, int64_t n, T m) {
+    const V mv = S::splat(m);
+    V acc = S::splat(T(0));
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const V p = Exp2<T>::eval(S::load(s + j) - mv);
+      S::store(s + j, p);
+      acc += p;
+    }
+    return S::hsum(acc);
+  }
+
+  static inline void scale(T* o, int64_t n, T a) {
+    const V av = S::splat(a);
+    for (int64_t j = 0; j < n; j += kLanes) S::store(o + j, S::load(o + j) * av);
+  }
+};
+
+// Running state of one query row. m is -inf until the row has seen a key that takes part.
+template <class T>
+struct RowState {
+  T m, l;
+};
+
+// Folds a block of base-2 scores (already masked, n a multiple of kLanes, padding at -inf) into
+// the row's state: s becomes the block's unnormalized weights, o is rescaled if the max grew.
+template <class T>
+inline void online_softmax_update(T* s, int64_t n, RowState<T>& st, T* o, int64_t n_o) {
+  using R = RowOps<T>;
+  const T block_max = R::max(s, n);
+  const T m_new = block_max > st.m ? block_max : st.m;
+  // exp2(-inf - (-inf)) is NaN: a row with no key yet subtracts 0 instead, giving weights of 0.
+  const T m_use = m_new == R::kNegInf ? T(0) : m_new;
+  const T sum = R::exp2_sum(s, n, m_use);
+  if (m_use != st.m) {
+    const T alpha = std::exp2(st.m - m_use);
+    st.l = st.l * alpha + sum;
+    R::scale(o, n_o, alpha);
+  } else {
+    st.l += sum;
+  }
+  st.m = m_new;
+}
+
+}  // namespace FASTATTN_ISA_NS
+}  // namespace fastattn

@@ -1,0 +1,129 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The compiled kernel: converts Python values to a ``fastattn::Problem`` and runs it without the GIL.
+
+Nothing here checks NumPy semantics; ``fastattn._cpu`` prepares every argument.
+"""
+
+from cpython.buffer cimport PyBUF_RECORDS_RO, PyBuffer_Release, PyObject_GetBuffer
+from libc.stdint cimport int64_t
+from libcpp cimport bool as cbool
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+
+
+cdef extern from "attention.hpp" namespace "fastattn":
+    cdef enum class DType "fastattn::DType":
+        kFloat32 "fastattn::DType::kFloat32"
+        kFloat64 "fastattn::DType::kFloat64"
+
+    cdef enum class MaskKind "fastattn::MaskKind":
+        kNone "fastattn::MaskKind::kNone"
+        kBool "fastattn::MaskKind::kBool"
+        kAdditive "fastattn::MaskKind::kAdditive"
+
+    cdef cppclass Operand:
+        const void* data
+        vector[int64_t] batch_strides
+        int64_t row_stride
+        int64_t col_stride
+
+    cdef cppclass Problem:
+        DType dtype
+        vector[int64_t] batch_shape
+        int64_t L, S, E, Ev
+        Operand q, k, v
+        int64_t kv_group
+        MaskKind mask_kind
+        Operand mask
+        cbool causal
+        int64_t causal_offset
+        double scale
+        Operand out, weights
+        int num_threads
+
+    void c_attention "fastattn::attention"(const Problem& p) except + nogil
+    string c_active_isa "fastattn::active_isa"() except +
+    vector[string] c_available_isas "fastattn::available_isas"() except +
+    void c_set_isa "fastattn::set_isa"(const string& name) except +
+    cbool c_has_openmp "fastattn::has_openmp"()
+    int c_default_threads "fastattn::default_threads"()
+
+
+cdef const void* _data(object array) except? NULL:
+    # The buffer protocol gives the address without NumPy's C API; the caller keeps `array` alive.
+    cdef Py_buffer view
+    PyObject_GetBuffer(array, &view, PyBUF_RECORDS_RO)
+    cdef const void* ptr = view.buf
+    PyBuffer_Release(&view)
+    return ptr
+
+
+cdef void _fill(Operand& op, object array, tuple strides):
+    op.data = _data(array)
+    cdef Py_ssize_t n = len(strides) - 2
+    op.batch_strides.resize(n)
+    for i in range(n):
+        op.batch_strides[i] = strides[i]
+    op.row_stride = strides[n]
+    op.col_stride = strides[n + 1]
+
+
+def attention(bint double, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
+              q, tuple q_strides, k, tuple k_strides, v, tuple v_strides,
+              int mask_kind, mask, tuple mask_strides,
+              bint causal, int64_t causal_offset, double scale, int64_t kv_group,
+              out, tuple out_strides, weights, tuple weights_strides, int num_threads):
+    """Runs the fused kernel. Strides are in elements: one per batch axis, then row, column."""
+    cdef Problem p
+    p.dtype = DType.kFloat64 if double else DType.kFloat32
+    p.batch_shape = batch_shape
+    p.L = L
+    p.S = S
+    p.E = E
+    p.Ev = Ev
+    _fill(p.q, q, q_strides)
+    _fill(p.k, k, k_strides)
+    _fill(p.v, v, v_strides)
+    p.kv_group = kv_group
+    if mask_kind == 1:
+        p.mask_kind = MaskKind.kBool
+        _fill(p.mask, mask, mask_strides)
+    elif mask_kind == 2:
+        p.mask_kind = MaskKind.kAdditive
+        _fill(p.mask, mask, mask_strides)
+    else:
+        p.mask_kind = MaskKind.kNone
+    p.causal = causal
+    p.causal_offset = causal_offset
+    p.scale = scale
+    _fill(p.out, out, out_strides)
+    if weights is not None:
+        _fill(p.weights, weights, weights_strides)
+    p.num_threads = num_threads
+    with nogil:
+        c_attention(p)
+
+
+def active_isa():
+    """The instruction set the kernel uses now: 'avx512', 'avx2' or 'baseline'."""
+    return c_active_isa().decode()
+
+
+def available_isas():
+    """Instruction sets this build has a kernel for and this CPU runs, best first."""
+    return [name.decode() for name in c_available_isas()]
+
+
+def set_isa(name):
+    """Forces a kernel variant for this process ('' or None: automatic, or $FASTATTN_ISA)."""
+    c_set_isa((name or "").encode())
+
+
+def has_openmp():
+    """Whether the kernel was built with OpenMP."""
+    return c_has_openmp()
+
+
+def default_threads():
+    """Threads a call with num_threads=None uses (OMP_NUM_THREADS and threadpoolctl apply)."""
+    return c_default_threads()
