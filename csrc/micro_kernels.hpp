@@ -25,9 +25,10 @@ struct Micro {
   static constexpr int NR = 2 * kLanes;
   static constexpr int MR = FASTATTN_VBYTES >= 64 ? 8 : 6;
 
-  // s[r * lds + j] = sum_e qp[r * ldq + e] * kpanel[e * NR + j]   for r < MR, j < NR.
+  // s[r * lds + j] = sum_e qp[r * ldq + e] * kpanel[e * NR + j]   for r < MR, j < NR;
+  // rowmax[r] = max(rowmax[r], lanes of row r), so the softmax needs no extra pass for the max.
   static inline void qk(const T* __restrict qp, int64_t ldq, int64_t E, const T* __restrict kpanel,
-                        T* __restrict s, int64_t lds) {
+                        T* __restrict s, int64_t lds, V* __restrict rowmax) {
     V acc0[MR], acc1[MR];
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = S::splat(T(0));
@@ -45,6 +46,7 @@ struct Micro {
     for (int r = 0; r < MR; ++r) {
       S::store(s + r * lds, acc0[r]);
       S::store(s + r * lds + kLanes, acc1[r]);
+      rowmax[r] = S::max(rowmax[r], S::max(acc0[r], acc1[r]));
     }
   }
 

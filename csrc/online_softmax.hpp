@@ -79,8 +79,8 @@ struct RowOps {
     return S::hmax(m);
   }
 
-  // s[j] = exp2(s[j] - m) for j < n (n a multiple of kLanes); returns the sum.
-  static inline T exp2_sum(T* s, int64_t n, T m) {
+  // s[j] = exp2(s[j] - m) for j < n (n a multiple of kLanes); returns the lane-wise sums.
+  static inline V exp2_sum(T* s, int64_t n, T m) {
     const V mv = S::splat(m);
     V acc = S::splat(T(0));
     for (int64_t j = 0; j < n; j += kLanes) {
@@ -88,7 +88,7 @@ struct RowOps {
       S::store(s + j, p);
       acc += p;
     }
-    return S::hsum(acc);
+    return acc;
   }
 
   static inline void scale(T* o, int64_t n, T a) {
@@ -97,29 +97,36 @@ struct RowOps {
   }
 };
 
-// Running state of one query row. m is -inf until the row has seen a key that takes part.
+// Running state of one query row. m is -inf until the row has seen a key that takes part; the
+// sum l is kept lane by lane and reduced once at the end (no horizontal add per block).
 template <class T>
 struct RowState {
-  T m, l;
+  T m;
+  typename Simd<T>::V l;
+  T sum() const { return Simd<T>::hsum(l); }
 };
 
-// Folds a block of base-2 scores (already masked, n a multiple of kLanes, padding at -inf) into
-// the row's state: s becomes the block's unnormalized weights, o is rescaled if the max grew.
 template <class T>
-inline void online_softmax_update(T* s, int64_t n, RowState<T>& st, T* o, int64_t n_o) {
+inline RowState<T> row_state_init() {
+  return RowState<T>{RowOps<T>::kNegInf, Simd<T>::splat(T(0))};
+}
+
+// Folds a block of base-2 scores (already masked, n a multiple of kLanes, padding at -inf) with
+// maximum block_max into the row's state: s becomes the block's unnormalized weights, and o is
+// rescaled if the running max grew.
+template <class T>
+inline void online_softmax_update(T* s, int64_t n, T block_max, RowState<T>& st, T* o,
+                                  int64_t n_o) {
   using R = RowOps<T>;
-  const T block_max = R::max(s, n);
   const T m_new = block_max > st.m ? block_max : st.m;
   // exp2(-inf - (-inf)) is NaN: a row with no key yet subtracts 0 instead, giving weights of 0.
   const T m_use = m_new == R::kNegInf ? T(0) : m_new;
-  const T sum = R::exp2_sum(s, n, m_use);
   if (m_use != st.m) {
     const T alpha = std::exp2(st.m - m_use);
-    st.l = st.l * alpha + sum;
+    st.l *= alpha;
     R::scale(o, n_o, alpha);
-  } else {
-    st.l += sum;
   }
+  st.l += R::exp2_sum(s, n, m_use);
   st.m = m_new;
 }
 

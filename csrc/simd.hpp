@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #ifndef FASTATTN_VBYTES
 #error "FASTATTN_VBYTES (vector width in bytes) must be defined by the build"
 #endif
@@ -27,6 +31,45 @@ struct IntOf<double> {
   using type = int64_t;
 };
 
+#if defined(__x86_64__) && FASTATTN_VBYTES == 64
+inline __m512 broadcast(float x) { return _mm512_set1_ps(x); }
+inline __m512d broadcast(double x) { return _mm512_set1_pd(x); }
+#elif defined(__x86_64__) && FASTATTN_VBYTES == 32
+inline __m256 broadcast(float x) { return _mm256_set1_ps(x); }
+inline __m256d broadcast(double x) { return _mm256_set1_pd(x); }
+#elif defined(__x86_64__) && FASTATTN_VBYTES == 16
+inline __m128 broadcast(float x) { return _mm_set1_ps(x); }
+inline __m128d broadcast(double x) { return _mm_set1_pd(x); }
+#endif
+
+// Horizontal reductions by halving: log2(lanes) vector steps (vextract + op) instead of one
+// scalar step per lane.
+template <class T, int Bytes>
+struct Halving {
+  typedef T W __attribute__((vector_size(Bytes)));
+  typedef T H __attribute__((vector_size(Bytes / 2)));
+  static inline void split(W v, H& lo, H& hi) {
+    std::memcpy(&lo, &v, sizeof(H));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+  }
+  static inline T max(W v) {
+    H lo, hi;
+    split(v, lo, hi);
+    return Halving<T, Bytes / 2>::max(lo > hi ? lo : hi);
+  }
+  static inline T sum(W v) {
+    H lo, hi;
+    split(v, lo, hi);
+    return Halving<T, Bytes / 2>::sum(lo + hi);
+  }
+};
+template <class T>
+struct Halving<T, int(2 * sizeof(T))> {
+  typedef T W __attribute__((vector_size(2 * sizeof(T))));
+  static inline T max(W v) { return v[0] > v[1] ? v[0] : v[1]; }
+  static inline T sum(W v) { return v[0] + v[1]; }
+};
+
 template <class T>
 struct Simd {
   static constexpr int kBytes = FASTATTN_VBYTES;
@@ -40,18 +83,18 @@ struct Simd {
     return v;
   }
   static inline void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static inline V splat(T x) { return V{} + x; }
+  // The broadcast intrinsic folds into the FMA's memory operand ({1to16}); `V{} + x` would
+  // cost an extra scalar add, since 0 + x is not x for x = -0.
+  static inline V splat(T x) {
+#if defined(__x86_64__)
+    return V(broadcast(x));
+#else
+    return V{} + x;
+#endif
+  }
   static inline V max(V a, V b) { return a > b ? a : b; }
-  static inline T hmax(V v) {
-    T m = v[0];
-    for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-    return m;
-  }
-  static inline T hsum(V v) {
-    T s = 0;
-    for (int i = 0; i < kLanes; ++i) s += v[i];
-    return s;
-  }
+  static inline T hmax(V v) { return Halving<T, kBytes>::max(v); }
+  static inline T hsum(V v) { return Halving<T, kBytes>::sum(v); }
 };
 
 // exp2 for the online softmax, whose arguments are s - max <= 0 (and NaN, which must propagate).
@@ -63,10 +106,30 @@ struct Simd {
 template <class T>
 struct Exp2;
 
+// Cephes' coefficients: 2^f = 1 + f * P(f) on [-0.5, 0.5].
+template <class V>
+inline V exp2_poly_f32(V f) {
+  V p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  return p * f + 1.0f;
+}
+
 template <>
 struct Exp2<float> {
   using S = Simd<float>;
   static inline S::V eval(S::V x) {
+#if defined(__AVX512F__) && FASTATTN_VBYTES == 64
+    // AVX-512: round and scale by 2^n in one instruction each, and zero the underflowing lanes
+    // in the same scalef (the "not less than" compare is true for NaN, which then propagates).
+    const __m512 xv = __m512(x);
+    const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+    const __m512 n = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const S::V p = exp2_poly_f32(x - S::V(n));
+    return S::V(_mm512_maskz_scalef_ps(keep, __m512(p), n));
+#else
     const S::V lo = S::splat(-126.0f), hi = S::splat(127.0f);
     S::V xc = x < lo ? lo : x;  // NaN compares false: it stays NaN
     xc = xc > hi ? hi : xc;
@@ -74,14 +137,7 @@ struct Exp2<float> {
     const S::V magic = S::splat(12582912.0f);
     S::V t = xc + magic;
     S::V n = t - magic;
-    S::V f = xc - n;
-    S::V p = S::splat(1.535336188319500e-4f);
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
+    S::V p = exp2_poly_f32(xc - n);
     S::I ti, mi;
     std::memcpy(&ti, &t, sizeof ti);
     S::V m = magic;
@@ -91,6 +147,7 @@ struct Exp2<float> {
     std::memcpy(&two_n, &bits, sizeof two_n);
     S::V r = p * two_n;
     return x < lo ? S::splat(0.0f) : r;
+#endif
   }
 };
 

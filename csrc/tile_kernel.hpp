@@ -83,6 +83,8 @@ struct TileKernel {
   struct Workspace {
     Buffer<T> qp, s, o, kp, vp;
     RowState<T> st[BM];
+    typename M::V rowmax[BM];
+    T lsum[BM];  // final sums, for write_weights
     int64_t k_off = -1, v_off = -1;  // which K and V are packed
     int64_t packed_blocks = 0;       // how many key blocks of them
     bool ok = true;
@@ -129,13 +131,20 @@ struct TileKernel {
     ws.packed_blocks = blocks;
   }
 
-  // Scores of key block kb for all (padded) rows of the tile: s = qp kp^T, base 2.
+  // Scores of key block kb for all (padded) rows of the tile: s = qp kp^T, base 2, and each
+  // row's maximum before masking in ws.rowmax.
   void block_scores(Workspace& ws, int64_t rows_p, int64_t kb) const {
     const int64_t E = a.E;
+    for (int64_t r = 0; r < rows_p; ++r) ws.rowmax[r] = M::S::splat(R::kNegInf);
     for (int64_t r0 = 0; r0 < rows_p; r0 += MR)
       for (int p = 0; p < BN / NR; ++p)
         M::qk(ws.qp.ptr + r0 * E, E, E, ws.kp.ptr + (kb * (BN / NR) + p) * E * NR,
-              ws.s.ptr + r0 * BN + p * NR, BN);
+              ws.s.ptr + r0 * BN + p * NR, BN, ws.rowmax + r0);
+  }
+
+  // Whether mask_row changes anything in key block [j0, j0 + nb) for rows from i0 to i_last.
+  bool block_is_masked(int64_t i0, int64_t j0, int64_t nb) const {
+    return nb < BN || a.mask_kind != 0 || (a.causal && j0 + nb - 1 > i0 + a.causal_offset);
   }
 
   // Masks one row of a score block: padding keys, the causal band and the user's mask.
@@ -189,16 +198,23 @@ struct TileKernel {
         for (int64_t e = 0; e < E; ++e) dst[e] = T(0);
       }
     }
-    for (int64_t r = 0; r < rows; ++r) ws.st[r] = RowState<T>{R::kNegInf, T(0)};
+    for (int64_t r = 0; r < rows; ++r) ws.st[r] = row_state_init<T>();
     std::memset(ws.o.ptr, 0, sizeof(T) * size_t(rows_p * Evp));
 
     for (int64_t kb = 0; kb < blocks; ++kb) {
       const int64_t j0 = kb * BN, nb = min64(BN, a.S - j0);
       block_scores(ws, rows_p, kb);
+      const bool masked = block_is_masked(i0, j0, nb);
       for (int64_t r = 0; r < rows; ++r) {
         T* srow = ws.s.ptr + r * BN;
-        mask_row(srow, i0 + r, j0, nb, m_off);
-        online_softmax_update(srow, BN, ws.st[r], ws.o.ptr + r * Evp, Evp);
+        T block_max;
+        if (masked) {
+          mask_row(srow, i0 + r, j0, nb, m_off);
+          block_max = R::max(srow, BN);
+        } else {
+          block_max = M::S::hmax(ws.rowmax[r]);
+        }
+        online_softmax_update(srow, BN, block_max, ws.st[r], ws.o.ptr + r * Evp, Evp);
       }
       // Padding rows hold raw scores of zero queries (0): they only feed padding output rows.
       for (int64_t r0 = 0; r0 < rows_p; r0 += MR)
@@ -210,7 +226,8 @@ struct TileKernel {
     // Normalize once. A row with no key (l == 0) gives zeros; a NaN sum stays NaN.
     T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
     for (int64_t r = 0; r < rows; ++r) {
-      const T l = ws.st[r].l;
+      const T l = ws.st[r].sum();
+      ws.lsum[r] = l;
       const T inv = l == T(0) ? T(0) : T(1) / l;
       const T* o = ws.o.ptr + r * Evp;
       T* dst = out + (i0 + r) * a.out.row_stride;
@@ -230,15 +247,15 @@ struct TileKernel {
       if (kb < blocks) block_scores(ws, rows_p, kb);
       for (int64_t r = 0; r < rows; ++r) {
         T* dst = W + (i0 + r) * wrs + j0 * wcs;
-        const RowState<T> st = ws.st[r];
-        if (kb >= blocks || st.l == T(0)) {
+        const T m = ws.st[r].m, l = ws.lsum[r];
+        if (kb >= blocks || l == T(0)) {
           for (int64_t j = 0; j < nb; ++j) dst[j * wcs] = T(0);
           continue;
         }
         T* srow = ws.s.ptr + r * BN;
         mask_row(srow, i0 + r, j0, nb, m_off);
-        R::exp2_sum(srow, BN, st.m == R::kNegInf ? T(0) : st.m);
-        const T inv = T(1) / st.l;
+        R::exp2_sum(srow, BN, m == R::kNegInf ? T(0) : m);
+        const T inv = T(1) / l;
         for (int64_t j = 0; j < nb; ++j) dst[j * wcs] = srow[j] * inv;
       }
     }
