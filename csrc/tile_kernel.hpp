@@ -3,60 +3,19 @@
 // BM x BN score block, one BM x Ev accumulator and the packed K and V of the head in use.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <limits>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#include "kernel_args.hpp"
+#include "kernel_common.hpp"
 #include "micro_kernels.hpp"
 #include "online_softmax.hpp"
 
 namespace fastattn {
 namespace FASTATTN_ISA_NS {
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-
-// A 64-byte aligned, growable scratch array owned by one thread.
-template <class T>
-struct Buffer {
-  T* ptr = nullptr;
-  int64_t size = 0;
-  Buffer() = default;
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() { std::free(ptr); }
-  bool reserve(int64_t count) {
-    if (count <= size) return true;
-    std::free(ptr);
-    const size_t bytes = size_t(round_up(max64(count, 1) * int64_t(sizeof(T)), 64));
-    ptr = static_cast<T*>(std::aligned_alloc(64, bytes));
-    size = ptr ? count : 0;
-    return ptr != nullptr;
-  }
-};
-
-// Offset (in elements) of one batch entry of a strided view. For k and v under grouped-query
-// attention, the last batch axis (heads) is divided by the group size.
-inline int64_t batch_offset(const KernelArgs& a, const StridedView& view, int64_t b,
-                            int64_t group) {
-  int64_t off = 0;
-  for (int d = a.n_batch_dims - 1; d >= 0; --d) {
-    const int64_t n = a.batch_shape[d];
-    int64_t i = b % n;
-    b /= n;
-    if (d == a.n_batch_dims - 1) i /= group;
-    off += i * view.batch_strides[d];
-  }
-  return off;
-}
 
 template <class T>
 struct TileKernel {
@@ -142,32 +101,6 @@ struct TileKernel {
               ws.s.ptr + r0 * BN + p * NR, BN, ws.rowmax + r0);
   }
 
-  // Whether mask_row changes anything in key block [j0, j0 + nb) for rows from i0 to i_last.
-  bool block_is_masked(int64_t i0, int64_t j0, int64_t nb) const {
-    return nb < BN || a.mask_kind != 0 || (a.causal && j0 + nb - 1 > i0 + a.causal_offset);
-  }
-
-  // Masks one row of a score block: padding keys, the causal band and the user's mask.
-  void mask_row(T* srow, int64_t i, int64_t j0, int64_t nb, int64_t m_off) const {
-    if (nb < BN) R::fill(srow + nb, BN - nb, R::kNegInf);
-    if (a.causal) {
-      const int64_t first_hidden = i + a.causal_offset + 1 - j0;  // keys j >= i + off + 1 hidden
-      if (first_hidden < nb) {
-        const int64_t from = max64(first_hidden, 0);
-        R::fill(srow + from, nb - from, R::kNegInf);
-      }
-    }
-    if (a.mask_kind != 0) {
-      MaskRow<T> mk;
-      mk.kind = a.mask_kind;
-      mk.col_stride = a.mask.col_stride;
-      const int64_t elem = a.mask_kind == 1 ? 1 : int64_t(sizeof(T));
-      mk.ptr = static_cast<const char*>(a.mask.data) +
-               (m_off + i * a.mask.row_stride + j0 * a.mask.col_stride) * elem;
-      R::apply_mask(srow, nb, mk);
-    }
-  }
-
   void tile(Workspace& ws, int64_t b, int64_t qt) const {
     const int64_t E = a.E, Ev = a.Ev;
     const int64_t i0 = qt * BM;
@@ -204,12 +137,12 @@ struct TileKernel {
     for (int64_t kb = 0; kb < blocks; ++kb) {
       const int64_t j0 = kb * BN, nb = min64(BN, a.S - j0);
       block_scores(ws, rows_p, kb);
-      const bool masked = block_is_masked(i0, j0, nb);
+      const bool masked = block_is_masked(a, i0, j0, nb, BN);
       for (int64_t r = 0; r < rows; ++r) {
         T* srow = ws.s.ptr + r * BN;
         T block_max;
         if (masked) {
-          mask_row(srow, i0 + r, j0, nb, m_off);
+          mask_scores(a, srow, BN, i0 + r, j0, nb, m_off);
           block_max = R::max(srow, BN);
         } else {
           block_max = M::S::hmax(ws.rowmax[r]);
@@ -253,7 +186,7 @@ struct TileKernel {
           continue;
         }
         T* srow = ws.s.ptr + r * BN;
-        mask_row(srow, i0 + r, j0, nb, m_off);
+        mask_scores(a, srow, BN, i0 + r, j0, nb, m_off);
         R::exp2_sum(srow, BN, m == R::kNegInf ? T(0) : m);
         const T inv = T(1) / l;
         for (int64_t j = 0; j < nb; ++j) dst[j * wcs] = srow[j] * inv;

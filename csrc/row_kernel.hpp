@@ -1,0 +1,265 @@
+// The kernel for a few query rows against many keys (a decode step: L = 1 against a KV cache).
+//
+// There the work is reading K and V once, so nothing is packed: each key's K and V rows are read
+// in place (or gathered into a small buffer when their stride or width does not allow vector
+// loads), scored against all query rows of the group, and folded into the online softmax. When
+// batch x heads alone cannot keep every thread busy, the keys are split across threads and the
+// partial (max, sum, output) triples are merged exactly at the end.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernel_common.hpp"
+#include "online_softmax.hpp"
+
+namespace fastattn {
+namespace FASTATTN_ISA_NS {
+
+template <class T>
+struct RowKernel {
+  using S = Simd<T>;
+  using V = typename S::V;
+  using R = RowOps<T>;
+  static constexpr int kLanes = S::kLanes;
+  // Query rows scored together: each K/V row loaded serves all of them. L up to this uses this
+  // kernel; beyond, the tile kernel's packing pays for itself.
+  static constexpr int RMAX = 4;
+  // Keys per chunk: the RMAX x CK scores and the chunk's gathered rows stay in L1.
+  static constexpr int CK = 64;
+  // A key split is worth a merge only with at least this many keys per part.
+  static constexpr int64_t kMinKeysPerSplit = 512;
+  static constexpr int64_t kMaxSplits = 64;
+
+  const KernelArgs& a;
+  const int64_t Ep, Evp, n_groups;
+  int64_t splits = 1, keys_per_split = 0;
+
+  explicit RowKernel(const KernelArgs& args)
+      : a(args),
+        Ep(round_up(args.E, kLanes)),
+        Evp(round_up(args.Ev, kLanes)),
+        n_groups((args.L + RMAX - 1) / RMAX) {
+    const int64_t units = a.batch_count * n_groups;
+    if (units > 0 && units < 2 * int64_t(a.num_threads)) {
+      const int64_t want = (2 * int64_t(a.num_threads) + units - 1) / units;
+      splits = max64(1, min64(min64(want, kMaxSplits), a.S / kMinKeysPerSplit));
+    }
+    keys_per_split = round_up((a.S + splits - 1) / splits, CK);
+    if (keys_per_split == 0) keys_per_split = CK;
+  }
+
+  // One group's result over one range of keys: unnormalized output and its (max, sum).
+  struct Partial {
+    T* o;  // RMAX x Evp
+    T m[RMAX];
+    T l[RMAX];
+  };
+
+  struct Workspace {
+    Buffer<T> qv, s, o, kbuf, vbuf;
+    const T* krows[CK];
+    const T* vrows[CK];
+  };
+
+  bool allocate(Workspace& ws) const {
+    return ws.qv.reserve(RMAX * Ep) && ws.s.reserve(RMAX * CK) && ws.o.reserve(RMAX * Evp) &&
+           ws.kbuf.reserve(CK * Ep) && ws.vbuf.reserve(CK * Evp);
+  }
+
+  // Row pointers for keys j0 .. j0 + nb - 1 of a K or V view: in place when rows are contiguous
+  // and a whole number of vectors wide, else gathered (zero-padded to `width_p`) into buf.
+  static void rows_of(const T* base, int64_t rs, int64_t cs, int64_t width, int64_t width_p,
+                      int64_t j0, int64_t nb, T* buf, const T** rows) {
+    if (cs == 1 && width == width_p) {
+      for (int64_t j = 0; j < nb; ++j) rows[j] = base + (j0 + j) * rs;
+      return;
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const T* src = base + (j0 + j) * rs;
+      T* dst = buf + j * width_p;
+      for (int64_t c = 0; c < width; ++c) dst[c] = src[c * cs];
+      for (int64_t c = width; c < width_p; ++c) dst[c] = T(0);
+      rows[j] = dst;
+    }
+  }
+
+  // s[j] = q . k_j for j < nb. Four keys at a time: four independent FMA chains hide the FMA
+  // latency that a single dot product would wait on at every step.
+  void scores(const T* qr, const T* const* krows, int64_t nb, T* s) const {
+    int64_t j = 0;
+    for (; j + 4 <= nb; j += 4) {
+      const T *k0 = krows[j], *k1 = krows[j + 1], *k2 = krows[j + 2], *k3 = krows[j + 3];
+      V a0 = S::splat(T(0)), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t e = 0; e < Ep; e += kLanes) {
+        const V qv = S::load(qr + e);
+        a0 += qv * S::load(k0 + e);
+        a1 += qv * S::load(k1 + e);
+        a2 += qv * S::load(k2 + e);
+        a3 += qv * S::load(k3 + e);
+      }
+      s[j] = S::hsum(a0);
+      s[j + 1] = S::hsum(a1);
+      s[j + 2] = S::hsum(a2);
+      s[j + 3] = S::hsum(a3);
+    }
+    for (; j < nb; ++j) {
+      V acc = S::splat(T(0));
+      for (int64_t e = 0; e < Ep; e += kLanes) acc += S::load(qr + e) * S::load(krows[j] + e);
+      s[j] = S::hsum(acc);
+    }
+  }
+
+  // o[cc : cc + NV vectors] += sum_j p[j] v_j[cc : ...], the NV accumulators in registers.
+  template <int NV>
+  static void accumulate(const T* p, const T* const* vrows, int64_t nb, int64_t cc, T* o) {
+    V acc[NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) acc[i] = S::load(o + cc + i * kLanes);
+    for (int64_t j = 0; j < nb; ++j) {
+      const V pj = S::splat(p[j]);
+      const T* vr = vrows[j] + cc;
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i) acc[i] += pj * S::load(vr + i * kLanes);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < NV; ++i) S::store(o + cc + i * kLanes, acc[i]);
+  }
+
+  static void prefetch_rows(const T* base, int64_t rs, int64_t cs, int64_t width, int64_t j0,
+                            int64_t nb) {
+    if (cs != 1) return;
+    const int64_t bytes = width * int64_t(sizeof(T));
+    for (int64_t j = 0; j < nb; ++j) {
+      const char* row = reinterpret_cast<const char*>(base + (j0 + j) * rs);
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+    }
+  }
+
+  // Attends query rows i0 .. i0 + rows - 1 of batch entry b to keys [k_begin, k_end).
+  void group(Workspace& ws, int64_t b, int64_t i0, int64_t k_begin, int64_t k_end,
+             Partial& part) const {
+    const int64_t rows = min64(RMAX, a.L - i0);
+    const T* Q = static_cast<const T*>(a.q.data) + batch_offset(a, a.q, b, 1);
+    const T* K = static_cast<const T*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
+    const T* Vs = static_cast<const T*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
+    const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
+    const T c = T(a.scale * kLog2e);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* src = Q + (i0 + r) * a.q.row_stride;
+      T* dst = ws.qv.ptr + r * Ep;
+      for (int64_t e = 0; e < a.E; ++e) dst[e] = src[e * a.q.col_stride] * c;
+      for (int64_t e = a.E; e < Ep; ++e) dst[e] = T(0);
+    }
+    RowState<T> st[RMAX];
+    for (int64_t r = 0; r < rows; ++r) st[r] = row_state_init<T>();
+    std::memset(part.o, 0, sizeof(T) * size_t(RMAX * Evp));
+
+    // Under the causal band no row of the group sees keys past the last row's limit.
+    if (a.causal) k_end = min64(k_end, max64(k_begin, i0 + rows + a.causal_offset));
+    for (int64_t j0 = k_begin; j0 < k_end; j0 += CK) {
+      const int64_t nb = min64(CK, k_end - j0);
+      const int64_t nb_p = round_up(nb, kLanes);
+      rows_of(K, a.k.row_stride, a.k.col_stride, a.E, Ep, j0, nb, ws.kbuf.ptr, ws.krows);
+      // Decode is bound by memory: ask for this chunk's V rows while its K rows are scored.
+      prefetch_rows(Vs, a.v.row_stride, a.v.col_stride, a.Ev, j0, nb);
+      for (int64_t r = 0; r < rows; ++r) {
+        T* srow = ws.s.ptr + r * CK;
+        scores(ws.qv.ptr + r * Ep, ws.krows, nb, srow);
+        mask_scores(a, srow, nb_p, i0 + r, j0, nb, m_off);
+        online_softmax_update(srow, nb_p, R::max(srow, nb_p), st[r], part.o + r * Evp, Evp);
+      }
+      rows_of(Vs, a.v.row_stride, a.v.col_stride, a.Ev, Evp, j0, nb, ws.vbuf.ptr, ws.vrows);
+      if (j0 + CK < k_end)  // and the next chunk's K rows while this chunk's V rows are summed
+        prefetch_rows(K, a.k.row_stride, a.k.col_stride, a.E, j0 + CK, min64(CK, k_end - j0 - CK));
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* p = ws.s.ptr + r * CK;
+        T* o = part.o + r * Evp;
+        int64_t cc = 0;
+        for (; cc + 8 * kLanes <= Evp; cc += 8 * kLanes) accumulate<8>(p, ws.vrows, nb, cc, o);
+        if (cc + 4 * kLanes <= Evp) accumulate<4>(p, ws.vrows, nb, cc, o), cc += 4 * kLanes;
+        if (cc + 2 * kLanes <= Evp) accumulate<2>(p, ws.vrows, nb, cc, o), cc += 2 * kLanes;
+        if (cc < Evp) accumulate<1>(p, ws.vrows, nb, cc, o);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      part.m[r] = st[r].m;
+      part.l[r] = st[r].sum();
+    }
+  }
+
+  // Writes rows of a group from its partials over all splits (one partial: a plain division).
+  void finish(int64_t b, int64_t i0, const Partial* parts) const {
+    const int64_t rows = min64(RMAX, a.L - i0);
+    T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
+    for (int64_t r = 0; r < rows; ++r) {
+      T m = R::kNegInf;
+      for (int64_t sp = 0; sp < splits; ++sp) m = parts[sp].m[r] > m ? parts[sp].m[r] : m;
+      const T m_use = m == R::kNegInf ? T(0) : m;
+      T l = 0;
+      T w[kMaxSplits];
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        w[sp] = splits == 1 ? T(1) : std::exp2(parts[sp].m[r] - m_use);
+        l += parts[sp].l[r] * w[sp];
+      }
+      const T inv = l == T(0) ? T(0) : T(1) / l;
+      T* dst = out + (i0 + r) * a.out.row_stride;
+      for (int64_t cc = 0; cc < a.Ev; ++cc) {
+        T acc = 0;
+        for (int64_t sp = 0; sp < splits; ++sp) acc += parts[sp].o[r * Evp + cc] * w[sp];
+        dst[cc * a.out.col_stride] = acc * inv;
+      }
+    }
+  }
+
+  KernelStatus run() {
+    const int64_t units = a.batch_count * n_groups;
+    if (units == 0) return KernelStatus::kOk;
+    const int64_t items = units * splits;
+    // Partial outputs of every item: only as many as there are items (splits > 1 means few).
+    const int64_t per_item = splits > 1 ? RMAX * Evp : 0;
+    Buffer<T> partial_o;
+    Buffer<Partial> parts;
+    if (!partial_o.reserve(items * per_item) || !parts.reserve(splits > 1 ? items : 1))
+      return KernelStatus::kOutOfMemory;
+    const int threads = int(min64(a.num_threads, items));
+    bool failed = false;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      Workspace ws;
+      const bool ok = allocate(ws);
+      if (!ok) {
+#pragma omp atomic write
+        failed = true;
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < items; ++it) {
+        if (!ok) continue;
+        const int64_t unit = it / splits, sp = it % splits;
+        const int64_t b = unit / n_groups, i0 = (unit % n_groups) * RMAX;
+        const int64_t k0 = min64(a.S, sp * keys_per_split);
+        const int64_t k1 = min64(a.S, k0 + keys_per_split);
+        if (splits == 1) {
+          Partial part;
+          part.o = ws.o.ptr;
+          group(ws, b, i0, k0, k1, part);
+          finish(b, i0, &part);
+        } else {
+          Partial& part = parts.ptr[it];
+          part.o = partial_o.ptr + it * per_item;
+          group(ws, b, i0, k0, k1, part);
+        }
+      }
+    }
+    if (failed) return KernelStatus::kOutOfMemory;
+    if (splits > 1) {
+#pragma omp parallel for num_threads(threads) if (threads > 1)
+      for (int64_t unit = 0; unit < units; ++unit)
+        finish(unit / n_groups, (unit % n_groups) * RMAX, parts.ptr + unit * splits);
+    }
+    return KernelStatus::kOk;
+  }
+};
+
+}  // namespace FASTATTN_ISA_NS
+}  // namespace fastattn
