@@ -1,13 +1,18 @@
-// Register-blocked micro-GEMMs for the two products of attention, on packed panels.
+// The register-blocked micro-GEMM behind both products of attention.
 //
-// Both are outer-product kernels: a row value of the left operand is broadcast and multiplied
-// into two SIMD vectors of a panel, so an MR x NR block of the result stays in registers for the
-// whole reduction. A panel is NR = 2 vectors wide:
-//   K panel p:  kp[e * NR + j]  = K[p * NR + j, e]   (keys side by side, for S = Q K^T)
-//   V panel c:  vp[n * NR + j]  = V[n, c * NR + j]   (value columns side by side, for O += P V)
-// MR is the number of rows that fit beside the 2 * MR accumulators, 2 panel vectors and one
-// broadcast in the register file: 8 on AVX-512 (19 of 32 zmm; 12 measured no faster, since the
-// tiles are short in E), 6 with 16 registers (15 of 16 ymm/xmm).
+// The tile kernel keeps queries along the SIMD lanes (see tile_kernel.hpp), so both products have
+// the same shape: R rows of a result, each two vectors (2 * lanes queries) wide,
+//
+//     C[r][0 : 2 lanes] (+)= sum_t A(r, t) * B[t][0 : 2 lanes]      r < R, t < n,
+//
+// where A(r, t) = a[r * ars + t * acs] is read in place, one scalar broadcast at a time, and B is
+// a packed, contiguous row of two vectors:
+//   scores   S^T = K Q^T:  A = K (r: key, t: feature),   B = packed Q^T, C = S^T rows
+//   output   O^T = V^T P^T: A = V (r: value column, t: key), B = P^T rows, C = O^T rows
+// Reading K and V through strides means they are never packed or copied, whatever their layout.
+//
+// MR is the most rows whose 2 * MR accumulators, 2 B vectors and a broadcast fit in the register
+// file: 8 on AVX-512 (19 of 32 zmm registers), 6 with 16 registers (15 of 16 ymm/xmm).
 #pragma once
 
 #include <cstdint>
@@ -22,57 +27,62 @@ struct Micro {
   using S = Simd<T>;
   using V = typename S::V;
   static constexpr int kLanes = S::kLanes;
-  static constexpr int NR = 2 * kLanes;
   static constexpr int MR = FASTATTN_VBYTES >= 64 ? 8 : 6;
 
-  // s[r * lds + j] = sum_e qp[r * ldq + e] * kpanel[e * NR + j]   for r < MR, j < NR;
-  // rowmax[r] = max(rowmax[r], lanes of row r), so the softmax needs no extra pass for the max.
-  static inline void qk(const T* __restrict qp, int64_t ldq, int64_t E, const T* __restrict kpanel,
-                        T* __restrict s, int64_t lds, V* __restrict rowmax) {
-    V acc0[MR], acc1[MR];
+  // With colmax, also colmax[0:2 lanes] = max(colmax, every row of C): the softmax's column
+  // maximum comes out of the registers instead of another pass over the scores.
+  template <int R, bool kAccumulate>
+  static inline void gemm(const T* __restrict a, int64_t ars, int64_t acs,
+                          const T* __restrict b, int64_t ldb, int64_t n, T* __restrict c,
+                          int64_t ldc, T* __restrict colmax) {
+    V acc0[R], acc1[R];
+    const T* arow[R];
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = S::splat(T(0));
-    for (int64_t e = 0; e < E; ++e) {
-      const V b0 = S::load(kpanel + e * NR);
-      const V b1 = S::load(kpanel + e * NR + kLanes);
+    for (int r = 0; r < R; ++r) {
+      arow[r] = a + r * ars;
+      if (kAccumulate) {
+        acc0[r] = S::load(c + r * ldc);
+        acc1[r] = S::load(c + r * ldc + kLanes);
+      } else {
+        acc0[r] = acc1[r] = S::splat(T(0));
+      }
+    }
+    int64_t at = 0;
+    for (int64_t t = 0; t < n; ++t, at += acs) {
+      const V b0 = S::load(b + t * ldb);
+      const V b1 = S::load(b + t * ldb + kLanes);
 #pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        const V a = S::splat(qp[r * ldq + e]);
-        acc0[r] += a * b0;
-        acc1[r] += a * b1;
+      for (int r = 0; r < R; ++r) {
+        const V x = S::splat(arow[r][at]);
+        acc0[r] += x * b0;
+        acc1[r] += x * b1;
       }
     }
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      S::store(s + r * lds, acc0[r]);
-      S::store(s + r * lds + kLanes, acc1[r]);
-      rowmax[r] = S::max(rowmax[r], S::max(acc0[r], acc1[r]));
+    for (int r = 0; r < R; ++r) {
+      S::store(c + r * ldc, acc0[r]);
+      S::store(c + r * ldc + kLanes, acc1[r]);
+    }
+    if (colmax) {
+      V m0 = S::load(colmax), m1 = S::load(colmax + kLanes);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        m0 = S::max(m0, acc0[r]);
+        m1 = S::max(m1, acc1[r]);
+      }
+      S::store(colmax, m0);
+      S::store(colmax + kLanes, m1);
     }
   }
 
-  // o[r * ldo + j] += sum_n p[r * ldp + n] * vpanel[n * NR + j]   for r < MR, j < NR, n < count.
-  static inline void pv(const T* __restrict p, int64_t ldp, int64_t count,
-                        const T* __restrict vpanel, T* __restrict o, int64_t ldo) {
-    V acc0[MR], acc1[MR];
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      acc0[r] = S::load(o + r * ldo);
-      acc1[r] = S::load(o + r * ldo + kLanes);
-    }
-    for (int64_t n = 0; n < count; ++n) {
-      const V b0 = S::load(vpanel + n * NR);
-      const V b1 = S::load(vpanel + n * NR + kLanes);
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        const V a = S::splat(p[r * ldp + n]);
-        acc0[r] += a * b0;
-        acc1[r] += a * b1;
-      }
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      S::store(o + r * ldo, acc0[r]);
-      S::store(o + r * ldo + kLanes, acc1[r]);
+  // gemm for rows = 1 .. MR, the count known only at run time (the last rows of a block).
+  template <bool kAccumulate, int R = MR>
+  static inline void gemm_rows(int rows, const T* a, int64_t ars, int64_t acs, const T* b,
+                               int64_t ldb, int64_t n, T* c, int64_t ldc, T* colmax) {
+    if (rows == R) {
+      gemm<R, kAccumulate>(a, ars, acs, b, ldb, n, c, ldc, colmax);
+    } else if constexpr (R > 1) {
+      gemm_rows<kAccumulate, R - 1>(rows, a, ars, acs, b, ldb, n, c, ldc, colmax);
     }
   }
 };

@@ -1,6 +1,14 @@
-// The fused attention kernel: tiles of BM queries against blocks of BN keys, online softmax, the
-// output normalized once at the end. No L x S buffer exists; per thread the scratch is one
-// BM x BN score block, one BM x Ev accumulator and the packed K and V of the head in use.
+// The fused attention kernel: a tile of BM queries against blocks of BN keys, online softmax,
+// the output normalized once at the end. No L x S buffer exists.
+//
+// Layout: queries run along the SIMD lanes. The scores of a block are kept transposed (S^T: a row
+// per key, BM queries wide) and so is the output accumulator (O^T: a row per value column). Then
+//  - the softmax's per-query maximum, sum and rescaling are plain vertical vector operations,
+//    with no horizontal reduction anywhere;
+//  - K and V are read in place through their strides, as the broadcast operand of the micro-GEMM
+//    (micro_kernels.hpp): nothing but the tile's own queries is packed, so no per-head copy of K
+//    and V exists, whatever their layout, and small problems pay no packing.
+// Per thread the scratch is Q^T (E x BM), S^T (BN x BM) and O^T (Ev x BM).
 #pragma once
 
 #include <cstdint>
@@ -20,95 +28,131 @@ namespace FASTATTN_ISA_NS {
 template <class T>
 struct TileKernel {
   using M = Micro<T>;
+  using S = Simd<T>;
+  using V = typename S::V;
   using R = RowOps<T>;
+  static constexpr int kLanes = S::kLanes;
   static constexpr int MR = M::MR;
-  static constexpr int NR = M::NR;
-  // BM = 8 micro-tiles of rows: the packed Q tile (BM x E) and the score block (BM x BN) together
-  // stay within L1 for E <= 64 and leave L2 to the packed K/V of the head. BN = 4 panels: 128
-  // float32 keys on AVX-512, large enough to amortize the per-row softmax bookkeeping.
-  static constexpr int BM = MR * 8;
-  static constexpr int BN = 4 * NR;
+  static constexpr int QP = 2 * kLanes;  // queries per panel: the micro-GEMM's two vectors
+  // BM: two panels, 64 float32 queries on AVX-512. More panels would let K and V be re-read from
+  // L2 less often, but the S^T block (BN x BM) must stay in L1 beside Q^T and O^T.
+  static constexpr int BM = 2 * QP;
+  // BN: 16 micro-tiles of keys (128 on AVX-512): long enough that the per-block softmax work
+  // (state update, rare rescaling) is a small share, short enough that S^T is 32 KB.
+  static constexpr int BN = 16 * MR;
+  static constexpr int NV = BM / kLanes;  // vectors in one S^T row
 
   const KernelArgs& a;
-  const int64_t Sp, Evp, n_kblocks, n_qtiles;
+  const int64_t n_kblocks, n_qtiles;
 
   explicit TileKernel(const KernelArgs& args)
-      : a(args),
-        Sp(round_up(args.S, BN)),
-        Evp(round_up(args.Ev, NR)),
-        n_kblocks(round_up(args.S, BN) / BN),
-        n_qtiles((args.L + BM - 1) / BM) {}
+      : a(args), n_kblocks((args.S + BN - 1) / BN), n_qtiles((args.L + BM - 1) / BM) {}
 
   struct Workspace {
-    Buffer<T> qp, s, o, kp, vp;
-    RowState<T> st[BM];
-    typename M::V rowmax[BM];
-    T lsum[BM];  // final sums, for write_weights
-    int64_t k_off = -1, v_off = -1;  // which K and V are packed
-    int64_t packed_blocks = 0;       // how many key blocks of them
-    bool ok = true;
+    Buffer<T> qt;  // Q^T, scaled by scale * log2(e): BM / QP panels of E x QP
+    Buffer<T> st;  // S^T of one key block, then its unnormalized weights P^T: BN x BM
+    Buffer<T> ot;  // O^T: Ev x BM
+    alignas(64) T m[BM];       // running maximum (base 2), -inf before any key
+    alignas(64) T mu[BM];      // the maximum subtracted: m, or 0 while m is -inf
+    alignas(64) T l[BM];       // running sum of weights
+    alignas(64) T alpha[BM];   // rescaling factor of this block
+    alignas(64) T colmax[BM];  // maximum score of this block
   };
 
   bool allocate(Workspace& ws) const {
-    return ws.qp.reserve(int64_t(BM) * a.E) && ws.s.reserve(int64_t(BM) * BN) &&
-           ws.o.reserve(int64_t(BM) * Evp) && ws.kp.reserve(Sp * a.E) && ws.vp.reserve(Sp * Evp);
+    return ws.qt.reserve(int64_t(BM) * a.E) && ws.st.reserve(int64_t(BM) * BN) &&
+           ws.ot.reserve(int64_t(BM) * a.Ev);
   }
 
-  template <class X>
-  static const X* at(const StridedView& view, int64_t off) {
-    return static_cast<const X*>(view.data) + off;
+  // S^T rows 0 .. nb - 1 for keys starting at K (base 2), and their column maximum.
+  void scores(Workspace& ws, const T* K, int64_t nb) const {
+    for (int i = 0; i < BM; ++i) ws.colmax[i] = R::kNegInf;
+    for (int p = 0; p < BM / QP; ++p)
+      for (int64_t j = 0; j < nb; j += MR)
+        M::template gemm_rows<false>(int(min64(MR, nb - j)), K + j * a.k.row_stride,
+                                     a.k.row_stride, a.k.col_stride, ws.qt.ptr + p * a.E * QP,
+                                     QP, a.E, ws.st.ptr + j * BM + p * QP, BM,
+                                     ws.colmax + p * QP);
   }
 
-  // Packs key blocks [ws.packed_blocks, blocks) of K (transposed, in panels) and V (in panels).
-  void pack_kv(Workspace& ws, int64_t k_off, int64_t v_off, int64_t blocks) const {
-    if (k_off != ws.k_off || v_off != ws.v_off) {
-      ws.k_off = k_off;
-      ws.v_off = v_off;
-      ws.packed_blocks = 0;
-    }
-    if (blocks <= ws.packed_blocks) return;
-    const T* K = at<T>(a.k, k_off);
-    const T* Vs = at<T>(a.v, v_off);
-    const int64_t E = a.E, Ev = a.Ev;
-    const int64_t krs = a.k.row_stride, kcs = a.k.col_stride;
-    const int64_t vrs = a.v.row_stride, vcs = a.v.col_stride;
-    const int64_t n0 = ws.packed_blocks * BN, n1 = blocks * BN;
-    for (int64_t n = n0; n < n1; ++n) {
-      T* kpanel = ws.kp.ptr + (n / NR) * E * NR + n % NR;
-      T* vrow = ws.vp.ptr + n * NR;
-      if (n < a.S) {
-        const T* krow = K + n * krs;
-        for (int64_t e = 0; e < E; ++e) kpanel[e * NR] = krow[e * kcs];
-        const T* vsrc = Vs + n * vrs;
-        for (int64_t c = 0; c < Ev; ++c) vrow[(c / NR) * Sp * NR + c % NR] = vsrc[c * vcs];
-        for (int64_t c = Ev; c < Evp; ++c) vrow[(c / NR) * Sp * NR + c % NR] = T(0);
-      } else {
-        for (int64_t e = 0; e < E; ++e) kpanel[e * NR] = T(0);
-        for (int64_t c = 0; c < Evp; ++c) vrow[(c / NR) * Sp * NR + c % NR] = T(0);
+  // O^T += V^T P^T for the nb keys starting at Vs.
+  void accumulate(Workspace& ws, const T* Vs, int64_t nb) const {
+    for (int p = 0; p < BM / QP; ++p)
+      for (int64_t c = 0; c < a.Ev; c += MR)
+        M::template gemm_rows<true>(int(min64(MR, a.Ev - c)), Vs + c * a.v.col_stride,
+                                    a.v.col_stride, a.v.row_stride, ws.st.ptr + p * QP, BM, nb,
+                                    ws.ot.ptr + c * BM + p * QP, BM, nullptr);
+  }
+
+  // Applies the causal band and the user's mask to the S^T rows of keys j0 .. j0 + nb - 1
+  // (queries i0 .. i0 + rows - 1 along each row), then recomputes the column maximum.
+  void mask_block(Workspace& ws, int64_t i0, int64_t rows, int64_t j0, int64_t nb,
+                  int64_t m_off) const {
+    for (int64_t j = 0; j < nb; ++j) {
+      T* srow = ws.st.ptr + j * BM;
+      if (a.causal) {  // query i sees key j0 + j only if i >= j0 + j - offset
+        const int64_t hidden = min64(rows, j0 + j - a.causal_offset - i0);
+        if (hidden > 0) R::fill(srow, hidden, R::kNegInf);
+      }
+      if (a.mask_kind != 0) {
+        MaskRow<T> mk;  // along a S^T row the mask advances by its row (query) stride
+        mk.kind = a.mask_kind;
+        mk.col_stride = a.mask.row_stride;
+        const int64_t elem = a.mask_kind == 1 ? 1 : int64_t(sizeof(T));
+        mk.ptr = static_cast<const char*>(a.mask.data) +
+                 (m_off + i0 * a.mask.row_stride + (j0 + j) * a.mask.col_stride) * elem;
+        R::apply_mask(srow, rows, mk);
       }
     }
-    ws.packed_blocks = blocks;
+    for (int v = 0; v < NV; ++v) {
+      V cm = S::splat(R::kNegInf);
+      for (int64_t j = 0; j < nb; ++j) cm = S::max(cm, S::load(ws.st.ptr + j * BM + v * kLanes));
+      S::store(ws.colmax + v * kLanes, cm);
+    }
   }
 
-  // Scores of key block kb for all (padded) rows of the tile: s = qp kp^T, base 2, and each
-  // row's maximum before masking in ws.rowmax.
-  void block_scores(Workspace& ws, int64_t rows_p, int64_t kb) const {
-    const int64_t E = a.E;
-    for (int64_t r = 0; r < rows_p; ++r) ws.rowmax[r] = M::S::splat(R::kNegInf);
-    for (int64_t r0 = 0; r0 < rows_p; r0 += MR)
-      for (int p = 0; p < BN / NR; ++p)
-        M::qk(ws.qp.ptr + r0 * E, E, E, ws.kp.ptr + (kb * (BN / NR) + p) * E * NR,
-              ws.s.ptr + r0 * BN + p * NR, BN, ws.rowmax + r0);
+  // Online softmax over one block: new maximum, rescaled sum and output, then S^T -> P^T.
+  void softmax_block(Workspace& ws, int64_t nb, bool first) const {
+    bool rescale = false;
+    for (int v = 0; v < NV; ++v) {
+      const V m_old = S::load(ws.m + v * kLanes);
+      const V cm = S::load(ws.colmax + v * kLanes);
+      const V m_new = m_old > cm ? m_old : cm;
+      // exp2(-inf - (-inf)) is NaN: a query with no key yet subtracts 0, giving weights of 0.
+      const V m_use = m_new == S::splat(R::kNegInf) ? S::splat(T(0)) : m_new;
+      const V alpha = Exp2<T>::eval(m_old - m_use);
+      S::store(ws.m + v * kLanes, m_new);
+      S::store(ws.mu + v * kLanes, m_use);
+      S::store(ws.alpha + v * kLanes, alpha);
+      S::store(ws.l + v * kLanes, S::load(ws.l + v * kLanes) * alpha);
+    }
+    if (!first)  // O^T is still zero after no block
+      for (int i = 0; i < BM && !rescale; ++i) rescale = !(ws.alpha[i] == T(1));
+    if (rescale)
+      for (int64_t c = 0; c < a.Ev; ++c)
+        for (int v = 0; v < NV; ++v) {
+          T* o = ws.ot.ptr + c * BM + v * kLanes;
+          S::store(o, S::load(o) * S::load(ws.alpha + v * kLanes));
+        }
+    for (int v = 0; v < NV; ++v) {
+      const V mu = S::load(ws.mu + v * kLanes);
+      V sum = S::splat(T(0));
+      for (int64_t j = 0; j < nb; ++j) {
+        T* s = ws.st.ptr + j * BM + v * kLanes;
+        const V p = Exp2<T>::eval(S::load(s) - mu);
+        S::store(s, p);
+        sum += p;
+      }
+      S::store(ws.l + v * kLanes, S::load(ws.l + v * kLanes) + sum);
+    }
   }
 
-  void tile(Workspace& ws, int64_t b, int64_t qt) const {
+  void tile(Workspace& ws, int64_t b, int64_t qtile) const {
     const int64_t E = a.E, Ev = a.Ev;
-    const int64_t i0 = qt * BM;
+    const int64_t i0 = qtile * BM;
     const int64_t rows = min64(BM, a.L - i0);
-    const int64_t rows_p = round_up(rows, MR);
-    const int64_t q_off = batch_offset(a, a.q, b, 1);
-    const int64_t k_off = batch_offset(a, a.k, b, a.kv_group);
-    const int64_t v_off = batch_offset(a, a.v, b, a.kv_group);
+    const T* K = static_cast<const T*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
+    const T* Vs = static_cast<const T*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
     const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
 
     // Key blocks this tile needs: under the causal band, only those left of the last row's limit.
@@ -117,80 +161,69 @@ struct TileKernel {
       const int64_t last = i0 + rows - 1 + a.causal_offset;
       blocks = last < 0 ? 0 : min64(n_kblocks, last / BN + 1);
     }
-    pack_kv(ws, k_off, v_off, blocks);
 
-    // Q tile, times scale * log2(e) so that scores come out in base 2; padding rows are zero.
+    // Q^T in panels, times scale * log2(e) so that scores come out in base 2; padding is zero.
     const T c = T(a.scale * kLog2e);
-    const T* Q = at<T>(a.q, q_off);
-    for (int64_t r = 0; r < rows_p; ++r) {
-      T* dst = ws.qp.ptr + r * E;
-      if (r < rows) {
-        const T* src = Q + (i0 + r) * a.q.row_stride;
-        for (int64_t e = 0; e < E; ++e) dst[e] = src[e * a.q.col_stride] * c;
+    const T* Q = static_cast<const T*>(a.q.data) + batch_offset(a, a.q, b, 1);
+    for (int64_t i = 0; i < BM; ++i) {
+      T* dst = ws.qt.ptr + (i / QP) * E * QP + i % QP;
+      if (i < rows) {
+        const T* src = Q + (i0 + i) * a.q.row_stride;
+        for (int64_t e = 0; e < E; ++e) dst[e * QP] = src[e * a.q.col_stride] * c;
       } else {
-        for (int64_t e = 0; e < E; ++e) dst[e] = T(0);
+        for (int64_t e = 0; e < E; ++e) dst[e * QP] = T(0);
       }
     }
-    for (int64_t r = 0; r < rows; ++r) ws.st[r] = row_state_init<T>();
-    std::memset(ws.o.ptr, 0, sizeof(T) * size_t(rows_p * Evp));
+    for (int i = 0; i < BM; ++i) {
+      ws.m[i] = R::kNegInf;
+      ws.mu[i] = T(0);
+      ws.l[i] = T(0);
+    }
+    std::memset(ws.ot.ptr, 0, sizeof(T) * size_t(BM * Ev));
 
     for (int64_t kb = 0; kb < blocks; ++kb) {
       const int64_t j0 = kb * BN, nb = min64(BN, a.S - j0);
-      block_scores(ws, rows_p, kb);
-      const bool masked = block_is_masked(a, i0, j0, nb, BN);
-      for (int64_t r = 0; r < rows; ++r) {
-        T* srow = ws.s.ptr + r * BN;
-        T block_max;
-        if (masked) {
-          mask_scores(a, srow, BN, i0 + r, j0, nb, m_off);
-          block_max = R::max(srow, BN);
-        } else {
-          block_max = M::S::hmax(ws.rowmax[r]);
-        }
-        online_softmax_update(srow, BN, block_max, ws.st[r], ws.o.ptr + r * Evp, Evp);
-      }
-      // Padding rows hold raw scores of zero queries (0): they only feed padding output rows.
-      for (int64_t r0 = 0; r0 < rows_p; r0 += MR)
-        for (int64_t cp = 0; cp < Evp / NR; ++cp)
-          M::pv(ws.s.ptr + r0 * BN, BN, nb, ws.vp.ptr + cp * Sp * NR + j0 * NR,
-                ws.o.ptr + r0 * Evp + cp * NR, Evp);
+      scores(ws, K + j0 * a.k.row_stride, nb);
+      if (block_is_masked(a, i0, j0, nb, nb)) mask_block(ws, i0, rows, j0, nb, m_off);
+      softmax_block(ws, nb, kb == 0);
+      accumulate(ws, Vs + j0 * a.v.row_stride, nb);
     }
 
-    // Normalize once. A row with no key (l == 0) gives zeros; a NaN sum stays NaN.
+    // Normalize once. A query with no key (l == 0) gives zeros; a NaN sum stays NaN.
     T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T l = ws.st[r].sum();
-      ws.lsum[r] = l;
-      const T inv = l == T(0) ? T(0) : T(1) / l;
-      const T* o = ws.o.ptr + r * Evp;
-      T* dst = out + (i0 + r) * a.out.row_stride;
-      for (int64_t cc = 0; cc < Ev; ++cc) dst[cc * a.out.col_stride] = o[cc] * inv;
+    for (int64_t i = 0; i < rows; ++i) {
+      const T inv = ws.l[i] == T(0) ? T(0) : T(1) / ws.l[i];
+      T* dst = out + (i0 + i) * a.out.row_stride;
+      for (int64_t cc = 0; cc < Ev; ++cc) dst[cc * a.out.col_stride] = ws.ot.ptr[cc * BM + i] * inv;
     }
-    if (a.weights.data) write_weights(ws, b, i0, rows, rows_p, blocks, m_off);
+    if (a.weights.data) write_weights(ws, b, i0, rows, blocks, K, m_off);
   }
 
   // The normalized weights, for return_weights: scores are recomputed block by block against the
-  // final row maximum and sum (as FlashAttention does), so the forward pass stays single-pass.
-  void write_weights(Workspace& ws, int64_t b, int64_t i0, int64_t rows, int64_t rows_p,
-                     int64_t blocks, int64_t m_off) const {
+  // final maximum and sum (as FlashAttention does), so the forward pass stays single-pass.
+  void write_weights(Workspace& ws, int64_t b, int64_t i0, int64_t rows, int64_t blocks,
+                     const T* K, int64_t m_off) const {
     T* W = static_cast<T*>(const_cast<void*>(a.weights.data)) + batch_offset(a, a.weights, b, 1);
     const int64_t wrs = a.weights.row_stride, wcs = a.weights.col_stride;
+    for (int i = 0; i < BM; ++i) ws.alpha[i] = ws.l[i] == T(0) ? T(0) : T(1) / ws.l[i];
     for (int64_t kb = 0; kb < n_kblocks; ++kb) {
       const int64_t j0 = kb * BN, nb = min64(BN, a.S - j0);
-      if (kb < blocks) block_scores(ws, rows_p, kb);
-      for (int64_t r = 0; r < rows; ++r) {
-        T* dst = W + (i0 + r) * wrs + j0 * wcs;
-        const T m = ws.st[r].m, l = ws.lsum[r];
-        if (kb >= blocks || l == T(0)) {
-          for (int64_t j = 0; j < nb; ++j) dst[j * wcs] = T(0);
-          continue;
-        }
-        T* srow = ws.s.ptr + r * BN;
-        mask_scores(a, srow, BN, i0 + r, j0, nb, m_off);
-        R::exp2_sum(srow, BN, m == R::kNegInf ? T(0) : m);
-        const T inv = T(1) / l;
-        for (int64_t j = 0; j < nb; ++j) dst[j * wcs] = srow[j] * inv;
+      if (kb >= blocks) {
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < nb; ++j) W[(i0 + i) * wrs + (j0 + j) * wcs] = T(0);
+        continue;
       }
+      scores(ws, K + j0 * a.k.row_stride, nb);
+      if (block_is_masked(a, i0, j0, nb, nb)) mask_block(ws, i0, rows, j0, nb, m_off);
+      for (int64_t j = 0; j < nb; ++j)
+        for (int v = 0; v < NV; ++v) {
+          T* s = ws.st.ptr + j * BM + v * kLanes;
+          const V p = Exp2<T>::eval(S::load(s) - S::load(ws.mu + v * kLanes));
+          S::store(s, p * S::load(ws.alpha + v * kLanes));
+        }
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < nb; ++j)
+          W[(i0 + i) * wrs + (j0 + j) * wcs] = ws.st.ptr[j * BM + i];
     }
   }
 
@@ -209,7 +242,7 @@ struct TileKernel {
       }
       // Dynamic scheduling: tiles of a causal problem differ in cost. Within a batch entry the
       // tiles run from the last (most keys) to the first, so the cheap ones fill the gaps at the
-      // end; consecutive tiles of one head land on the same thread and reuse its packed K/V.
+      // end.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < items; ++it) {
         if (!ok) continue;
