@@ -49,56 +49,66 @@ cdef extern from "attention.hpp" namespace "fastattn":
     int c_default_threads "fastattn::default_threads"()
 
 
-cdef const void* _data(object array) except? NULL:
-    # The buffer protocol gives the address without NumPy's C API; the caller keeps `array` alive.
+cdef void _fill(Operand& op, object array, Py_ssize_t n_batch) except *:
+    # The buffer protocol gives the address, shape and strides without NumPy's C API; the caller
+    # keeps `array` alive. Axes the array lacks, or holds once (size 1), broadcast: stride 0.
     cdef Py_buffer view
     PyObject_GetBuffer(array, &view, PyBUF_RECORDS_RO)
-    cdef const void* ptr = view.buf
-    PyBuffer_Release(&view)
-    return ptr
-
-
-cdef void _fill(Operand& op, object array, tuple strides):
-    op.data = _data(array)
-    cdef Py_ssize_t n = len(strides) - 2
-    op.batch_strides.resize(n)
-    for i in range(n):
-        op.batch_strides[i] = strides[i]
-    op.row_stride = strides[n]
-    op.col_stride = strides[n + 1]
+    cdef Py_ssize_t pad = n_batch + 2 - view.ndim
+    cdef Py_ssize_t d
+    cdef int64_t stride
+    try:
+        if pad < 0:
+            raise ValueError("operand has more axes than the batch shape")
+        op.data = view.buf
+        op.batch_strides.resize(n_batch)
+        for d in range(n_batch + 2):
+            stride = 0
+            if d >= pad and view.shape[d - pad] != 1:
+                stride = view.strides[d - pad] // view.itemsize
+            if d < n_batch:
+                op.batch_strides[d] = stride
+            elif d == n_batch:
+                op.row_stride = stride
+            else:
+                op.col_stride = stride
+    finally:
+        PyBuffer_Release(&view)
 
 
 def attention(bint double, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
-              q, tuple q_strides, k, tuple k_strides, v, tuple v_strides,
-              int mask_kind, mask, tuple mask_strides,
-              bint causal, int64_t causal_offset, double scale, int64_t kv_group,
-              out, tuple out_strides, weights, tuple weights_strides, int num_threads):
-    """Runs the fused kernel. Strides are in elements: one per batch axis, then row, column."""
+              q, k, v, int mask_kind, mask, bint causal, int64_t causal_offset, double scale,
+              int64_t kv_group, out, weights, int num_threads):
+    """Runs the fused kernel on arrays whose dtype and shapes ``fastattn._validate`` checked.
+
+    Each array broadcasts against ``batch_shape`` plus its own two matrix axes.
+    """
     cdef Problem p
+    cdef Py_ssize_t nb = len(batch_shape)
     p.dtype = DType.kFloat64 if double else DType.kFloat32
     p.batch_shape = batch_shape
     p.L = L
     p.S = S
     p.E = E
     p.Ev = Ev
-    _fill(p.q, q, q_strides)
-    _fill(p.k, k, k_strides)
-    _fill(p.v, v, v_strides)
+    _fill(p.q, q, nb)
+    _fill(p.k, k, nb)
+    _fill(p.v, v, nb)
     p.kv_group = kv_group
     if mask_kind == 1:
         p.mask_kind = MaskKind.kBool
-        _fill(p.mask, mask, mask_strides)
+        _fill(p.mask, mask, nb)
     elif mask_kind == 2:
         p.mask_kind = MaskKind.kAdditive
-        _fill(p.mask, mask, mask_strides)
+        _fill(p.mask, mask, nb)
     else:
         p.mask_kind = MaskKind.kNone
     p.causal = causal
     p.causal_offset = causal_offset
     p.scale = scale
-    _fill(p.out, out, out_strides)
+    _fill(p.out, out, nb)
     if weights is not None:
-        _fill(p.weights, weights, weights_strides)
+        _fill(p.weights, weights, nb)
     p.num_threads = num_threads
     with nogil:
         c_attention(p)

@@ -35,17 +35,6 @@ class Plan:
     return_weights: bool
     num_threads: int | None
 
-    def strides(self, array: np.ndarray, matrix: tuple[int, int], kv: bool = False) -> tuple:
-        """Element strides of ``array`` broadcast to ``batch + matrix``: 0 along broadcast axes.
-
-        For k and v (``kv``) under grouped-query attention the last batch axis keeps its own size.
-        """
-        batch = self.batch
-        if kv and self.kv_group > 1:
-            batch = batch[:-1] + (batch[-1] // self.kv_group,)
-        view = np.broadcast_to(array, batch + matrix)
-        return tuple(s // array.itemsize for s in view.strides)
-
 
 def _shapes(**arrays) -> str:
     return ", ".join(f"{name} {tuple(a.shape)}" for name, a in arrays.items())
@@ -61,7 +50,8 @@ def _check_dtype(name: str, a: np.ndarray) -> None:
 
 def compute_dtypes(*dtypes: np.dtype) -> tuple[np.dtype, np.dtype]:
     """(dtype the kernel computes in, dtype returned) for inputs of these dtypes."""
-    result = np.result_type(*dtypes)
+    first = dtypes[0]
+    result = first if all(d == first for d in dtypes) else np.result_type(*dtypes)
     if result.kind in "iub":
         return np.dtype(np.float64), np.dtype(np.float64)
     if result == np.float16:
@@ -70,11 +60,9 @@ def compute_dtypes(*dtypes: np.dtype) -> tuple[np.dtype, np.dtype]:
 
 
 def _as_kernel_array(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``a`` in ``dtype``, copied only when the dtype differs or its strides are not whole elements."""
+    """``a`` in ``dtype``, copied only when the dtype differs or it is not aligned to its items."""
     a = a.astype(dtype, copy=False)
-    if any(s % a.itemsize for s in a.strides) or a.ctypes.data % a.itemsize:
-        a = np.array(a, copy=True)
-    return a
+    return a if a.flags.aligned else np.array(a, copy=True)
 
 
 def prepare(
@@ -122,7 +110,7 @@ def prepare(
             kv_group = hq // hk
             kb, vb = kb[:-1] + (hq,), vb[:-1] + (hq,)
     try:
-        batch = np.broadcast_shapes(qb, kb, vb)
+        batch = qb if qb == kb == vb else np.broadcast_shapes(qb, kb, vb)
     except ValueError:
         raise ValueError(
             f"the batch axes of q, k and v do not broadcast; got {_shapes(q=q, k=k, v=v)}"
