@@ -84,17 +84,30 @@ struct TileKernel {
                                     ws.ot.ptr + c * BM + p * QP, BM, nullptr);
   }
 
-  // Applies the causal band and the user's mask to the S^T rows of keys j0 .. j0 + nb - 1
-  // (queries i0 .. i0 + rows - 1 along each row), then recomputes the column maximum.
-  void mask_block(Workspace& ws, int64_t i0, int64_t rows, int64_t j0, int64_t nb,
-                  int64_t m_off) const {
+  // For a bool mask that is the same for every query (a key padding mask, (..., 1, S)): whether
+  // keys j0 .. j0 + nb - 1 are all out (kNone), all in (kAll), or some of each (kSome). A block
+  // with no key in is skipped, one with every key in needs no masking.
+  enum class KeysIn { kNone, kAll, kSome };
+  KeysIn keys_in(int64_t m_off, int64_t j0, int64_t nb) const {
+    if (a.mask_kind != 1 || a.mask.row_stride != 0) return KeysIn::kSome;
+    const uint8_t* m = static_cast<const uint8_t*>(a.mask.data) + m_off + j0 * a.mask.col_stride;
+    int64_t in = 0;
+    for (int64_t j = 0; j < nb; ++j) in += m[j * a.mask.col_stride] != 0;
+    return in == 0 ? KeysIn::kNone : in == nb ? KeysIn::kAll : KeysIn::kSome;
+  }
+
+  // Applies the causal band and (with user_mask) the user's mask to the S^T rows of keys
+  // j0 .. j0 + nb - 1 (queries i0 .. i0 + rows - 1 along each row), then recomputes the column
+  // maximum.
+  void mask_block(Workspace& ws, int64_t i0, int64_t rows, int64_t j0, int64_t nb, int64_t m_off,
+                  bool user_mask) const {
     for (int64_t j = 0; j < nb; ++j) {
       T* srow = ws.st.ptr + j * BM;
       if (a.causal) {  // query i sees key j0 + j only if i >= j0 + j - offset
         const int64_t hidden = min64(rows, j0 + j - a.causal_offset - i0);
         if (hidden > 0) R::fill(srow, hidden, R::kNegInf);
       }
-      if (a.mask_kind != 0) {
+      if (user_mask) {
         MaskRow<T> mk;  // along a S^T row the mask advances by its row (query) stride
         mk.kind = a.mask_kind;
         mk.col_stride = a.mask.row_stride;
@@ -181,12 +194,18 @@ struct TileKernel {
     }
     std::memset(ws.ot.ptr, 0, sizeof(T) * size_t(BM * Ev));
 
+    bool first = true;
     for (int64_t kb = 0; kb < blocks; ++kb) {
       const int64_t j0 = kb * BN, nb = min64(BN, a.S - j0);
+      const KeysIn in = keys_in(m_off, j0, nb);
+      if (in == KeysIn::kNone) continue;
       scores(ws, K + j0 * a.k.row_stride, nb);
-      if (block_is_masked(a, i0, j0, nb, nb)) mask_block(ws, i0, rows, j0, nb, m_off);
-      softmax_block(ws, nb, kb == 0);
+      const bool user_mask = a.mask_kind != 0 && in == KeysIn::kSome;
+      if (user_mask || (a.causal && block_is_masked(a, i0, j0, nb, nb)))
+        mask_block(ws, i0, rows, j0, nb, m_off, user_mask);
+      softmax_block(ws, nb, first);
       accumulate(ws, Vs + j0 * a.v.row_stride, nb);
+      first = false;
     }
 
     // Normalize once. A query with no key (l == 0) gives zeros; a NaN sum stays NaN.
@@ -214,7 +233,7 @@ struct TileKernel {
         continue;
       }
       scores(ws, K + j0 * a.k.row_stride, nb);
-      if (block_is_masked(a, i0, j0, nb, nb)) mask_block(ws, i0, rows, j0, nb, m_off);
+      if (block_is_masked(a, i0, j0, nb, nb)) mask_block(ws, i0, rows, j0, nb, m_off, true);
       for (int64_t j = 0; j < nb; ++j)
         for (int v = 0; v < NV; ++v) {
           T* s = ws.st.ptr + j * BM + v * kLanes;
