@@ -13,9 +13,13 @@
 
 namespace fastattn {
 
-#define FASTATTN_DECLARE_VARIANT(ns) \
-  namespace ns {                     \
-  KernelStatus run_attention(const KernelArgs& args); \
+#define FASTATTN_DECLARE_VARIANT(ns)                      \
+  namespace ns {                                           \
+  KernelStatus run_attention(const KernelArgs& args);      \
+  template <class T>                                       \
+  void exp2_array(const T* x, T* y, int64_t n);            \
+  extern template void exp2_array<float>(const float*, float*, int64_t); \
+  extern template void exp2_array<double>(const double*, double*, int64_t); \
   }
 FASTATTN_DECLARE_VARIANT(baseline)
 #ifdef FASTATTN_HAVE_AVX2
@@ -27,6 +31,37 @@ FASTATTN_DECLARE_VARIANT(avx512)
 #undef FASTATTN_DECLARE_VARIANT
 
 namespace {
+
+// Calls fn with the entry points of the kernel variant for the selected instruction set.
+#define FASTATTN_VARIANT(ns)                                                                \
+  struct Variant_##ns {                                                                     \
+    KernelStatus run(const KernelArgs& a) const { return ns::run_attention(a); }            \
+    template <class T>                                                                      \
+    int exp2(const T* x, T* y, int64_t n) const {                                           \
+      ns::exp2_array<T>(x, y, n);                                                           \
+      return 0;                                                                             \
+    }                                                                                       \
+  };
+FASTATTN_VARIANT(baseline)
+#ifdef FASTATTN_HAVE_AVX2
+FASTATTN_VARIANT(avx2)
+#endif
+#ifdef FASTATTN_HAVE_AVX512
+FASTATTN_VARIANT(avx512)
+#endif
+#undef FASTATTN_VARIANT
+
+template <class Fn>
+auto on_selected_isa(Fn fn) {
+  const std::string isa = selected_isa();
+#ifdef FASTATTN_HAVE_AVX512
+  if (isa == "avx512") return fn(Variant_avx512{});
+#endif
+#ifdef FASTATTN_HAVE_AVX2
+  if (isa == "avx2") return fn(Variant_avx2{});
+#endif
+  return fn(Variant_baseline{});
+}
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
@@ -103,18 +138,15 @@ void attention(const Problem& p) {
   a.num_threads = p.num_threads > 0 ? p.num_threads : default_threads();
   if (a.num_threads < 1) a.num_threads = 1;
 
-  const std::string isa = selected_isa();
-  KernelStatus status = KernelStatus::kOk;
-#ifdef FASTATTN_HAVE_AVX512
-  if (isa == "avx512") status = avx512::run_attention(a);
-  else
-#endif
-#ifdef FASTATTN_HAVE_AVX2
-  if (isa == "avx2") status = avx2::run_attention(a);
-  else
-#endif
-    status = baseline::run_attention(a);
+  const KernelStatus status = on_selected_isa([&](auto variant) { return variant.run(a); });
   if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
 }
+
+template <class T>
+void exp2(const T* x, T* y, int64_t n) {
+  on_selected_isa([&](auto variant) { return variant.exp2(x, y, n); });
+}
+template void exp2<float>(const float*, float*, int64_t);
+template void exp2<double>(const double*, double*, int64_t);
 
 }  // namespace fastattn

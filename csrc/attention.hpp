@@ -48,6 +48,10 @@ struct Problem {
 // Runs the fused kernel; throws std::invalid_argument for an inconsistent problem.
 void attention(const Problem& p);
 
+// y = 2^x with the kernel's vectorized exp2 (for tests of its error bound).
+template <class T>
+void exp2(const T* x, T* y, int64_t n);
+
 // The instruction set the dispatcher uses now ("avx512", "avx2" or "baseline").
 std::string active_isa();
 // Every instruction set this build has a kernel for and this CPU can run, best first.

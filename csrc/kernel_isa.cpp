@@ -18,5 +18,21 @@ KernelStatus run_attention(const KernelArgs& args) {
   return args.dtype == 0 ? run_typed<float>(args) : run_typed<double>(args);
 }
 
+// The softmax's exp2 on an array, so tests can hold it to its error bound on every path.
+template <class T>
+void exp2_array(const T* x, T* y, int64_t n) {
+  using S = Simd<T>;
+  int64_t i = 0;
+  for (; i + S::kLanes <= n; i += S::kLanes) S::store(y + i, Exp2<T>::eval(S::load(x + i)));
+  if (i < n) {
+    T buf[S::kLanes] = {};
+    for (int64_t j = i; j < n; ++j) buf[j - i] = x[j];
+    S::store(buf, Exp2<T>::eval(S::load(buf)));
+    for (int64_t j = i; j < n; ++j) y[j] = buf[j - i];
+  }
+}
+template void exp2_array<float>(const float*, float*, int64_t);
+template void exp2_array<double>(const double*, double*, int64_t);
+
 }  // namespace FASTATTN_ISA_NS
 }  // namespace fastattn

@@ -42,6 +42,8 @@ cdef extern from "attention.hpp" namespace "fastattn":
         int num_threads
 
     void c_attention "fastattn::attention"(const Problem& p) except + nogil
+    void c_exp2_f32 "fastattn::exp2<float>"(const float* x, float* y, int64_t n) except + nogil
+    void c_exp2_f64 "fastattn::exp2<double>"(const double* x, double* y, int64_t n) except + nogil
     string c_active_isa "fastattn::active_isa"() except +
     vector[string] c_available_isas "fastattn::available_isas"() except +
     void c_set_isa "fastattn::set_isa"(const string& name) except +
@@ -112,6 +114,27 @@ def attention(bint double, tuple batch_shape, int64_t L, int64_t S, int64_t E, i
     p.num_threads = num_threads
     with nogil:
         c_attention(p)
+
+
+def exp2(x):
+    """2**x by the softmax's vectorized exp2 on the selected path; x: contiguous float32/float64."""
+    cdef const float[::1] xf
+    cdef float[::1] yf
+    cdef const double[::1] xd
+    cdef double[::1] yd
+    import numpy as np
+
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    if x.dtype == np.float32:
+        xf, yf = x.reshape(-1), y.reshape(-1)
+        c_exp2_f32(&xf[0] if xf.shape[0] else NULL, &yf[0] if yf.shape[0] else NULL, xf.shape[0])
+    elif x.dtype == np.float64:
+        xd, yd = x.reshape(-1), y.reshape(-1)
+        c_exp2_f64(&xd[0] if xd.shape[0] else NULL, &yd[0] if yd.shape[0] else NULL, xd.shape[0])
+    else:
+        raise TypeError(f"exp2 takes float32 or float64, not {x.dtype}")
+    return y
 
 
 def active_isa():
