@@ -40,12 +40,7 @@ struct Micro {
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       arow[r] = a + r * ars;
-      if (kAccumulate) {
-        acc0[r] = S::load(c + r * ldc);
-        acc1[r] = S::load(c + r * ldc + kLanes);
-      } else {
-        acc0[r] = acc1[r] = S::splat(T(0));
-      }
+      acc0[r] = acc1[r] = S::splat(T(0));
     }
     int64_t at = 0;
     for (int64_t t = 0; t < n; ++t, at += acs) {
@@ -60,6 +55,10 @@ struct Micro {
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
+      if (kAccumulate) {  // the block's sum is formed alone, then added: blocked summation
+        acc0[r] += S::load(c + r * ldc);
+        acc1[r] += S::load(c + r * ldc + kLanes);
+      }
       S::store(c + r * ldc, acc0[r]);
       S::store(c + r * ldc + kLanes, acc1[r]);
     }

@@ -115,7 +115,7 @@ struct RowKernel {
   static void accumulate(const T* p, const T* const* vrows, int64_t nb, int64_t cc, T* o) {
     V acc[NV];
 #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) acc[i] = S::load(o + cc + i * kLanes);
+    for (int i = 0; i < NV; ++i) acc[i] = S::splat(T(0));
     for (int64_t j = 0; j < nb; ++j) {
       const V pj = S::splat(p[j]);
       const T* vr = vrows[j] + cc;
@@ -123,7 +123,7 @@ struct RowKernel {
       for (int i = 0; i < NV; ++i) acc[i] += pj * S::load(vr + i * kLanes);
     }
 #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) S::store(o + cc + i * kLanes, acc[i]);
+    for (int i = 0; i < NV; ++i) S::store(o + cc + i * kLanes, S::load(o + cc + i * kLanes) + acc[i]);
   }
 
   static void prefetch_rows(const T* base, int64_t rs, int64_t cs, int64_t width, int64_t j0,

@@ -107,7 +107,7 @@ def prepare(
                     "enable_gqa: the number of query heads must be a multiple of the number of "
                     f"key/value heads; got {_shapes(q=q, k=k, v=v)}"
                 )
-            kv_group = hq // hk
+            kv_group = max(hq // hk, 1)  # hq == 0: an empty batch, nothing to group
             kb, vb = kb[:-1] + (hq,), vb[:-1] + (hq,)
     try:
         batch = qb if qb == kb == vb else np.broadcast_shapes(qb, kb, vb)

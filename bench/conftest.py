@@ -1,0 +1,24 @@
+"""Options and fixtures of the pytest-benchmark comparisons in this folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastattn import _bench
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-threads", type=int, default=_bench.DEFAULT_THREADS,
+                     help="threads for every implementation (default %(default)s)")
+
+
+@pytest.fixture(scope="session")
+def threads(request) -> int:
+    return request.config.getoption("--bench-threads")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def blas_threads(threads):
+    """Holds NumPy's BLAS (the reference's and the NumPy version's matmuls) to `threads`."""
+    with _bench.blas_threads(threads):
+        yield

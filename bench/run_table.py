@@ -1,0 +1,12 @@
+"""The side-by-side benchmark table; same as ``python -m fastattn bench [options]``.
+
+Usage: python bench/run_table.py [--quick] [--cases a,b] [--rounds N] [--threads N]
+                                 [--json FILE] [--plot FILE.png] [--markdown]
+"""
+
+import sys
+
+from fastattn import _bench
+
+if __name__ == "__main__":
+    sys.exit(_bench.main(sys.argv[1:]))

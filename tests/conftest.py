@@ -1,0 +1,37 @@
+"""Shared fixtures: Hypothesis profiles, the ``backend`` fixture (see backends.py), ``rng``."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from backends import BACKENDS, Backend
+
+# "ci" (default) keeps the whole suite within the CI budget of ~4 minutes on 2 cores;
+# HYPOTHESIS_PROFILE=long runs many more examples for a local soak.
+_COMMON = dict(
+    deadline=None,  # kernel timings vary with machine load; correctness is what is tested
+    print_blob=True,  # a failing example can be replayed with @reproduce_failure
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                           HealthCheck.data_too_large],
+)
+settings.register_profile("ci", max_examples=400, **_COMMON)
+settings.register_profile("long", max_examples=3000, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request) -> Backend:
+    """One backend (a CPU instruction-set path, later CUDA), active for the whole test."""
+    with BACKENDS[request.param]() as fn:
+        yield Backend(request.param, fn)
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A generator seeded from the test's id, so every test draws the same data on every run."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,118 @@
+"""Bad inputs: every one raises the documented exception, naming the shapes or the dtype.
+
+The reference goes through the same checks and must raise alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backends import BACKENDS
+from fastattn import reference
+
+F = np.float32
+
+
+def z(*shape, dtype=F):
+    return np.zeros(shape, dtype)
+
+
+@pytest.fixture(params=[*BACKENDS, "reference"])
+def fn(request):
+    """Every backend, and the reference."""
+    if request.param == "reference":
+        yield reference.attention
+        return
+    with BACKENDS[request.param]() as attention:
+        yield attention
+
+
+def raises_naming(fn, exc, args, kwargs, *names):
+    with pytest.raises(exc) as info:
+        fn(*args, **kwargs)
+    for name in names:
+        assert name in str(info.value), f"{name!r} not in the message {str(info.value)!r}"
+
+
+@pytest.mark.parametrize("q,k,v", [
+    (z(4), z(3, 4), z(3, 2)),
+    (z(2, 4), z(4), z(3, 2)),
+    (z(2, 4), z(3, 4), z(2)),
+    (np.float32(1), z(3, 4), z(3, 2)),
+])
+def test_fewer_than_two_dimensions(fn, q, k, v):
+    raises_naming(fn, ValueError, (q, k, v), {}, str(q.shape), str(k.shape), str(v.shape))
+
+
+@pytest.mark.parametrize("q,k,v,names", [
+    (z(2, 3, 4), z(2, 5, 6), z(2, 5, 6), ["(2, 3, 4)", "(2, 5, 6)"]),  # E of q and k
+    (z(3, 4), z(5, 4), z(6, 4), ["(5, 4)", "(6, 4)"]),  # S of k and v
+    (z(2, 3, 4), z(3, 5, 4), z(3, 5, 4), ["(2, 3, 4)", "(3, 5, 4)"]),  # batch axes
+    (z(2, 1, 3, 4), z(2, 5, 4), z(3, 5, 4), ["(2, 5, 4)", "(3, 5, 4)"]),
+    (z(6, 3, 4), z(2, 5, 4), z(2, 5, 4), ["(6, 3, 4)", "(2, 5, 4)"]),  # heads without GQA
+])
+def test_shapes_that_do_not_fit(fn, q, k, v, names):
+    raises_naming(fn, ValueError, (q, k, v), {}, *names)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128, object, "U3", "S3"])
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_unsupported_dtypes(fn, dtype, which):
+    args = [z(3, 4), z(5, 4), z(5, 2)]
+    args[which] = args[which].astype(dtype)
+    raises_naming(fn, TypeError, args, {}, str(np.dtype(dtype)))
+
+
+@pytest.mark.parametrize("mask_dtype", [np.int64, np.int8, np.uint8, np.complex64, object])
+def test_mask_dtype(fn, mask_dtype):
+    raises_naming(fn, TypeError, (z(3, 4), z(5, 4), z(5, 2)),
+                  dict(mask=np.ones((3, 5), mask_dtype)), str(np.dtype(mask_dtype)))
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (3, 6), (6,), (2, 3, 5), (2, 1, 1, 5), (3, 5, 1)])
+def test_mask_that_does_not_broadcast(fn, shape):
+    raises_naming(fn, ValueError, (z(3, 4), z(5, 4), z(5, 2)), dict(mask=np.ones(shape, bool)),
+                  str(shape), "(3, 5)")
+
+
+def test_mask_beyond_the_batch_axes(fn):
+    # (2, 3, 5) broadcasts with (4, 3, 5)'s batch? No: the mask may not add or change batch axes.
+    raises_naming(fn, ValueError, (z(4, 3, 4), z(4, 5, 4), z(4, 5, 2)),
+                  dict(mask=np.ones((2, 3, 5), bool)), "(2, 3, 5)", "(4, 3, 5)")
+
+
+@pytest.mark.parametrize("qs,ks,vs,names", [
+    ((6, 3, 4), (4, 5, 4), (4, 5, 4), ["(6, 3, 4)", "(4, 5, 4)"]),  # 6 % 4 != 0
+    ((6, 3, 4), (5, 5, 4), (5, 5, 4), ["(6, 3, 4)", "(5, 5, 4)"]),
+    ((2, 6, 3, 4), (2, 3, 5, 4), (2, 2, 5, 4), ["(2, 3, 5, 4)", "(2, 2, 5, 4)"]),  # k, v heads
+    ((3, 4), (5, 4), (5, 2), ["(3, 4)", "(5, 4)"]),  # no head axis
+])
+def test_gqa_errors(fn, qs, ks, vs, names):
+    raises_naming(fn, ValueError, (z(*qs), z(*ks), z(*vs)), dict(enable_gqa=True), *names)
+
+
+@pytest.mark.parametrize("n", [0, -1, -8])
+def test_num_threads_not_positive(fn, n):
+    raises_naming(fn, ValueError, (z(3, 4), z(5, 4), z(5, 2)), dict(num_threads=n), str(n))
+
+
+@pytest.mark.parametrize("n", [1.0, 2.5, "2", [2], np.float64(2)])
+def test_num_threads_not_an_int(fn, n):
+    with pytest.raises(TypeError):
+        fn(z(3, 4), z(5, 4), z(5, 2), num_threads=n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, np.int64(2), np.int32(1)])
+def test_num_threads_ints_accepted(backend, n):
+    out = backend(z(3, 4), z(5, 4), z(5, 2), num_threads=n)
+    assert out.shape == (3, 2) and np.all(out == 0)
+
+
+@pytest.mark.parametrize("scale", ["1", [1.0], 1j, None])
+def test_scale_type(backend, scale):
+    if scale is None:  # the default is accepted
+        assert backend(z(3, 4), z(5, 4), z(5, 2), scale=scale).shape == (3, 2)
+        return
+    with pytest.raises(TypeError):
+        backend(z(3, 4), z(5, 4), z(5, 2), scale=scale)

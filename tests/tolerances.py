@@ -1,0 +1,152 @@
+"""The one tolerance table of the test suite, and ``assert_close_to_reference``.
+
+A backend's result is compared with the formula evaluated in a wider dtype ("exact"). The error
+allowed is a multiple of the error a plain NumPy evaluation of the same formula in the compute
+dtype ("baseline") makes against that exact result, plus a floor:
+
+    max |out - exact|  <=  FACTOR * max |baseline - exact|
+                           + eps * max|v| * (FLOOR_EPS * (1 + |s|) + SUM_EPS * sqrt(S))
+
+where ``|s|`` is the largest magnitude of a logit (``scale * q.k + mask``) of a key with a
+non-negligible weight and S the number of keys. float16 results (computed in float32) also get
+one float16 ulp at the output's magnitude.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastattn import reference
+from fastattn._validate import prepare
+from layouts import assert_unchanged, copies
+
+# Whether longdouble is wider than float64 (x86 Linux: 80-bit). Where it is not (e.g. macOS arm64)
+# the float64 baseline has no truth to be measured against, and only the floor applies.
+_LONGDOUBLE_WIDER = np.finfo(np.longdouble).eps < np.finfo(np.float64).eps
+
+
+@dataclass(frozen=True)
+class Rule:
+    baseline: type  # dtype of the plain NumPy evaluation whose error sets the scale
+    exact: type  # dtype of the evaluation taken as the truth
+    factor: float  # allowed multiple of the baseline's error
+    floor_eps: float  # floor, in eps of the compute dtype times max|v| * (1 + largest logit)
+    sum_eps: float  # floor, in eps times max|v| * sqrt(S): the error of the kernel's running sums
+
+
+TOLERANCES = {
+    # 3x: the kernel blocks its sums and uses its own exp2 where NumPy sums pairwise/BLAS and uses
+    # libm's exp, so its rounding differs from (not exceeds by much) the plain evaluation's.
+    # Floor 4 eps: with tiny sizes the baseline may be exact by luck; and the kernel rounds each
+    # logit once more (it works in base 2, s * log2 e), a relative error ~|s| eps per weight.
+    # sqrt(S): its running sums over S keys err like a random walk, ~0.5 sqrt(S) eps measured,
+    # which a baseline can dodge by luck (e.g. all values equal gives an exact NumPy result).
+    np.dtype(np.float32): Rule(np.float32, np.float64, factor=3.0, floor_eps=4.0, sum_eps=1.0),
+    # Same reasoning one precision up; the truth is longdouble (64-bit mantissa on x86).
+    np.dtype(np.float64): Rule(np.float64, np.longdouble if _LONGDOUBLE_WIDER else np.float64,
+                               factor=3.0, floor_eps=4.0 if _LONGDOUBLE_WIDER else 64.0,
+                               sum_eps=1.0),
+}
+# float16 output: computed in float32 (rule above), then rounded once to float16 (<= 1 ulp).
+FLOAT16_EXTRA_ULPS = 1.0
+# Attention weights of a row sum to 1 up to one rounding per term (the division) and the sum.
+ROW_SUM_EPS_PER_KEY = 2.0
+# The reference against a loop-by-loop float64 reading of the formula (math.fsum): both round
+# only a few times per entry, so ~1e-15 apart; 1e-12 leaves margin for exp of logits ~10.
+ORACLE_RTOL = 1e-12
+
+
+def rule_for(compute_dtype) -> Rule:
+    return TOLERANCES[np.dtype(compute_dtype)]
+
+
+def _max_abs(a) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    finite = a[np.isfinite(a)]
+    return float(np.abs(finite).max(initial=0.0))
+
+
+def _logit_magnitude(plan, exact_weights, eps) -> float:
+    """Largest |logit| among keys whose exact weight exceeds eps (they set the rounding error)."""
+    q = plan.q.astype(np.float64)
+    k = plan.k.astype(np.float64)
+    if plan.kv_group > 1:
+        k = np.repeat(k, plan.kv_group, axis=-3)
+    s = q @ np.swapaxes(k, -1, -2) * plan.scale
+    if plan.mask is not None and plan.mask.dtype != np.bool_:
+        s = s + plan.mask.astype(np.float64)
+    s = np.broadcast_to(s, exact_weights.shape)
+    keep = (np.asarray(exact_weights, np.float64) > eps) & np.isfinite(s)
+    return float(np.abs(s[keep]).max(initial=0.0))
+
+
+def _compare(name, got, want, exact, baseline, rule, eps, floor, out_dtype, context):
+    assert isinstance(got, np.ndarray), f"{name}: expected an ndarray, got {type(got).__name__}"
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, the reference gives {want.shape}"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype}, the reference gives {want.dtype}"
+    # Non-finite results exactly where the reference has them (NaN and inf propagate alike).
+    for what, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+        bad = test(got) != test(want)
+        assert not bad.any(), (
+            f"{name}: {what} positions differ from the reference at {np.argwhere(bad)[:5].tolist()}"
+            f" ({context})"
+        )
+    finite = np.isfinite(want)
+    exact = np.asarray(exact)[finite]
+    ok = np.isfinite(np.asarray(baseline)[finite]) & np.isfinite(exact)
+    base_err = _max_abs(np.asarray(baseline)[finite][ok] - exact[ok])
+    tol = rule.factor * base_err + floor
+    tol_each = np.full(exact.shape, tol)
+    if out_dtype == np.float16:
+        ulp16 = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64)
+        tol_each = tol_each + FLOAT16_EXTRA_ULPS * ulp16
+    err = np.abs(got[finite].astype(np.longdouble) - exact).astype(np.float64)
+    if err.size and np.any(err > tol_each):
+        i = int(np.argmax(err - tol_each))
+        where = np.argwhere(finite)[i].tolist()
+        raise AssertionError(
+            f"{name}: max error {err.max():.3e} exceeds the tolerance at {where}: got "
+            f"{float(got[finite][i])!r}, exact {float(exact[i])!r}, allowed {tol_each[i]:.3e} "
+            f"(baseline error {base_err:.3e}, {context})"
+        )
+
+
+def assert_close_to_reference(fn_out, q, k, v, **kwargs) -> None:
+    """Checks a backend's result of ``attention(q, k, v, **kwargs)`` against the reference.
+
+    Shape, dtype and the positions of NaN/inf must match ``fastattn.reference.attention``; finite
+    values must be within the tolerance table's rule. With ``return_weights=True`` ``fn_out`` is
+    ``(out, weights)`` and both are checked.
+    """
+    with np.errstate(all="ignore"):
+        plan = prepare(q, k, v, **kwargs)
+        want = reference.attention(q, k, v, **kwargs)
+        rule = rule_for(plan.dtype)
+        exact_out, exact_w = reference.attention_in(rule.exact, plan)
+        base_out, base_w = reference.attention_in(rule.baseline, plan)
+        eps = float(np.finfo(plan.dtype).eps)
+        logits = _logit_magnitude(plan, exact_w, eps)
+    context = (f"batch {plan.batch}, L={plan.L}, S={plan.S}, E={plan.E}, Ev={plan.Ev}, "
+               f"compute {plan.dtype}, largest logit {logits:.3g}")
+    if plan.return_weights:
+        assert isinstance(fn_out, tuple) and len(fn_out) == 2, "expected (out, weights)"
+        (out, weights), (want_out, want_w) = fn_out, want
+    else:
+        out, want_out = fn_out, want
+    floor = eps * (rule.floor_eps * (1 + logits) + rule.sum_eps * np.sqrt(plan.S))
+    _compare("out", out, want_out, exact_out, base_out, rule, eps, _max_abs(plan.v) * floor,
+             plan.out_dtype, context)
+    if plan.return_weights:  # weights are at most 1
+        _compare("weights", weights, want_w, exact_w, base_w, rule, eps, floor, plan.out_dtype,
+                 context)
+
+
+def check(backend, q, k, v, **kwargs):
+    """Runs the backend, checks its inputs are untouched and its result against the reference."""
+    saved = copies(q, k, v, kwargs.get("mask"))
+    got = backend(q, k, v, **kwargs)
+    assert_unchanged([q, k, v, kwargs.get("mask")], saved)
+    assert_close_to_reference(got, q, k, v, **kwargs)
+    return got
