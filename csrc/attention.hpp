@@ -15,6 +15,9 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1 };
 
 enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
 
+// A band side that bounds nothing; far from int64's limits so that i + bound cannot overflow.
+constexpr int64_t kNoBound = int64_t(1) << 60;
+
 // A strided view: element strides for each batch axis, then for the two matrix axes.
 struct Operand {
   const void* data = nullptr;
@@ -35,12 +38,18 @@ struct Problem {
   MaskKind mask_kind = MaskKind::kNone;
   Operand mask;  // bool masks as bytes (nonzero = key takes part); additive masks in `dtype`
 
-  bool causal = false;   // key j is seen by query i only if j <= i + causal_offset
-  int64_t causal_offset = 0;
+  // The band of keys query i sees: i + band_lo <= j <= i + band_hi (causal attention is
+  // band_hi = offset; a sliding window bounds both sides). kNoBound on a side: unbounded.
+  int64_t band_lo = -kNoBound, band_hi = kNoBound;
+  int64_t offset = 0;  // query i's diagonal is key i + offset (ALiBi distances are from it)
   double scale = 1.0;
+  double softcap = 0.0;  // > 0: scores become softcap * tanh(scores / softcap)
+  Operand alibi;         // when data != nullptr: one slope per batch entry, in `dtype`
+  Operand kv_lengths;    // when data != nullptr: int64, keys j >= kv_lengths[b] take no part
 
   Operand out;      // written: (batch..., L, Ev)
   Operand weights;  // written when data != nullptr: (batch..., L, S)
+  Operand lse;      // written when data != nullptr: (batch..., L), natural log, -inf if no key
 
   int num_threads = 0;  // 0: OpenMP's default (OMP_NUM_THREADS, threadpoolctl)
 };

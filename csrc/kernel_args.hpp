@@ -24,12 +24,14 @@ struct KernelArgs {
   int64_t batch_shape[kMaxBatchDims] = {};
   int64_t batch_count = 1;
   int64_t L = 0, S = 0, E = 0, Ev = 0;
-  StridedView q, k, v, mask, out, weights;
+  StridedView q, k, v, mask, out, weights, lse, alibi, kv_lengths;
   int64_t kv_group = 1;
   int mask_kind = 0;  // 0 none, 1 bool bytes, 2 additive in dtype
-  bool causal = false;
-  int64_t causal_offset = 0;
+  int64_t band_lo = 0, band_hi = 0;  // query i sees keys i + band_lo .. i + band_hi
+  bool has_band = false;             // whether either side of the band bounds anything
+  int64_t offset = 0;                // ALiBi: distance |i + offset - j|
   double scale = 1.0;
+  double softcap = 0.0;  // 0: none
   int num_threads = 1;  // resolved by the dispatcher: >= 1
 };
 

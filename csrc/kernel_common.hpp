@@ -48,20 +48,66 @@ inline int64_t batch_offset(const KernelArgs& a, const StridedView& view, int64_
   return off;
 }
 
-// Masks one row of base-2 scores s[0:n_pad] of query i against keys j0 .. j0 + nb - 1: padding
-// keys (nb .. n_pad), keys past the causal limit and keys the user's mask removes become -inf;
-// an additive mask is added (times log2(e)).
+// Per-batch-entry scalars of the problem: the ALiBi slope (base 2, negated) and the number of
+// keys that take part.
 template <class T>
-inline void mask_scores(const KernelArgs& a, T* srow, int64_t n_pad, int64_t i, int64_t j0,
-                        int64_t nb, int64_t m_off) {
+struct EntryParams {
+  T neg_slope2 = T(0);  // -slope * log2(e): ALiBi's bias per unit of distance, base 2
+  int64_t keys = 0;     // min(S, kv_lengths[b])
+};
+
+template <class T>
+inline EntryParams<T> entry_params(const KernelArgs& a, int64_t b) {
+  EntryParams<T> e;
+  e.keys = a.S;
+  if (a.kv_lengths.data) {
+    const int64_t n = static_cast<const int64_t*>(a.kv_lengths.data)[batch_offset(a, a.kv_lengths,
+                                                                                  b, 1)];
+    e.keys = min64(a.S, max64(n, 0));
+  }
+  if (a.alibi.data)
+    e.neg_slope2 = -static_cast<const T*>(a.alibi.data)[batch_offset(a, a.alibi, b, 1)] * T(kLog2e);
+  return e;
+}
+
+// Keys [first, last) that some query of rows i0 .. i_last can see: the band and kv_lengths.
+inline void key_range(const KernelArgs& a, int64_t i0, int64_t i_last, int64_t keys,
+                      int64_t& first, int64_t& last) {
+  first = max64(0, i0 + a.band_lo);
+  last = min64(keys, i_last + a.band_hi + 1);
+  if (last < first) last = first;
+}
+
+// softcap * tanh(s / softcap) on n scores in base 2 (n a multiple of the vector width).
+template <class T>
+inline void softcap_scores(const KernelArgs& a, T* s, int64_t n) {
+  using S = Simd<T>;
+  const T c2 = T(a.softcap * kLog2e), inv = T(1) / c2;
+  for (int64_t j = 0; j < n; j += S::kLanes)
+    S::store(s + j, Tanh<T>::eval(S::load(s + j) * inv) * c2);
+}
+
+// Transforms one row of base-2 scores s[0:n_pad] of query i against keys j0 .. j0 + nb - 1 into
+// logits: softcap, then the additive mask and ALiBi bias; padding keys (nb .. n_pad), keys
+// outside the band and keys the user's bool mask removes become -inf.
+template <class T>
+inline void mask_scores(const KernelArgs& a, const EntryParams<T>& e, T* srow, int64_t n_pad,
+                        int64_t i, int64_t j0, int64_t nb, int64_t m_off) {
   using R = RowOps<T>;
+  if (a.softcap > 0) softcap_scores(a, srow, n_pad);
   if (nb < n_pad) R::fill(srow + nb, n_pad - nb, R::kNegInf);
-  if (a.causal) {
-    const int64_t first_hidden = i + a.causal_offset + 1 - j0;  // keys j >= i + off + 1 hidden
-    if (first_hidden < nb) {
-      const int64_t from = max64(first_hidden, 0);
-      R::fill(srow + from, nb - from, R::kNegInf);
+  if (a.alibi.data) {
+    const int64_t d0 = j0 - i - a.offset;  // key j0 + j lies d0 + j right of the diagonal
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t d = d0 + j;
+      srow[j] += e.neg_slope2 * T(d < 0 ? -d : d);
     }
+  }
+  if (a.has_band) {  // keys j < i + band_lo and j > i + band_hi are hidden
+    const int64_t lo = min64(max64(i + a.band_lo - j0, 0), nb);
+    const int64_t hi = min64(max64(i + a.band_hi + 1 - j0, lo), nb);
+    R::fill(srow, lo, R::kNegInf);
+    R::fill(srow + hi, nb - hi, R::kNegInf);
   }
   if (a.mask_kind != 0) {
     MaskRow<T> mk;
@@ -74,11 +120,18 @@ inline void mask_scores(const KernelArgs& a, T* srow, int64_t n_pad, int64_t i, 
   }
 }
 
-// Whether mask_scores changes anything for rows i0 .. i_last of key block [j0, j0 + nb) padded
-// to n_pad keys.
-inline bool block_is_masked(const KernelArgs& a, int64_t i0, int64_t j0, int64_t nb,
-                            int64_t n_pad) {
-  return nb < n_pad || a.mask_kind != 0 || (a.causal && j0 + nb - 1 > i0 + a.causal_offset);
+// lse[i] of batch entry b: the natural log-sum-exp of the row's logits, from the maximum m that
+// was subtracted (base 2) and the sum l of the weights; -inf for a row with no key (l == 0).
+template <class T>
+inline void write_lse(const KernelArgs& a, int64_t b, int64_t i, T m, T l) {
+  T* lse = static_cast<T*>(const_cast<void*>(a.lse.data)) + batch_offset(a, a.lse, b, 1);
+  lse[i * a.lse.row_stride] =
+      l == T(0) ? RowOps<T>::kNegInf : (m + std::log2(l)) * T(0.6931471805599453);
+}
+
+// Whether the band hides some key of block [j0, j0 + nb) from some query of rows i0 .. i_last.
+inline bool band_cuts(const KernelArgs& a, int64_t i0, int64_t i_last, int64_t j0, int64_t nb) {
+  return j0 < i_last + a.band_lo || j0 + nb - 1 > i0 + a.band_hi;
 }
 
 }  // namespace FASTATTN_ISA_NS

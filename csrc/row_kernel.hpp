@@ -155,8 +155,12 @@ struct RowKernel {
     for (int64_t r = 0; r < rows; ++r) st[r] = row_state_init<T>();
     std::memset(part.o, 0, sizeof(T) * size_t(RMAX * Evp));
 
-    // Under the causal band no row of the group sees keys past the last row's limit.
-    if (a.causal) k_end = min64(k_end, max64(k_begin, i0 + rows + a.causal_offset));
+    // Only keys inside the band of some row of the group, and within kv_lengths, are read.
+    const EntryParams<T> ep = entry_params<T>(a, b);
+    int64_t first, last;
+    key_range(a, i0, i0 + rows - 1, ep.keys, first, last);
+    k_begin = max64(k_begin, first);
+    k_end = max64(k_begin, min64(k_end, last));
     for (int64_t j0 = k_begin; j0 < k_end; j0 += CK) {
       const int64_t nb = min64(CK, k_end - j0);
       const int64_t nb_p = round_up(nb, kLanes);
@@ -166,7 +170,7 @@ struct RowKernel {
       for (int64_t r = 0; r < rows; ++r) {
         T* srow = ws.s.ptr + r * CK;
         scores(ws.qv.ptr + r * Ep, ws.krows, nb, srow);
-        mask_scores(a, srow, nb_p, i0 + r, j0, nb, m_off);
+        mask_scores(a, ep, srow, nb_p, i0 + r, j0, nb, m_off);
         online_softmax_update(srow, nb_p, R::max(srow, nb_p), st[r], part.o + r * Evp, Evp);
       }
       rows_of(Vs, a.v.row_stride, a.v.col_stride, a.Ev, Evp, j0, nb, ws.vbuf.ptr, ws.vrows);
@@ -203,6 +207,7 @@ struct RowKernel {
         l += parts[sp].l[r] * w[sp];
       }
       const T inv = l == T(0) ? T(0) : T(1) / l;
+      if (a.lse.data) write_lse(a, b, i0 + r, m_use, l);
       T* dst = out + (i0 + r) * a.out.row_stride;
       for (int64_t cc = 0; cc < a.Ev; ++cc) {
         T acc = 0;

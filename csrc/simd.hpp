@@ -191,5 +191,38 @@ struct Exp2<double> {
   }
 };
 
+// tanh for softcapping (c * tanh(s / c)), from Cephes: on |x| < 0.625 an odd polynomial (float)
+// or rational function (double) accurate to about 1 ulp; above, (1 - t) / (1 + t) with
+// t = 2^(-2 |x| log2 e) in (0, 0.29], where neither cancellation nor overflow can occur (t
+// underflows to 0 for large |x|, giving exactly 1). NaN propagates, +-inf gives +-1.
+template <class T>
+struct Tanh {
+  using S = Simd<T>;
+  using V = typename S::V;
+  static inline V eval(V x) {
+    const V ax = x < S::splat(T(0)) ? -x : x;
+    const V z = x * x;
+    V small;
+    if constexpr (sizeof(T) == 4) {
+      V p = z * T(-5.70498872745e-3) + T(2.06390887954e-2);
+      p = p * z + T(-5.37397155531e-2);
+      p = p * z + T(1.33314422036e-1);
+      p = p * z + T(-3.33332819422e-1);
+      small = p * z * x + x;
+    } else {
+      V p = z * T(-9.64399179425052238628e-1) + T(-9.92877231001918586564e1);
+      p = p * z + T(-1.61468768441708447952e3);
+      V q = z + T(1.12811678491632931402e2);
+      q = q * z + T(2.23548839060100448583e3);
+      q = q * z + T(4.84406305325125486048e3);
+      small = x + x * z * (p / q);
+    }
+    const V t = Exp2<T>::eval(ax * T(-2.8853900817779268));  // 2^(-2 |x| log2 e) = e^(-2|x|)
+    V big = (T(1) - t) / (T(1) + t);
+    big = x < S::splat(T(0)) ? -big : big;
+    return ax < S::splat(T(0.625)) ? small : big;
+  }
+};
+
 }  // namespace FASTATTN_ISA_NS
 }  // namespace fastattn

@@ -96,16 +96,29 @@ struct TileKernel {
     return in == 0 ? KeysIn::kNone : in == nb ? KeysIn::kAll : KeysIn::kSome;
   }
 
-  // Applies the causal band and (with user_mask) the user's mask to the S^T rows of keys
-  // j0 .. j0 + nb - 1 (queries i0 .. i0 + rows - 1 along each row), then recomputes the column
-  // maximum.
-  void mask_block(Workspace& ws, int64_t i0, int64_t rows, int64_t j0, int64_t nb, int64_t m_off,
-                  bool user_mask) const {
+  // Turns the S^T rows of keys j0 .. j0 + nb - 1 (queries i0 .. i0 + rows - 1 along each row)
+  // into logits as mask_scores does for one row: softcap, then the additive mask (with
+  // user_mask) and ALiBi; keys outside the band or removed by a bool mask become -inf. Then
+  // recomputes the column maximum.
+  void mask_block(Workspace& ws, const EntryParams<T>& ep, int64_t i0, int64_t rows, int64_t j0,
+                  int64_t nb, int64_t m_off, bool user_mask) const {
+    if (a.softcap > 0) softcap_scores(a, ws.st.ptr, nb * BM);
     for (int64_t j = 0; j < nb; ++j) {
       T* srow = ws.st.ptr + j * BM;
-      if (a.causal) {  // query i sees key j0 + j only if i >= j0 + j - offset
-        const int64_t hidden = min64(rows, j0 + j - a.causal_offset - i0);
-        if (hidden > 0) R::fill(srow, hidden, R::kNegInf);
+      const int64_t key = j0 + j;
+      if (a.alibi.data) {  // bias slope * |i + offset - key| along the queries of this row
+        const V dist0 = iota() + T(i0 + a.offset - key);
+        for (int v = 0; v < NV; ++v) {
+          const V d = dist0 + T(v * kLanes);
+          S::store(srow + v * kLanes, S::load(srow + v * kLanes) + (d < T(0) ? -d : d) *
+                                                                      ep.neg_slope2);
+        }
+      }
+      if (a.has_band) {  // query i sees the key only if key - band_hi <= i <= key - band_lo
+        const int64_t lo = min64(max64(key - a.band_hi - i0, 0), rows);
+        const int64_t hi = min64(max64(key - a.band_lo + 1 - i0, lo), rows);
+        R::fill(srow, lo, R::kNegInf);
+        R::fill(srow + hi, rows - hi, R::kNegInf);
       }
       if (user_mask) {
         MaskRow<T> mk;  // along a S^T row the mask advances by its row (query) stride
@@ -113,7 +126,7 @@ struct TileKernel {
         mk.col_stride = a.mask.row_stride;
         const int64_t elem = a.mask_kind == 1 ? 1 : int64_t(sizeof(T));
         mk.ptr = static_cast<const char*>(a.mask.data) +
-                 (m_off + i0 * a.mask.row_stride + (j0 + j) * a.mask.col_stride) * elem;
+                 (m_off + i0 * a.mask.row_stride + key * a.mask.col_stride) * elem;
         R::apply_mask(srow, rows, mk);
       }
     }
@@ -122,6 +135,19 @@ struct TileKernel {
       for (int64_t j = 0; j < nb; ++j) cm = S::max(cm, S::load(ws.st.ptr + j * BM + v * kLanes));
       S::store(ws.colmax + v * kLanes, cm);
     }
+  }
+
+  // 0, 1, .., kLanes - 1 as a vector (an integer-valued T is exact up to 2^24 and beyond).
+  static V iota() {
+    alignas(64) T lanes[kLanes];
+    for (int i = 0; i < kLanes; ++i) lanes[i] = T(i);
+    return S::load(lanes);
+  }
+
+  // Whether a block needs mask_block: anything that changes scores, or a band edge in it.
+  bool needs_mask(int64_t i0, int64_t rows, int64_t j0, int64_t nb, bool user_mask) const {
+    return user_mask || a.softcap > 0 || a.alibi.data ||
+           (a.has_band && band_cuts(a, i0, i0 + rows - 1, j0, nb));
   }
 
   // Online softmax over one block: new maximum, rescaled sum and output, then S^T -> P^T.
@@ -168,12 +194,12 @@ struct TileKernel {
     const T* Vs = static_cast<const T*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
     const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
 
-    // Key blocks this tile needs: under the causal band, only those left of the last row's limit.
-    int64_t blocks = n_kblocks;
-    if (a.causal) {
-      const int64_t last = i0 + rows - 1 + a.causal_offset;
-      blocks = last < 0 ? 0 : min64(n_kblocks, last / BN + 1);
-    }
+    // Key blocks this tile needs: those with a key inside some row's band and kv_lengths.
+    const EntryParams<T> ep = entry_params<T>(a, b);
+    int64_t k_first, k_last;
+    key_range(a, i0, i0 + rows - 1, ep.keys, k_first, k_last);
+    const int64_t kb_begin = k_first / BN;
+    const int64_t kb_end = k_last > k_first ? (k_last - 1) / BN + 1 : kb_begin;
 
     // Q^T in panels, times scale * log2(e) so that scores come out in base 2; padding is zero.
     const T c = T(a.scale * kLog2e);
@@ -195,14 +221,14 @@ struct TileKernel {
     std::memset(ws.ot.ptr, 0, sizeof(T) * size_t(BM * Ev));
 
     bool first = true;
-    for (int64_t kb = 0; kb < blocks; ++kb) {
-      const int64_t j0 = kb * BN, nb = min64(BN, a.S - j0);
+    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+      const int64_t j0 = kb * BN, nb = min64(BN, ep.keys - j0);
       const KeysIn in = keys_in(m_off, j0, nb);
       if (in == KeysIn::kNone) continue;
       scores(ws, K + j0 * a.k.row_stride, nb);
       const bool user_mask = a.mask_kind != 0 && in == KeysIn::kSome;
-      if (user_mask || (a.causal && block_is_masked(a, i0, j0, nb, nb)))
-        mask_block(ws, i0, rows, j0, nb, m_off, user_mask);
+      if (needs_mask(i0, rows, j0, nb, user_mask))
+        mask_block(ws, ep, i0, rows, j0, nb, m_off, user_mask);
       softmax_block(ws, nb, first);
       accumulate(ws, Vs + j0 * a.v.row_stride, nb);
       first = false;
@@ -212,36 +238,38 @@ struct TileKernel {
     T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
     for (int64_t i = 0; i < rows; ++i) {
       const T inv = ws.l[i] == T(0) ? T(0) : T(1) / ws.l[i];
+      if (a.lse.data) write_lse(a, b, i0 + i, ws.mu[i], ws.l[i]);
       T* dst = out + (i0 + i) * a.out.row_stride;
       for (int64_t cc = 0; cc < Ev; ++cc) dst[cc * a.out.col_stride] = ws.ot.ptr[cc * BM + i] * inv;
     }
-    if (a.weights.data) write_weights(ws, b, i0, rows, blocks, K, m_off);
+    if (a.weights.data) write_weights(ws, ep, b, i0, rows, kb_begin, kb_end, K, m_off);
   }
 
   // The normalized weights, for return_weights: scores are recomputed block by block against the
   // final maximum and sum (as FlashAttention does), so the forward pass stays single-pass.
-  void write_weights(Workspace& ws, int64_t b, int64_t i0, int64_t rows, int64_t blocks,
-                     const T* K, int64_t m_off) const {
+  void write_weights(Workspace& ws, const EntryParams<T>& ep, int64_t b, int64_t i0, int64_t rows,
+                     int64_t kb_begin, int64_t kb_end, const T* K, int64_t m_off) const {
     T* W = static_cast<T*>(const_cast<void*>(a.weights.data)) + batch_offset(a, a.weights, b, 1);
     const int64_t wrs = a.weights.row_stride, wcs = a.weights.col_stride;
     for (int i = 0; i < BM; ++i) ws.alpha[i] = ws.l[i] == T(0) ? T(0) : T(1) / ws.l[i];
     for (int64_t kb = 0; kb < n_kblocks; ++kb) {
       const int64_t j0 = kb * BN, nb = min64(BN, a.S - j0);
-      if (kb >= blocks) {
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t j = 0; j < nb; ++j) W[(i0 + i) * wrs + (j0 + j) * wcs] = T(0);
-        continue;
-      }
-      scores(ws, K + j0 * a.k.row_stride, nb);
-      if (block_is_masked(a, i0, j0, nb, nb)) mask_block(ws, i0, rows, j0, nb, m_off, true);
-      for (int64_t j = 0; j < nb; ++j)
+      // Keys nk .. nb - 1 of the block take no part (kv_lengths): their weights are 0.
+      const int64_t nk = kb < kb_begin || kb >= kb_end ? 0 : max64(0, min64(nb, ep.keys - j0));
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = nk; j < nb; ++j) W[(i0 + i) * wrs + (j0 + j) * wcs] = T(0);
+      if (nk == 0) continue;
+      scores(ws, K + j0 * a.k.row_stride, nk);
+      if (needs_mask(i0, rows, j0, nk, a.mask_kind != 0))
+        mask_block(ws, ep, i0, rows, j0, nk, m_off, a.mask_kind != 0);
+      for (int64_t j = 0; j < nk; ++j)
         for (int v = 0; v < NV; ++v) {
           T* s = ws.st.ptr + j * BM + v * kLanes;
           const V p = Exp2<T>::eval(S::load(s) - S::load(ws.mu + v * kLanes));
           S::store(s, p * S::load(ws.alpha + v * kLanes));
         }
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < nb; ++j)
+        for (int64_t j = 0; j < nk; ++j)
           W[(i0 + i) * wrs + (j0 + j) * wcs] = ws.st.ptr[j * BM + i];
     }
   }
@@ -259,14 +287,14 @@ struct TileKernel {
 #pragma omp atomic write
         failed = true;
       }
-      // Dynamic scheduling: tiles of a causal problem differ in cost. Within a batch entry the
+      // Dynamic scheduling: tiles of a causal (banded) problem differ in cost. Within a batch entry the
       // tiles run from the last (most keys) to the first, so the cheap ones fill the gaps at the
       // end.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < items; ++it) {
         if (!ok) continue;
         const int64_t b = it / n_qtiles, t = it % n_qtiles;
-        tile(ws, b, a.causal ? n_qtiles - 1 - t : t);
+        tile(ws, b, a.has_band ? n_qtiles - 1 - t : t);
       }
     }
     return failed ? KernelStatus::kOutOfMemory : KernelStatus::kOk;

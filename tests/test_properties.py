@@ -97,28 +97,46 @@ def problems(draw, max_len=300, decode=False):
     shapes = [_operand_batch(draw, batch, gqa) + (L, E),
               _operand_batch(draw, batch, gqa, kv_heads) + (S, E),
               _operand_batch(draw, batch, gqa, kv_heads) + (S, Ev)]
-    # v with all rows equal (zero row stride) is left to test_contract.py's accuracy test: with
-    # equal weights its sums of S equal terms err like S eps, which fails the rule (a known bug).
-    layouts = [draw(st.sampled_from(LAYOUTS)) for _ in "qk"]
-    layouts.append(draw(st.sampled_from([x for x in LAYOUTS if x != "bcast_rows"])))
+    layouts = [draw(st.sampled_from(LAYOUTS)) for _ in "qkv"]
     q, k, v = (in_layout(values(rng, s, d, magnitude), lay)
                for s, d, lay in zip(shapes, dtypes, layouts))
 
     kwargs = dict(enable_gqa=gqa)
     desc = ""
+    heads = (lambda b: b[:-1] + tuple(batch[-1:])) if gqa else (lambda b: b)
+    real = np.broadcast_shapes(shapes[0][:-2], heads(shapes[1][:-2]), heads(shapes[2][:-2]))
     if draw(st.booleans()):
-        heads = (lambda b: b[:-1] + tuple(batch[-1:])) if gqa else (lambda b: b)
-        real = np.broadcast_shapes(shapes[0][:-2], heads(shapes[1][:-2]), heads(shapes[2][:-2]))
         kwargs["mask"], desc = _mask(draw, rng, list(real), L, S)
     kwargs["causal"] = draw(st.booleans())
     kwargs["scale"] = draw(st.sampled_from([None, None, 0.0, -0.7, 0.05, 1.0, 2.5]))
     kwargs["return_weights"] = False if decode else draw(st.booleans())
     kwargs["num_threads"] = 2 if decode else draw(st.sampled_from([None, 1, 2, 3]))
+    _variants(draw, rng, kwargs, list(real), S)
     names = [np.dtype(d).name for d in dtypes]
     desc = (f"Problem(q {q.shape} {names[0]} {layouts[0]}, k {k.shape} {names[1]} {layouts[1]}, "
             f"v {v.shape} {names[2]} {layouts[2]}, x{magnitude}, {desc}, "
             f"{ {n: a for n, a in kwargs.items() if n != 'mask'} })")
     return Problem(q, k, v, kwargs, desc)
+
+
+def _variants(draw, rng, kwargs, batch, S):
+    """The peers' arguments (test_variants.py tests each alone), drawn together, often default."""
+    if draw(st.booleans()):
+        kwargs["align"] = draw(st.sampled_from(["top_left", "bottom_right"]))
+    if draw(st.integers(0, 2)) == 0:
+        side = st.one_of(st.none(), st.integers(0, 5), st.integers(0, 300))
+        kwargs["window"] = (draw(side), draw(side))
+    if batch and draw(st.integers(0, 3)) == 0:
+        shape = draw(st.sampled_from([(batch[-1],), (1,), tuple(batch[-2:])]))
+        kwargs["alibi_slopes"] = rng.random(shape) * draw(st.sampled_from([0.01, 0.3, 2.0]))
+    if draw(st.integers(0, 3)) == 0:
+        kwargs["softcap"] = draw(st.sampled_from([0.3, 5.0, 50.0]))
+    kwargs["return_lse"] = draw(st.booleans())
+    if batch and draw(st.integers(0, 3)) == 0:
+        n = draw(st.integers(0, len(batch)))
+        kwargs["kv_lengths"] = rng.integers(0, S + 1, size=tuple(batch[:n]))
+    if draw(st.integers(0, 3)) == 0:
+        kwargs["similarity"] = "cosine"
 
 
 def _check(backend, p: Problem) -> None:

@@ -5,15 +5,17 @@ allowed is a multiple of the error a plain NumPy evaluation of the same formula 
 dtype ("baseline") makes against that exact result, plus a floor:
 
     max |out - exact|  <=  FACTOR * max |baseline - exact|
-                           + eps * max|v| * (FLOOR_EPS * (1 + |s|) + SUM_EPS * sqrt(S))
+                           + eps * max|v| * (FLOOR_EPS * (1 + |s|) + SUM_EPS * sqrt(S)
+                                             + DOT_EPS * |s| * sqrt(E))
 
-where ``|s|`` is the largest magnitude of a logit (``scale * q.k + mask``) of a key with a
-non-negligible weight and S the number of keys. float16 results (computed in float32) also get
+where ``|s|`` bounds the terms of a logit (``|scale| |q|.|k| + |mask| + |bias|``) of a key with
+a non-negligible weight and S the number of keys. float16 results (computed in float32) also get
 one float16 ulp at the output's magnitude.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +36,7 @@ class Rule:
     factor: float  # allowed multiple of the baseline's error
     floor_eps: float  # floor, in eps of the compute dtype times max|v| * (1 + largest logit)
     sum_eps: float  # floor, in eps times max|v| * sqrt(S): the error of the kernel's running sums
+    dot_eps: float  # floor, in eps times max|v| * |s| * sqrt(E): the error of its dot products
 
 
 TOLERANCES = {
@@ -42,12 +45,15 @@ TOLERANCES = {
     # Floor 4 eps: with tiny sizes the baseline may be exact by luck; and the kernel rounds each
     # logit once more (it works in base 2, s * log2 e), a relative error ~|s| eps per weight.
     # sqrt(S): its running sums over S keys err like a random walk, ~0.5 sqrt(S) eps measured,
-    # which a baseline can dodge by luck (e.g. all values equal gives an exact NumPy result).
-    np.dtype(np.float32): Rule(np.float32, np.float64, factor=3.0, floor_eps=4.0, sum_eps=1.0),
+    # which a baseline can dodge by luck (e.g. all values equal gives an exact NumPy result);
+    # sqrt(E): so do its dot products over E features (relative to |s|), which a baseline on
+    # small integers computes exactly.
+    np.dtype(np.float32): Rule(np.float32, np.float64, factor=3.0, floor_eps=4.0, sum_eps=1.0,
+                                 dot_eps=1.0),
     # Same reasoning one precision up; the truth is longdouble (64-bit mantissa on x86).
     np.dtype(np.float64): Rule(np.float64, np.longdouble if _LONGDOUBLE_WIDER else np.float64,
                                factor=3.0, floor_eps=4.0 if _LONGDOUBLE_WIDER else 64.0,
-                               sum_eps=1.0),
+                               sum_eps=1.0, dot_eps=1.0),
 }
 # float16 output: computed in float32 (rule above), then rounded once to float16 (<= 1 ulp).
 FLOAT16_EXTRA_ULPS = 1.0
@@ -69,15 +75,17 @@ def _max_abs(a) -> float:
 
 
 def _logit_magnitude(plan, exact_weights, eps) -> float:
-    """Largest |logit| among keys whose exact weight exceeds eps (they set the rounding error)."""
-    q = plan.q.astype(np.float64)
-    k = plan.k.astype(np.float64)
-    if plan.kv_group > 1:
-        k = np.repeat(k, plan.kv_group, axis=-3)
-    s = q @ np.swapaxes(k, -1, -2) * plan.scale
-    if plan.mask is not None and plan.mask.dtype != np.bool_:
-        s = s + plan.mask.astype(np.float64)
-    s = np.broadcast_to(s, exact_weights.shape)
+    """Largest magnitude of the terms of a logit, ``|scale| |q|.|k| + |mask| + |ALiBi bias|``,
+    among keys whose exact weight exceeds eps: the logits' rounding error scales with it (with
+    cancellation in q.k it is far larger than the logit itself)."""
+    def mag(a):
+        return None if a is None or a.dtype == np.bool_ else np.abs(a)
+
+    alibi = None if plan.alibi is None else -np.abs(plan.alibi)
+    absolute = dataclasses.replace(plan, q=np.abs(plan.q), k=np.abs(plan.k), mask=(
+        plan.mask if plan.mask is not None and plan.mask.dtype == np.bool_ else mag(plan.mask)),
+        alibi=alibi, scale=abs(plan.scale), softcap=None)
+    s = np.broadcast_to(reference.logits_in(np.float64, absolute), exact_weights.shape)
     keep = (np.asarray(exact_weights, np.float64) > eps) & np.isfinite(s)
     return float(np.abs(s[keep]).max(initial=0.0))
 
@@ -117,30 +125,37 @@ def assert_close_to_reference(fn_out, q, k, v, **kwargs) -> None:
     """Checks a backend's result of ``attention(q, k, v, **kwargs)`` against the reference.
 
     Shape, dtype and the positions of NaN/inf must match ``fastattn.reference.attention``; finite
-    values must be within the tolerance table's rule. With ``return_weights=True`` ``fn_out`` is
-    ``(out, weights)`` and both are checked.
+    values must be within the tolerance table's rule. With ``return_weights`` / ``return_lse``
+    ``fn_out`` is ``(out, weights?, lse?)`` and each is checked.
     """
     with np.errstate(all="ignore"):
         plan = prepare(q, k, v, **kwargs)
         want = reference.attention(q, k, v, **kwargs)
         rule = rule_for(plan.dtype)
-        exact_out, exact_w = reference.attention_in(rule.exact, plan)
-        base_out, base_w = reference.attention_in(rule.baseline, plan)
+        exact_out, exact_w, exact_lse = reference.attention_in(rule.exact, plan)
+        base_out, base_w, base_lse = reference.attention_in(rule.baseline, plan)
         eps = float(np.finfo(plan.dtype).eps)
         logits = _logit_magnitude(plan, exact_w, eps)
     context = (f"batch {plan.batch}, L={plan.L}, S={plan.S}, E={plan.E}, Ev={plan.Ev}, "
                f"compute {plan.dtype}, largest logit {logits:.3g}")
-    if plan.return_weights:
-        assert isinstance(fn_out, tuple) and len(fn_out) == 2, "expected (out, weights)"
-        (out, weights), (want_out, want_w) = fn_out, want
+    n_out = 1 + plan.return_weights + plan.return_lse
+    if n_out > 1:
+        assert isinstance(fn_out, tuple) and len(fn_out) == n_out, f"expected {n_out} outputs"
+        got, want = list(fn_out), list(want)
     else:
-        out, want_out = fn_out, want
-    floor = eps * (rule.floor_eps * (1 + logits) + rule.sum_eps * np.sqrt(plan.S))
+        got, want = [fn_out], [want]
+    out, want_out = got.pop(0), want.pop(0)
+    floor = eps * (rule.floor_eps * (1 + logits) + rule.sum_eps * np.sqrt(plan.S)
+                   + rule.dot_eps * logits * np.sqrt(plan.E))
     _compare("out", out, want_out, exact_out, base_out, rule, eps, _max_abs(plan.v) * floor,
              plan.out_dtype, context)
     if plan.return_weights:  # weights are at most 1
-        _compare("weights", weights, want_w, exact_w, base_w, rule, eps, floor, plan.out_dtype,
-                 context)
+        _compare("weights", got.pop(0), want.pop(0), exact_w, base_w, rule, eps, floor,
+                 plan.out_dtype, context)
+    if plan.return_lse:  # the same floor without max|v|: the logits' error, then the log's
+        _compare("lse", got.pop(0), want.pop(0), exact_lse, base_lse, rule, eps,
+                 floor,
+                 plan.out_dtype, context)
 
 
 def check(backend, q, k, v, **kwargs):

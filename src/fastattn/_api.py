@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from . import _cpu
-from ._validate import prepare
+from ._validate import Plan, prepare
+
+
+_BACKENDS = ("auto", "cpu", "cuda")
+
+
+def _on_device(*arrays) -> bool:
+    """Whether any input lives on a GPU (Numba device arrays, CuPy, PyTorch CUDA tensors)."""
+    return any(hasattr(a, "__cuda_array_interface__") for a in arrays)
 
 
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
-              return_weights=False, num_threads=None):
+              return_weights=False, num_threads=None, align="top_left", window=None,
+              alibi_slopes=None, softcap=None, return_lse=False, kv_lengths=None,
+              similarity="dot", backend="auto"):
     """Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, by a fused C++ kernel.
 
     The semantics are those of PyTorch's ``scaled_dot_product_attention``. The kernel never
@@ -26,8 +36,8 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         Broadcastable to ``(..., L, S)``. Bool: True means the key takes part. Float: added to the
         scaled scores. A broadcast mask is read by strides, never expanded.
     causal : bool, default False
-        Query ``i`` attends to keys ``j <= i`` (top-left aligned, as PyTorch's ``is_causal``).
-        Combines with ``mask``.
+        Query ``i`` attends to keys ``j <= i`` (top-left aligned, as PyTorch's ``is_causal``;
+        see ``align``). Combines with ``mask`` and ``window``.
     scale : float, optional
         Multiplies ``q kᵀ``; defaults to ``1 / sqrt(E)``.
     enable_gqa : bool, default False
@@ -38,6 +48,34 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     num_threads : int, optional
         Threads for this call. None uses all cores, within ``OMP_NUM_THREADS`` and threadpoolctl's
         limits.
+    align : {"top_left", "bottom_right"}, default "top_left"
+        Where query ``i``'s diagonal sits when ``L != S``: key ``i`` (top-left, PyTorch) or key
+        ``i + S - L`` (bottom-right, FlashAttention: the last query sees the last key, as a
+        KV-cache decode step needs). Applies to ``causal``, ``window`` and ``alibi_slopes``.
+    window : (int or None, int or None), optional
+        Sliding window ``(left, right)``: query ``i`` sees key ``j`` only when
+        ``d - left <= j <= d + right``, ``d`` its aligned diagonal; None leaves a side unbounded.
+        Key blocks outside the band are never computed.
+    alibi_slopes : array_like, shape (H,) or (B, H), optional
+        ALiBi: adds ``-slope * |d - j|`` to the scores (``d`` the aligned diagonal). Broadcasts
+        against the batch axes like any batch operand ((H,) is per head, axis -3).
+    softcap : float, optional
+        Scores become ``softcap * tanh(scores / softcap)`` after scaling, before masks and ALiBi.
+    return_lse : bool, default False
+        Also return the natural log-sum-exp of each row's final scores, shape ``(..., L)``,
+        ``-inf`` for a row with no key (used to merge partial attentions exactly).
+    kv_lengths : array_like of int, optional
+        Key padding without a mask: in batch entry ``b`` only the first ``kv_lengths[b]`` keys
+        take part. Its axes are the leading batch axes (shape ``(B,)`` for ``(B, H, L, E)``
+        inputs), size-1 axes broadcast; values must lie in ``[0, S]``.
+    similarity : {"dot", "cosine"}, default "dot"
+        ``"cosine"`` scales query and key rows to unit length before the product (cosine
+        similarity, as in the seed documents); ``scale`` still applies. A zero row stays zero.
+    backend : {"auto", "cpu", "cuda"}, default "auto"
+        ``"auto"`` runs NumPy inputs on the CPU and inputs that live on a GPU (anything with
+        ``__cuda_array_interface__``) on the GPU, returning device arrays for them. ``"cuda"`` on
+        NumPy inputs copies them to the GPU and returns NumPy arrays. The GPU needs the ``cuda``
+        extra (``pip install "fastattn[cuda]"``).
 
     Returns
     -------
@@ -46,11 +84,14 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         compute in float64; float16 computes in float32 and is returned as float16.
     weights : ndarray, shape (..., L, S)
         Only with ``return_weights=True``.
+    lse : ndarray, shape (..., L)
+        Only with ``return_lse=True``. Outputs come as ``(out, weights?, lse?)`` in that order.
 
     Raises
     ------
     ValueError
-        Shapes that do not fit (the message names them), or a bad ``num_threads``.
+        Shapes that do not fit (the message names them), a bad ``num_threads``, ``align``,
+        ``window``, ``softcap`` or ``kv_lengths`` value.
     TypeError
         Complex, object or string inputs, a mask that is neither bool nor float.
 
@@ -70,7 +111,21 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     >>> bool(np.allclose(out, fastattn.reference.attention(q, k, v, causal=True), atol=1e-5))
     True
     """
-    plan = prepare(q, k, v, mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa,
-                   return_weights=return_weights, num_threads=num_threads)
-    out, weights = _cpu.run(plan)
-    return (out, weights) if plan.return_weights else out
+    kwargs = dict(mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa,
+                  return_weights=return_weights, num_threads=num_threads, align=align,
+                  window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                  return_lse=return_lse, kv_lengths=kv_lengths, similarity=similarity)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "cuda" or (backend == "auto" and _on_device(q, k, v, mask)):
+        from . import _cuda  # imports numba: only when the GPU is asked for
+
+        return _cuda.attention(q, k, v, **kwargs)
+    return run(prepare(q, k, v, **kwargs))
+
+
+def run(plan: Plan):
+    """Runs a prepared plan on the CPU and returns what ``attention`` returns for it."""
+    out, weights, lse = _cpu.run(plan)
+    results = [out] + [weights] * plan.return_weights + [lse] * plan.return_lse
+    return out if len(results) == 1 else tuple(results)

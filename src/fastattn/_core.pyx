@@ -35,11 +35,13 @@ cdef extern from "attention.hpp" namespace "fastattn":
         int64_t kv_group
         MaskKind mask_kind
         Operand mask
-        cbool causal
-        int64_t causal_offset
-        double scale
-        Operand out, weights
+        int64_t band_lo, band_hi, offset
+        double scale, softcap
+        Operand alibi, kv_lengths
+        Operand out, weights, lse
         int num_threads
+
+    const int64_t kNoBound "fastattn::kNoBound"
 
     void c_attention "fastattn::attention"(const Problem& p) except + nogil
     void c_exp2_f32 "fastattn::exp2<float>"(const float* x, float* y, int64_t n) except + nogil
@@ -78,12 +80,18 @@ cdef void _fill(Operand& op, object array, Py_ssize_t n_batch) except *:
         PyBuffer_Release(&view)
 
 
+NO_BOUND = kNoBound
+
+
 def attention(bint double, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
-              q, k, v, int mask_kind, mask, bint causal, int64_t causal_offset, double scale,
-              int64_t kv_group, out, weights, int num_threads):
+              q, k, v, int mask_kind, mask, int64_t band_lo, int64_t band_hi, int64_t offset,
+              double scale, double softcap, alibi, kv_lengths, int64_t kv_group, out, weights,
+              lse, int num_threads):
     """Runs the fused kernel on arrays whose dtype and shapes ``fastattn._validate`` checked.
 
-    Each array broadcasts against ``batch_shape`` plus its own two matrix axes.
+    Each array broadcasts against ``batch_shape`` plus its own two matrix axes (per-entry
+    arrays: alibi, kv_lengths, and lse of shape (..., L, 1), carry them as trailing axes).
+    ``band_lo``/``band_hi``: query i sees keys i + band_lo .. i + band_hi (``NO_BOUND``: open).
     """
     cdef Problem p
     cdef Py_ssize_t nb = len(batch_shape)
@@ -105,12 +113,20 @@ def attention(bint double, tuple batch_shape, int64_t L, int64_t S, int64_t E, i
         _fill(p.mask, mask, nb)
     else:
         p.mask_kind = MaskKind.kNone
-    p.causal = causal
-    p.causal_offset = causal_offset
+    p.band_lo = band_lo
+    p.band_hi = band_hi
+    p.offset = offset
     p.scale = scale
+    p.softcap = softcap
+    if alibi is not None:
+        _fill(p.alibi, alibi, nb)
+    if kv_lengths is not None:
+        _fill(p.kv_lengths, kv_lengths, nb)
     _fill(p.out, out, nb)
     if weights is not None:
         _fill(p.weights, weights, nb)
+    if lse is not None:
+        _fill(p.lse, lse, nb)
     p.num_threads = num_threads
     with nogil:
         c_attention(p)

@@ -8,13 +8,29 @@ from . import _core
 from ._validate import Plan
 
 
-def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
-    """(output, weights or None) for a prepared plan, in the plan's output dtype."""
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (norms taken in float64); zero rows stay zero."""
+    norm = np.sqrt(np.einsum("...e,...e->...", x, x, dtype=np.float64))[..., None]
+    return (x / np.where(norm == 0, 1, norm)).astype(x.dtype, copy=False)
+
+
+def _trailing(a: np.ndarray | None) -> np.ndarray | None:
+    """A per-batch-entry array with two unit matrix axes, as the kernel's operands have."""
+    return None if a is None else a.reshape(a.shape + (1, 1))
+
+
+def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(output, weights or None, lse or None) for a prepared plan, in the plan's output dtype."""
     L, S, E, Ev = plan.L, plan.S, plan.E, plan.Ev
     out = np.empty(plan.batch + (L, Ev), plan.dtype)
     weights = np.empty(plan.batch + (L, S), plan.dtype) if plan.return_weights else None
+    lse = np.empty(plan.batch + (L, 1), plan.dtype) if plan.return_lse else None
+    q, k = plan.q, plan.k
+    if plan.similarity == "cosine":
+        q, k = _unit_rows(q), _unit_rows(k)
     mask = plan.mask
     mask_kind = 0 if mask is None else (1 if mask.dtype == np.bool_ else 2)
+    lo, hi = plan.band()
     _core.attention(
         plan.dtype == np.float64,
         plan.batch,
@@ -22,20 +38,27 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None]:
         S,
         E,
         Ev,
-        plan.q,
-        plan.k,
+        q,
+        k,
         plan.v,
         mask_kind,
         mask,
-        plan.causal,
-        0,
+        -_core.NO_BOUND if lo is None else max(lo, -_core.NO_BOUND),
+        _core.NO_BOUND if hi is None else min(hi, _core.NO_BOUND),
+        plan.offset,
         plan.scale,
+        plan.softcap or 0.0,
+        _trailing(plan.alibi),
+        _trailing(plan.kv_lengths),
         plan.kv_group,
         out,
         weights,
+        lse,
         plan.num_threads or 0,
     )
+    if lse is not None:
+        lse = lse[..., 0]
     if plan.out_dtype != plan.dtype:
-        out = out.astype(plan.out_dtype)
-        weights = None if weights is None else weights.astype(plan.out_dtype)
-    return out, weights
+        out, weights, lse = (None if a is None else a.astype(plan.out_dtype)
+                             for a in (out, weights, lse))
+    return out, weights, lse

@@ -34,6 +34,24 @@ class Plan:
     scale: float
     return_weights: bool
     num_threads: int | None
+    # Query i's diagonal is key i + offset: 0 aligns top-left, S - L bottom-right.
+    offset: int = 0
+    window: tuple[int | None, int | None] = (None, None)  # keys i+offset-left .. i+offset+right
+    alibi: np.ndarray | None = None  # slopes in ``dtype``, broadcastable to ``batch``
+    softcap: float | None = None
+    return_lse: bool = False
+    kv_lengths: np.ndarray | None = None  # int64, broadcastable to ``batch``
+    similarity: str = "dot"
+
+    def band(self) -> tuple[int | None, int | None]:
+        """(lo, hi): query i sees keys i + lo <= j <= i + hi (None: unbounded), from the
+        causal flag, the window and the alignment together."""
+        left, right = self.window
+        lo = None if left is None else self.offset - left
+        hi = None if right is None else self.offset + right
+        if self.causal:
+            hi = self.offset if hi is None else min(hi, self.offset)
+        return lo, hi
 
 
 def _shapes(**arrays) -> str:
@@ -65,6 +83,48 @@ def _as_kernel_array(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return a if a.flags.aligned else np.array(a, copy=True)
 
 
+ALIGNS = ("top_left", "bottom_right")
+SIMILARITIES = ("dot", "cosine")
+
+
+def _window(window) -> tuple[int | None, int | None]:
+    if window is None:
+        return None, None
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise TypeError(f"window must be a pair (left, right), got {window!r}") from None
+    out = []
+    for name, w in (("left", left), ("right", right)):
+        if w is None:
+            out.append(None)
+            continue
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window {name} must be an int >= 0 or None, got {w!r}")
+        if w < 0:
+            raise ValueError(f"window {name} must be >= 0 or None, got {w}")
+        out.append(int(w))
+    return out[0], out[1]
+
+
+def _per_batch(name, a, batch, kinds, dtype, shapes, given=None) -> np.ndarray:
+    """``a`` checked to hold one value per batch entry (broadcasting), in ``dtype``.
+
+    ``given`` is the shape the caller passed, for the message, if ``a`` was reshaped.
+    """
+    a = np.asarray(a)
+    if a.dtype.kind not in kinds:
+        raise TypeError(f"{name} has dtype {a.dtype}")
+    try:
+        ok = a.ndim <= len(batch) and np.broadcast_shapes(a.shape, batch) == batch
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {given or tuple(a.shape)} does not fit the batch shape "
+                         f"{batch} of {shapes}")
+    return _as_kernel_array(a, dtype)
+
+
 def prepare(
     q,
     k,
@@ -76,6 +136,14 @@ def prepare(
     enable_gqa=False,
     return_weights=False,
     num_threads=None,
+    align="top_left",
+    window=None,
+    alibi_slopes=None,
+    softcap=None,
+    return_lse=False,
+    kv_lengths=None,
+    similarity="dot",
+    diagonal_offset=None,
 ) -> Plan:
     """Checks the arguments of ``attention`` and resolves broadcasting and dtypes."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
@@ -157,6 +225,36 @@ def prepare(
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         num_threads = int(num_threads)
 
+    if align not in ALIGNS:
+        raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if diagonal_offset is None:
+        offset = S - L if align == "bottom_right" else 0
+    else:  # internal: a block of a larger problem keeps that problem's diagonal
+        offset = int(diagonal_offset)
+    shapes = _shapes(q=q, k=k, v=v)
+    if alibi_slopes is not None:
+        alibi_slopes = _per_batch("alibi_slopes", alibi_slopes, batch, "fiub", dtype, shapes)
+    if kv_lengths is not None:
+        lengths = np.asarray(kv_lengths)
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"kv_lengths has dtype {lengths.dtype}; it must be an integer array")
+        # A (B,) array counts along the first batch axis, as the number of batch axes it has.
+        given = tuple(lengths.shape)
+        lengths = lengths.reshape(given + (1,) * max(len(batch) - lengths.ndim, 0))
+        kv_lengths = _per_batch("kv_lengths", lengths, batch, "iu", np.dtype(np.int64), shapes,
+                                given)
+        if kv_lengths.size and (kv_lengths.min() < 0 or kv_lengths.max() > S):
+            raise ValueError(f"kv_lengths must lie in [0, S={S}]; got values from "
+                             f"{kv_lengths.min()} to {kv_lengths.max()}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a positive real number, got {softcap!r}")
+        if not softcap > 0 or not math.isfinite(softcap):
+            raise ValueError(f"softcap must be a positive finite number, got {softcap}")
+        softcap = float(softcap)
+
     return Plan(
         q=_as_kernel_array(q, dtype),
         k=_as_kernel_array(k, dtype),
@@ -174,4 +272,11 @@ def prepare(
         scale=scale,
         return_weights=bool(return_weights),
         num_threads=num_threads,
+        offset=offset,
+        window=_window(window),
+        alibi=alibi_slopes,
+        softcap=softcap,
+        return_lse=bool(return_lse),
+        kv_lengths=kv_lengths,
+        similarity=similarity,
     )
