@@ -16,6 +16,7 @@ namespace fastattn {
 #define FASTATTN_DECLARE_VARIANT(ns)                      \
   namespace ns {                                           \
   KernelStatus run_attention(const KernelArgs& args);      \
+  bool reads_storage(const KernelArgs& args);              \
   template <class T>                                       \
   void exp2_array(const T* x, T* y, int64_t n);            \
   extern template void exp2_array<float>(const float*, float*, int64_t); \
@@ -36,6 +37,7 @@ namespace {
 #define FASTATTN_VARIANT(ns)                                                                \
   struct Variant_##ns {                                                                     \
     KernelStatus run(const KernelArgs& a) const { return ns::run_attention(a); }            \
+    bool reads_storage(const KernelArgs& a) const { return ns::reads_storage(a); }          \
     template <class T>                                                                      \
     int exp2(const T* x, T* y, int64_t n) const {                                           \
       ns::exp2_array<T>(x, y, n);                                                           \
@@ -101,7 +103,9 @@ std::string active_isa() { return selected_isa(); }
 std::vector<std::string> available_isas() { return supported_isas(); }
 void set_isa(const std::string& name) { force_isa(name); }
 
-void attention(const Problem& p) {
+namespace {
+
+KernelArgs make_args(const Problem& p) {
   const size_t nd = p.batch_shape.size();
   require(nd <= size_t(kMaxBatchDims), "too many batch axes");
   require(p.L >= 0 && p.S >= 0 && p.E >= 0 && p.Ev >= 0, "negative size");
@@ -112,6 +116,8 @@ void attention(const Problem& p) {
 
   KernelArgs a;
   a.dtype = p.dtype == DType::kFloat64 ? 1 : 0;
+  a.storage = int(p.storage);
+  require(a.storage == 0 || a.dtype == 0, "16-bit storage computes in float32");
   a.n_batch_dims = int(nd);
   a.batch_count = 1;
   for (size_t d = 0; d < nd; ++d) {
@@ -145,9 +151,22 @@ void attention(const Problem& p) {
   require(p.num_threads >= 0, "num_threads must be >= 0");
   a.num_threads = p.num_threads > 0 ? p.num_threads : default_threads();
   if (a.num_threads < 1) a.num_threads = 1;
+  return a;
+}
 
+}  // namespace
+
+bool reads_storage(const Problem& p) {
+  const KernelArgs a = make_args(p);
+  return on_selected_isa([&](auto variant) { return variant.reads_storage(a); });
+}
+
+void attention(const Problem& p) {
+  const KernelArgs a = make_args(p);
   const KernelStatus status = on_selected_isa([&](auto variant) { return variant.run(a); });
   if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
+  require(status != KernelStatus::kBadStorage,
+          "16-bit storage is read only where reads_storage says so");
 }
 
 template <class T>

@@ -13,6 +13,10 @@ namespace fastattn {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1 };
 
+// How q, k and v are stored when the kernel computes in float32: as float32, or as 16-bit
+// floats it widens on load (only where reads_storage says it does).
+enum class Storage : int { kSame = 0, kFloat16 = 1, kBFloat16 = 2 };
+
 enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
 
 // A band side that bounds nothing; far from int64's limits so that i + bound cannot overflow.
@@ -28,6 +32,7 @@ struct Operand {
 
 struct Problem {
   DType dtype = DType::kFloat32;
+  Storage storage = Storage::kSame;
   std::vector<int64_t> batch_shape;  // broadcast batch shape of the output
   int64_t L = 0, S = 0, E = 0, Ev = 0;
 
@@ -56,6 +61,10 @@ struct Problem {
 
 // Runs the fused kernel; throws std::invalid_argument for an inconsistent problem.
 void attention(const Problem& p);
+
+// Whether the kernel reads this problem's q, k and v in 16-bit storage (p.storage) directly;
+// where it does not, the caller widens them to float32 first.
+bool reads_storage(const Problem& p);
 
 // y = 2^x with the kernel's vectorized exp2 (for tests of its error bound).
 template <class T>

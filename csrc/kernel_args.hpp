@@ -19,7 +19,8 @@ struct StridedView {
 };
 
 struct KernelArgs {
-  int dtype = 0;  // 0 float32, 1 float64
+  int dtype = 0;    // 0 float32, 1 float64: what the kernel computes in
+  int storage = 0;  // q, k, v stored as: 0 dtype itself, 1 float16, 2 bfloat16
   int n_batch_dims = 0;
   int64_t batch_shape[kMaxBatchDims] = {};
   int64_t batch_count = 1;
@@ -36,6 +37,6 @@ struct KernelArgs {
 };
 
 // Status of a kernel run; the dispatcher turns failures into exceptions.
-enum class KernelStatus : int { kOk = 0, kOutOfMemory = 1 };
+enum class KernelStatus : int { kOk = 0, kOutOfMemory = 1, kBadStorage = 2 };
 
 }  // namespace fastattn

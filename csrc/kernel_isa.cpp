@@ -7,14 +7,26 @@
 namespace fastattn {
 namespace FASTATTN_ISA_NS {
 
+// A few query rows (decode) stream K and V in place; the weights always come from the tiles.
+bool uses_row_kernel(const KernelArgs& args) {
+  return args.L <= RowKernel<float>::RMAX && !args.weights.data;
+}
+
 template <class T>
 KernelStatus run_typed(const KernelArgs& args) {
-  // A few query rows (decode) stream K and V in place; the weights always come from the tiles.
-  if (args.L <= RowKernel<T>::RMAX && !args.weights.data) return RowKernel<T>(args).run();
+  if (uses_row_kernel(args)) return RowKernel<T>(args).run();
   return TileKernel<T>(args).run();
 }
 
+// Whether this problem's q, k and v may come in 16-bit storage: only the row kernel widens them
+// as it reads (a decode step is bound by memory; the tiles are bound by arithmetic, for which the
+// caller widens the inputs once).
+bool reads_storage(const KernelArgs& args) { return uses_row_kernel(args); }
+
 KernelStatus run_attention(const KernelArgs& args) {
+  if (args.storage == 1 && reads_storage(args)) return RowKernel<float, Half>(args).run();
+  if (args.storage == 2 && reads_storage(args)) return RowKernel<float, BFloat16>(args).run();
+  if (args.storage != 0) return KernelStatus::kBadStorage;
   return args.dtype == 0 ? run_typed<float>(args) : run_typed<double>(args);
 }
 

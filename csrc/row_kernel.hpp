@@ -7,16 +7,27 @@
 // partial (max, sum, output) triples are merged exactly at the end.
 #pragma once
 
+#ifndef FASTATTN_PFK
+#define FASTATTN_PFK 2
+#endif
+#ifndef FASTATTN_PFV
+#define FASTATTN_PFV 1
+#endif
+
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
+#include "half.hpp"
 #include "kernel_common.hpp"
 #include "online_softmax.hpp"
 
 namespace fastattn {
 namespace FASTATTN_ISA_NS {
 
-template <class T>
+// In: how q, k and v are stored: T itself, or Half / BFloat16 (widened to T = float on load, so
+// a decode step reads half the bytes).
+template <class T, class In = T>
 struct RowKernel {
   using S = Simd<T>;
   using V = typename S::V;
@@ -69,16 +80,22 @@ struct RowKernel {
 
   // Row pointers for keys j0 .. j0 + nb - 1 of a K or V view: in place when rows are contiguous
   // and a whole number of vectors wide, else gathered (zero-padded to `width_p`) into buf.
-  static void rows_of(const T* base, int64_t rs, int64_t cs, int64_t width, int64_t width_p,
+  static void rows_of(const In* base, int64_t rs, int64_t cs, int64_t width, int64_t width_p,
                       int64_t j0, int64_t nb, T* buf, const T** rows) {
-    if (cs == 1 && width == width_p) {
-      for (int64_t j = 0; j < nb; ++j) rows[j] = base + (j0 + j) * rs;
-      return;
+    if constexpr (std::is_same_v<In, T>) {
+      if (cs == 1 && width == width_p) {
+        for (int64_t j = 0; j < nb; ++j) rows[j] = base + (j0 + j) * rs;
+        return;
+      }
     }
     for (int64_t j = 0; j < nb; ++j) {
-      const T* src = base + (j0 + j) * rs;
+      const In* src = base + (j0 + j) * rs;
       T* dst = buf + j * width_p;
-      for (int64_t c = 0; c < width; ++c) dst[c] = src[c * cs];
+      if (cs == 1) {
+        widen(src, dst, width);
+      } else {
+        for (int64_t c = 0; c < width; ++c) dst[c] = to_float<T>(src[c * cs]);
+      }
       for (int64_t c = width; c < width_p; ++c) dst[c] = T(0);
       rows[j] = dst;
     }
@@ -126,10 +143,10 @@ struct RowKernel {
     for (int i = 0; i < NV; ++i) S::store(o + cc + i * kLanes, S::load(o + cc + i * kLanes) + acc[i]);
   }
 
-  static void prefetch_rows(const T* base, int64_t rs, int64_t cs, int64_t width, int64_t j0,
+  static void prefetch_rows(const In* base, int64_t rs, int64_t cs, int64_t width, int64_t j0,
                             int64_t nb) {
     if (cs != 1) return;
-    const int64_t bytes = width * int64_t(sizeof(T));
+    const int64_t bytes = width * int64_t(sizeof(In));
     for (int64_t j = 0; j < nb; ++j) {
       const char* row = reinterpret_cast<const char*>(base + (j0 + j) * rs);
       for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
@@ -140,15 +157,15 @@ struct RowKernel {
   void group(Workspace& ws, int64_t b, int64_t i0, int64_t k_begin, int64_t k_end,
              Partial& part) const {
     const int64_t rows = min64(RMAX, a.L - i0);
-    const T* Q = static_cast<const T*>(a.q.data) + batch_offset(a, a.q, b, 1);
-    const T* K = static_cast<const T*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
-    const T* Vs = static_cast<const T*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
+    const In* Q = static_cast<const In*>(a.q.data) + batch_offset(a, a.q, b, 1);
+    const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
+    const In* Vs = static_cast<const In*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
     const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
     const T c = T(a.scale * kLog2e);
     for (int64_t r = 0; r < rows; ++r) {
-      const T* src = Q + (i0 + r) * a.q.row_stride;
+      const In* src = Q + (i0 + r) * a.q.row_stride;
       T* dst = ws.qv.ptr + r * Ep;
-      for (int64_t e = 0; e < a.E; ++e) dst[e] = src[e * a.q.col_stride] * c;
+      for (int64_t e = 0; e < a.E; ++e) dst[e] = to_float<T>(src[e * a.q.col_stride]) * c;
       for (int64_t e = a.E; e < Ep; ++e) dst[e] = T(0);
     }
     RowState<T> st[RMAX];
@@ -166,7 +183,19 @@ struct RowKernel {
       const int64_t nb_p = round_up(nb, kLanes);
       rows_of(K, a.k.row_stride, a.k.col_stride, a.E, Ep, j0, nb, ws.kbuf.ptr, ws.krows);
       // Decode is bound by memory: ask for this chunk's V rows while its K rows are scored.
-      prefetch_rows(Vs, a.v.row_stride, a.v.col_stride, a.Ev, j0, nb);
+      // Decode is bound by memory: keep the next chunks' K and V rows on their way while this
+      // one is computed (the hardware prefetcher stops at every 4 KiB page).
+      if (j0 == k_begin) {
+        prefetch_rows(Vs, a.v.row_stride, a.v.col_stride, a.Ev, j0, nb);
+        prefetch_rows(K, a.k.row_stride, a.k.col_stride, a.E, j0 + CK,
+                      max64(0, min64(CK, k_end - j0 - CK)));
+      }
+      if (j0 + FASTATTN_PFK * CK < k_end)
+        prefetch_rows(K, a.k.row_stride, a.k.col_stride, a.E, j0 + FASTATTN_PFK * CK,
+                      min64(CK, k_end - j0 - FASTATTN_PFK * CK));
+      if (j0 + FASTATTN_PFV * CK < k_end)
+        prefetch_rows(Vs, a.v.row_stride, a.v.col_stride, a.Ev, j0 + FASTATTN_PFV * CK,
+                      min64(CK, k_end - j0 - FASTATTN_PFV * CK));
       for (int64_t r = 0; r < rows; ++r) {
         T* srow = ws.s.ptr + r * CK;
         scores(ws.qv.ptr + r * Ep, ws.krows, nb, srow);
@@ -174,8 +203,6 @@ struct RowKernel {
         online_softmax_update(srow, nb_p, R::max(srow, nb_p), st[r], part.o + r * Evp, Evp);
       }
       rows_of(Vs, a.v.row_stride, a.v.col_stride, a.Ev, Evp, j0, nb, ws.vbuf.ptr, ws.vrows);
-      if (j0 + CK < k_end)  // and the next chunk's K rows while this chunk's V rows are summed
-        prefetch_rows(K, a.k.row_stride, a.k.col_stride, a.E, j0 + CK, min64(CK, k_end - j0 - CK));
       for (int64_t r = 0; r < rows; ++r) {
         const T* p = ws.s.ptr + r * CK;
         T* o = part.o + r * Evp;

@@ -9,8 +9,8 @@ dtype ("baseline") makes against that exact result, plus a floor:
                                              + DOT_EPS * |s| * sqrt(E))
 
 where ``|s|`` bounds the terms of a logit (``|scale| |q|.|k| + |mask| + |bias|``) of a key with
-a non-negligible weight and S the number of keys. float16 results (computed in float32) also get
-one float16 ulp at the output's magnitude.
+a non-negligible weight and S the number of keys. float16 and bfloat16 results (computed in
+float32) also get one ulp of their dtype at the output's magnitude.
 """
 
 from __future__ import annotations
@@ -55,8 +55,19 @@ TOLERANCES = {
                                factor=3.0, floor_eps=4.0 if _LONGDOUBLE_WIDER else 64.0,
                                sum_eps=1.0, dot_eps=1.0),
 }
-# float16 output: computed in float32 (rule above), then rounded once to float16 (<= 1 ulp).
-FLOAT16_EXTRA_ULPS = 1.0
+# float16 / bfloat16 output: computed in float32 (rule above), then rounded once (<= 1 ulp).
+HALF_EXTRA_ULPS = 1.0
+# Mantissa bits and smallest normal exponent of the 16-bit floats, for their ulp.
+HALF_FORMATS = {"float16": (10, -14), "bfloat16": (7, -126)}
+
+
+def half_ulp(x, dtype) -> np.ndarray:
+    """One ulp of the 16-bit float ``dtype`` at the magnitude of ``x`` (float64)."""
+    nmant, minexp = HALF_FORMATS[np.dtype(dtype).name]
+    x = np.abs(np.asarray(x, np.float64))
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(np.where(x > 0, x, 1.0)))
+    return np.exp2(np.maximum(e, minexp) - nmant)
 # Attention weights of a row sum to 1 up to one rounding per term (the division) and the sum.
 ROW_SUM_EPS_PER_KEY = 2.0
 # The reference against a loop-by-loop float64 reading of the formula (math.fsum): both round
@@ -107,9 +118,8 @@ def _compare(name, got, want, exact, baseline, rule, eps, floor, out_dtype, cont
     base_err = _max_abs(np.asarray(baseline)[finite][ok] - exact[ok])
     tol = rule.factor * base_err + floor
     tol_each = np.full(exact.shape, tol)
-    if out_dtype == np.float16:
-        ulp16 = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64)
-        tol_each = tol_each + FLOAT16_EXTRA_ULPS * ulp16
+    if np.dtype(out_dtype).name in HALF_FORMATS:
+        tol_each = tol_each + HALF_EXTRA_ULPS * half_ulp(exact, out_dtype)
     err = np.abs(got[finite].astype(np.longdouble) - exact).astype(np.float64)
     if err.size and np.any(err > tol_each):
         i = int(np.argmax(err - tol_each))
@@ -165,3 +175,5 @@ def check(backend, q, k, v, **kwargs):
     assert_unchanged([q, k, v, kwargs.get("mask")], saved)
     assert_close_to_reference(got, q, k, v, **kwargs)
     return got
+# The name of earlier versions of this file.
+FLOAT16_EXTRA_ULPS = HALF_EXTRA_ULPS

@@ -16,6 +16,11 @@ cdef extern from "attention.hpp" namespace "fastattn":
         kFloat32 "fastattn::DType::kFloat32"
         kFloat64 "fastattn::DType::kFloat64"
 
+    cdef enum class Storage "fastattn::Storage":
+        kSame "fastattn::Storage::kSame"
+        kFloat16 "fastattn::Storage::kFloat16"
+        kBFloat16 "fastattn::Storage::kBFloat16"
+
     cdef enum class MaskKind "fastattn::MaskKind":
         kNone "fastattn::MaskKind::kNone"
         kBool "fastattn::MaskKind::kBool"
@@ -29,6 +34,7 @@ cdef extern from "attention.hpp" namespace "fastattn":
 
     cdef cppclass Problem:
         DType dtype
+        Storage storage
         vector[int64_t] batch_shape
         int64_t L, S, E, Ev
         Operand q, k, v
@@ -44,6 +50,7 @@ cdef extern from "attention.hpp" namespace "fastattn":
     const int64_t kNoBound "fastattn::kNoBound"
 
     void c_attention "fastattn::attention"(const Problem& p) except + nogil
+    cbool c_reads_storage "fastattn::reads_storage"(const Problem& p) except +
     void c_exp2_f32 "fastattn::exp2<float>"(const float* x, float* y, int64_t n) except + nogil
     void c_exp2_f64 "fastattn::exp2<double>"(const double* x, double* y, int64_t n) except + nogil
     string c_active_isa "fastattn::active_isa"() except +
@@ -83,7 +90,7 @@ cdef void _fill(Operand& op, object array, Py_ssize_t n_batch) except *:
 NO_BOUND = kNoBound
 
 
-def attention(bint double, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
+def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
               q, k, v, int mask_kind, mask, int64_t band_lo, int64_t band_hi, int64_t offset,
               double scale, double softcap, alibi, kv_lengths, int64_t kv_group, out, weights,
               lse, int num_threads):
@@ -92,10 +99,15 @@ def attention(bint double, tuple batch_shape, int64_t L, int64_t S, int64_t E, i
     Each array broadcasts against ``batch_shape`` plus its own two matrix axes (per-entry
     arrays: alibi, kv_lengths, and lse of shape (..., L, 1), carry them as trailing axes).
     ``band_lo``/``band_hi``: query i sees keys i + band_lo .. i + band_hi (``NO_BOUND``: open).
+    ``storage``: 0 when q, k, v are in the compute dtype, 1 float16, 2 bfloat16. Returns False,
+    having run nothing, when the kernel does not read that storage for this problem (the caller
+    then widens q, k and v and calls again with storage 0), True when it ran.
     """
     cdef Problem p
     cdef Py_ssize_t nb = len(batch_shape)
     p.dtype = DType.kFloat64 if double else DType.kFloat32
+    p.storage = Storage.kFloat16 if storage == 1 else (
+        Storage.kBFloat16 if storage == 2 else Storage.kSame)
     p.batch_shape = batch_shape
     p.L = L
     p.S = S
@@ -128,8 +140,11 @@ def attention(bint double, tuple batch_shape, int64_t L, int64_t S, int64_t E, i
     if lse is not None:
         _fill(p.lse, lse, nb)
     p.num_threads = num_threads
+    if storage != 0 and not c_reads_storage(p):
+        return False
     with nogil:
         c_attention(p)
+    return True
 
 
 def exp2(x):

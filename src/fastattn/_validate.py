@@ -23,6 +23,7 @@ class Plan:
     v: np.ndarray
     mask: np.ndarray | None  # bool, or additive in ``dtype``
     dtype: np.dtype  # what the kernel computes in
+    # q, k and v are stored in `storage`: `dtype`, or a 16-bit float the kernel widens on load.
     out_dtype: np.dtype  # what the caller gets back
     batch: tuple[int, ...]
     L: int
@@ -42,6 +43,7 @@ class Plan:
     return_lse: bool = False
     kv_lengths: np.ndarray | None = None  # int64, broadcastable to ``batch``
     similarity: str = "dot"
+    storage: np.dtype | None = None  # None: the same as dtype
 
     def band(self) -> tuple[int | None, int | None]:
         """(lo, hi): query i sees keys i + lo <= j <= i + hi (None: unbounded), from the
@@ -58,23 +60,45 @@ def _shapes(**arrays) -> str:
     return ", ".join(f"{name} {tuple(a.shape)}" for name, a in arrays.items())
 
 
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """ml_dtypes' bfloat16 (recognized by name, so fastattn never imports ml_dtypes)."""
+    return dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+def is_half(dtype: np.dtype) -> bool:
+    """16-bit floats, stored as given and computed in float32."""
+    return dtype == np.float16 or is_bfloat16(dtype)
+
+
 def _check_dtype(name: str, a: np.ndarray) -> None:
+    if is_bfloat16(a.dtype):
+        return
     if a.dtype.kind not in "fiub" or (a.dtype.kind == "f" and a.dtype.itemsize > 8):
         raise TypeError(
-            f"{name} has dtype {a.dtype}; fastattn takes float16, float32, float64, integer or "
-            "bool arrays"
+            f"{name} has dtype {a.dtype}; fastattn takes float16, bfloat16, float32, float64, "
+            "integer or bool arrays"
         )
 
 
 def compute_dtypes(*dtypes: np.dtype) -> tuple[np.dtype, np.dtype]:
     """(dtype the kernel computes in, dtype returned) for inputs of these dtypes."""
     first = dtypes[0]
-    result = first if all(d == first for d in dtypes) else np.result_type(*dtypes)
+    try:
+        result = first if all(d == first for d in dtypes) else np.result_type(*dtypes)
+    except TypeError:  # float16 with bfloat16: neither holds the other, float32 holds both
+        result = np.dtype(np.float32)
     if result.kind in "iub":
         return np.dtype(np.float64), np.dtype(np.float64)
-    if result == np.float16:
+    if is_half(result):
         return np.dtype(np.float32), result
     return result, result
+
+
+def storage_dtype(dtype: np.dtype, *dtypes: np.dtype) -> np.dtype:
+    """How q, k and v reach the kernel: as given when all three are the same 16-bit float
+    (kernels read them natively, halving memory traffic), else in the compute dtype."""
+    first = dtypes[0]
+    return first if is_half(first) and all(d == first for d in dtypes) else dtype
 
 
 def _as_kernel_array(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -185,12 +209,13 @@ def prepare(
         ) from None
 
     dtype, out_dtype = compute_dtypes(q.dtype, k.dtype, v.dtype)
+    storage = storage_dtype(dtype, q.dtype, k.dtype, v.dtype)
 
     if mask is not None:
         mask = np.asarray(mask)
         if mask.dtype.kind == "b":
             mask_array = mask
-        elif mask.dtype.kind == "f" and mask.dtype.itemsize <= 8:
+        elif (mask.dtype.kind == "f" and mask.dtype.itemsize <= 8) or is_bfloat16(mask.dtype):
             mask_array = mask
         else:
             raise TypeError(
@@ -256,9 +281,9 @@ def prepare(
         softcap = float(softcap)
 
     return Plan(
-        q=_as_kernel_array(q, dtype),
-        k=_as_kernel_array(k, dtype),
-        v=_as_kernel_array(v, dtype),
+        q=_as_kernel_array(q, storage),
+        k=_as_kernel_array(k, storage),
+        v=_as_kernel_array(v, storage),
         mask=mask,
         dtype=dtype,
         out_dtype=out_dtype,
@@ -279,4 +304,5 @@ def prepare(
         return_lse=bool(return_lse),
         kv_lengths=kv_lengths,
         similarity=similarity,
+        storage=storage,
     )
