@@ -16,7 +16,7 @@ namespace fastattn {
 #define FASTATTN_DECLARE_VARIANT(ns)                      \
   namespace ns {                                           \
   KernelStatus run_attention(const KernelArgs& args);      \
-  bool reads_storage(const KernelArgs& args);              \
+  int reads_storage(const KernelArgs& args);               \
   template <class T>                                       \
   void exp2_array(const T* x, T* y, int64_t n);            \
   extern template void exp2_array<float>(const float*, float*, int64_t); \
@@ -29,6 +29,9 @@ FASTATTN_DECLARE_VARIANT(avx2)
 #ifdef FASTATTN_HAVE_AVX512
 FASTATTN_DECLARE_VARIANT(avx512)
 #endif
+#ifdef FASTATTN_HAVE_AVX512BF16
+FASTATTN_DECLARE_VARIANT(avx512bf16)
+#endif
 #undef FASTATTN_DECLARE_VARIANT
 
 namespace {
@@ -37,7 +40,7 @@ namespace {
 #define FASTATTN_VARIANT(ns)                                                                \
   struct Variant_##ns {                                                                     \
     KernelStatus run(const KernelArgs& a) const { return ns::run_attention(a); }            \
-    bool reads_storage(const KernelArgs& a) const { return ns::reads_storage(a); }          \
+    int reads_storage(const KernelArgs& a) const { return ns::reads_storage(a); }           \
     template <class T>                                                                      \
     int exp2(const T* x, T* y, int64_t n) const {                                           \
       ns::exp2_array<T>(x, y, n);                                                           \
@@ -51,11 +54,17 @@ FASTATTN_VARIANT(avx2)
 #ifdef FASTATTN_HAVE_AVX512
 FASTATTN_VARIANT(avx512)
 #endif
+#ifdef FASTATTN_HAVE_AVX512BF16
+FASTATTN_VARIANT(avx512bf16)
+#endif
 #undef FASTATTN_VARIANT
 
 template <class Fn>
 auto on_selected_isa(Fn fn) {
   const std::string isa = selected_isa();
+#ifdef FASTATTN_HAVE_AVX512BF16
+  if (isa == "avx512bf16") return fn(Variant_avx512bf16{});
+#endif
 #ifdef FASTATTN_HAVE_AVX512
   if (isa == "avx512") return fn(Variant_avx512{});
 #endif
@@ -156,7 +165,7 @@ KernelArgs make_args(const Problem& p) {
 
 }  // namespace
 
-bool reads_storage(const Problem& p) {
+int reads_storage(const Problem& p) {
   const KernelArgs a = make_args(p);
   return on_selected_isa([&](auto variant) { return variant.reads_storage(a); });
 }

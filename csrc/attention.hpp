@@ -13,9 +13,11 @@ namespace fastattn {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1 };
 
-// How q, k and v are stored when the kernel computes in float32: as float32, or as 16-bit
-// floats it widens on load (only where reads_storage says it does).
-enum class Storage : int { kSame = 0, kFloat16 = 1, kBFloat16 = 2 };
+// How q, k and v are stored when the kernel computes in float32: as float32, as 16-bit floats it
+// widens on load, or as bfloat16 with k padded to an even E (contiguous along it) and v packed in
+// pairs of keys (v[j / 2][c] = keys j, j + 1 of column c), which its AVX512-BF16 tiles multiply
+// as pairs. Only where reads_storage says so.
+enum class Storage : int { kSame = 0, kFloat16 = 1, kBFloat16 = 2, kBFloat16Pairs = 3 };
 
 enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
 
@@ -62,15 +64,16 @@ struct Problem {
 // Runs the fused kernel; throws std::invalid_argument for an inconsistent problem.
 void attention(const Problem& p);
 
-// Whether the kernel reads this problem's q, k and v in 16-bit storage (p.storage) directly;
-// where it does not, the caller widens them to float32 first.
-bool reads_storage(const Problem& p);
+// How the kernel reads this problem's q, k and v given in 16-bit storage p.storage: 0 it does
+// not (the caller widens them to float32 first), 1 as given, 3 as kBFloat16Pairs (the caller
+// packs them so).
+int reads_storage(const Problem& p);
 
 // y = 2^x with the kernel's vectorized exp2 (for tests of its error bound).
 template <class T>
 void exp2(const T* x, T* y, int64_t n);
 
-// The instruction set the dispatcher uses now ("avx512", "avx2" or "baseline").
+// The instruction set the dispatcher uses now ("avx512bf16", "avx512", "avx2" or "baseline").
 std::string active_isa();
 // Every instruction set this build has a kernel for and this CPU can run, best first.
 std::vector<std::string> available_isas();

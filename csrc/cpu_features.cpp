@@ -17,6 +17,7 @@ bool cpu_has(const std::string& isa) {
   if (isa == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (isa == "avx512bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
 #endif
   return false;
 }
@@ -24,6 +25,9 @@ bool cpu_has(const std::string& isa) {
 bool compiled_in(const std::string& isa) {
 #ifdef FASTATTN_HAVE_AVX512
   if (isa == "avx512") return true;
+#endif
+#ifdef FASTATTN_HAVE_AVX512BF16
+  if (isa == "avx512bf16") return true;
 #endif
 #ifdef FASTATTN_HAVE_AVX2
   if (isa == "avx2") return true;
@@ -50,7 +54,7 @@ void check_available(const std::string& name, const char* origin) {
 std::vector<std::string> supported_isas() {
   static const std::vector<std::string> isas = [] {
     std::vector<std::string> out;
-    for (const char* isa : {"avx512", "avx2", "baseline"})
+    for (const char* isa : {"avx512bf16", "avx512", "avx2", "baseline"})
       if (compiled_in(isa) && cpu_has(isa)) out.push_back(isa);
     return out;
   }();

@@ -21,12 +21,27 @@ KernelStatus run_typed(const KernelArgs& args) {
 // Whether this problem's q, k and v may come in 16-bit storage: only the row kernel widens them
 // as it reads (a decode step is bound by memory; the tiles are bound by arithmetic, for which the
 // caller widens the inputs once).
-bool reads_storage(const KernelArgs& args) { return uses_row_kernel(args); }
+// With AVX512-BF16 the tiles read bfloat16 too, as bfloat16 pairs (storage 3: k padded to an
+// even E, v packed in pairs of keys; see tile_kernel.hpp), for twice the multiply-adds per
+// instruction.
+int reads_storage(const KernelArgs& args) {
+  if (uses_row_kernel(args)) return args.storage == 1 || args.storage == 2;
+#if defined(__AVX512BF16__)
+  if (args.storage == 2) return 3;
+#endif
+  return 0;
+}
 
 KernelStatus run_attention(const KernelArgs& args) {
-  if (args.storage == 1 && reads_storage(args)) return RowKernel<float, Half>(args).run();
-  if (args.storage == 2 && reads_storage(args)) return RowKernel<float, BFloat16>(args).run();
-  if (args.storage != 0) return KernelStatus::kBadStorage;
+  if (uses_row_kernel(args)) {
+    if (args.storage == 1) return RowKernel<float, Half>(args).run();
+    if (args.storage == 2) return RowKernel<float, BFloat16>(args).run();
+  }
+#if defined(__AVX512BF16__)
+  if (args.storage == 3 && !uses_row_kernel(args))
+    return TileKernel<float, BFloat16>(args).run();
+#endif
+  if (args.storage != 0) return KernelStatus::kBadStorage;  // not one reads_storage offers
   return args.dtype == 0 ? run_typed<float>(args) : run_typed<double>(args);
 }
 

@@ -13,11 +13,13 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include "half.hpp"
 #include "kernel_common.hpp"
 #include "micro_kernels.hpp"
 #include "online_softmax.hpp"
@@ -25,8 +27,13 @@
 namespace fastattn {
 namespace FASTATTN_ISA_NS {
 
-template <class T>
+// In: how q, k and v are stored. T itself, or (AVX512-BF16 only) BFloat16 with k padded to an
+// even E, contiguous along it, and v packed as pairs of keys: v[j / 2][c] holds the bfloat16
+// values of keys j and j + 1 (even j), so both products run as bfloat16 dot products.
+template <class T, class In = T>
 struct TileKernel {
+  static constexpr bool kPairs = !std::is_same_v<In, T>;
+  using VIn = std::conditional_t<kPairs, uint32_t, T>;  // v's element: a value or a key pair
   using M = Micro<T>;
   using S = Simd<T>;
   using V = typename S::V;
@@ -52,6 +59,8 @@ struct TileKernel {
     Buffer<T> qt;  // Q^T, scaled by scale * log2(e): BM / QP panels of E x QP
     Buffer<T> st;  // S^T of one key block, then its unnormalized weights P^T: BN x BM
     Buffer<T> ot;  // O^T: Ev x BM
+    Buffer<uint32_t> qp;  // bfloat16 pairs: Q^T unscaled, E / 2 x QP per panel
+    Buffer<uint32_t> pp;  // bfloat16 pairs: P^T of one block, BN / 2 x BM
     alignas(64) T m[BM];       // running maximum (base 2), -inf before any key
     alignas(64) T mu[BM];      // the maximum subtracted: m, or 0 while m is -inf
     alignas(64) T l[BM];       // running sum of weights
@@ -60,13 +69,32 @@ struct TileKernel {
   };
 
   bool allocate(Workspace& ws) const {
+    if (kPairs)
+      return ws.qp.reserve(int64_t(BM) * (a.E / 2)) && ws.pp.reserve(int64_t(BM) * BN / 2) &&
+             ws.st.reserve(int64_t(BM) * BN) && ws.ot.reserve(int64_t(BM) * a.Ev);
     return ws.qt.reserve(int64_t(BM) * a.E) && ws.st.reserve(int64_t(BM) * BN) &&
            ws.ot.reserve(int64_t(BM) * a.Ev);
   }
 
-  // S^T rows 0 .. nb - 1 for keys starting at K (base 2), and their column maximum.
-  void scores(Workspace& ws, const T* K, int64_t nb) const {
+  // S^T rows 0 .. nb - 1 for keys j0 .. of this entry's K (base 2), and their column maximum.
+  void scores(Workspace& ws, const In* K, int64_t j0, int64_t nb) const {
     for (int i = 0; i < BM; ++i) ws.colmax[i] = R::kNegInf;
+#if defined(__AVX512BF16__)
+    if constexpr (kPairs) {
+      const char* k0 = reinterpret_cast<const char*>(K + j0 * a.k.row_stride);
+      for (int p = 0; p < BM / QP; ++p)
+        for (int64_t j = 0; j < nb; j += MR)
+          gemm_bf16_rows<false>(int(min64(MR, nb - j)), k0 + j * a.k.row_stride * 2,
+                                a.k.row_stride * 2, 4, ws.qp.ptr + p * (a.E / 2) * QP, QP,
+                                a.E / 2, ws.st.ptr + j * BM + p * QP, BM, ws.colmax + p * QP,
+                                float(a.scale * kLog2e));
+      return;
+    }
+#endif
+    if constexpr (!kPairs) scores_plain(ws, K + j0 * a.k.row_stride, nb);
+  }
+
+  void scores_plain(Workspace& ws, const T* K, int64_t nb) const {
     for (int p = 0; p < BM / QP; ++p)
       for (int64_t j = 0; j < nb; j += MR)
         M::template gemm_rows<false>(int(min64(MR, nb - j)), K + j * a.k.row_stride,
@@ -75,8 +103,32 @@ struct TileKernel {
                                      ws.colmax + p * QP);
   }
 
-  // O^T += V^T P^T for the nb keys starting at Vs.
-  void accumulate(Workspace& ws, const T* Vs, int64_t nb) const {
+  // O^T += V^T P^T for keys j0 .. j0 + nb - 1 of this entry's V.
+  void accumulate(Workspace& ws, const VIn* Vs, int64_t j0, int64_t nb) const {
+#if defined(__AVX512BF16__)
+    if constexpr (kPairs) {
+      // P^T to bfloat16 pairs of keys (an odd last key pairs with 0), then the pair products.
+      const int64_t np = (nb + 1) / 2;
+      for (int64_t t = 0; t < np; ++t)
+        for (int v = 0; v < NV; ++v) {
+          const __m512 x = _mm512_loadu_ps(ws.st.ptr + 2 * t * BM + v * kLanes);
+          const __m512 y = 2 * t + 1 < nb ? _mm512_loadu_ps(ws.st.ptr + (2 * t + 1) * BM + v * kLanes)
+                                          : _mm512_setzero_ps();
+          _mm512_storeu_si512(ws.pp.ptr + t * BM + v * kLanes, pair_bf16(x, y));
+        }
+      const char* v0 = reinterpret_cast<const char*>(Vs + (j0 / 2) * a.v.row_stride);
+      for (int p = 0; p < BM / QP; ++p)
+        for (int64_t c = 0; c < a.Ev; c += MR)
+          gemm_bf16_rows<true>(int(min64(MR, a.Ev - c)), v0 + c * 4, 4, a.v.row_stride * 4,
+                               ws.pp.ptr + p * QP, BM, np, ws.ot.ptr + c * BM + p * QP, BM,
+                               nullptr, 1.0f);
+      return;
+    }
+#endif
+    if constexpr (!kPairs) accumulate_plain(ws, Vs + j0 * a.v.row_stride, nb);
+  }
+
+  void accumulate_plain(Workspace& ws, const T* Vs, int64_t nb) const {
     for (int p = 0; p < BM / QP; ++p)
       for (int64_t c = 0; c < a.Ev; c += MR)
         M::template gemm_rows<true>(int(min64(MR, a.Ev - c)), Vs + c * a.v.col_stride,
@@ -190,8 +242,8 @@ struct TileKernel {
     const int64_t E = a.E, Ev = a.Ev;
     const int64_t i0 = qtile * BM;
     const int64_t rows = min64(BM, a.L - i0);
-    const T* K = static_cast<const T*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
-    const T* Vs = static_cast<const T*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
+    const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
+    const VIn* Vs = static_cast<const VIn*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
     const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
 
     // Key blocks this tile needs: those with a key inside some row's band and kv_lengths.
@@ -201,18 +253,7 @@ struct TileKernel {
     const int64_t kb_begin = k_first / BN;
     const int64_t kb_end = k_last > k_first ? (k_last - 1) / BN + 1 : kb_begin;
 
-    // Q^T in panels, times scale * log2(e) so that scores come out in base 2; padding is zero.
-    const T c = T(a.scale * kLog2e);
-    const T* Q = static_cast<const T*>(a.q.data) + batch_offset(a, a.q, b, 1);
-    for (int64_t i = 0; i < BM; ++i) {
-      T* dst = ws.qt.ptr + (i / QP) * E * QP + i % QP;
-      if (i < rows) {
-        const T* src = Q + (i0 + i) * a.q.row_stride;
-        for (int64_t e = 0; e < E; ++e) dst[e * QP] = src[e * a.q.col_stride] * c;
-      } else {
-        for (int64_t e = 0; e < E; ++e) dst[e * QP] = T(0);
-      }
-    }
+    pack_queries(ws, b, i0, rows);
     for (int i = 0; i < BM; ++i) {
       ws.m[i] = R::kNegInf;
       ws.mu[i] = T(0);
@@ -225,15 +266,54 @@ struct TileKernel {
       const int64_t j0 = kb * BN, nb = min64(BN, ep.keys - j0);
       const KeysIn in = keys_in(m_off, j0, nb);
       if (in == KeysIn::kNone) continue;
-      scores(ws, K + j0 * a.k.row_stride, nb);
+      scores(ws, K, j0, nb);
       const bool user_mask = a.mask_kind != 0 && in == KeysIn::kSome;
       if (needs_mask(i0, rows, j0, nb, user_mask))
         mask_block(ws, ep, i0, rows, j0, nb, m_off, user_mask);
       softmax_block(ws, nb, first);
-      accumulate(ws, Vs + j0 * a.v.row_stride, nb);
+      accumulate(ws, Vs, j0, nb);
       first = false;
     }
+    finish(ws, ep, b, i0, rows, kb_begin, kb_end, K, m_off);
+  }
 
+  // The tile's queries in panels: Q^T times scale * log2(e), so that scores come out in base 2,
+  // or (bfloat16) pairs of features as given, scaled after the product. Padding is zero.
+  void pack_queries(Workspace& ws, int64_t b, int64_t i0, int64_t rows) const {
+    const int64_t E = a.E;
+    const In* Q = static_cast<const In*>(a.q.data) + batch_offset(a, a.q, b, 1);
+    if constexpr (kPairs) {
+      const int64_t E2 = E / 2;
+      for (int64_t i = 0; i < BM; ++i) {
+        uint32_t* dst = ws.qp.ptr + (i / QP) * E2 * QP + i % QP;
+        const In* src = Q + (i0 + i) * a.q.row_stride;
+        for (int64_t t = 0; t < E2; ++t)
+          dst[t * QP] = i < rows ? uint32_t(src[2 * t * a.q.col_stride].bits) |
+                                       uint32_t(src[(2 * t + 1) * a.q.col_stride].bits) << 16
+                                 : 0u;
+      }
+    } else {
+      pack_queries_scaled(ws, Q, i0, rows);
+    }
+  }
+
+  void pack_queries_scaled(Workspace& ws, const T* Q, int64_t i0, int64_t rows) const {
+    const int64_t E = a.E;
+    const T c = T(a.scale * kLog2e);
+    for (int64_t i = 0; i < BM; ++i) {
+      T* dst = ws.qt.ptr + (i / QP) * E * QP + i % QP;
+      if (i < rows) {
+        const T* src = Q + (i0 + i) * a.q.row_stride;
+        for (int64_t e = 0; e < E; ++e) dst[e * QP] = src[e * a.q.col_stride] * c;
+      } else {
+        for (int64_t e = 0; e < E; ++e) dst[e * QP] = T(0);
+      }
+    }
+  }
+
+  void finish(Workspace& ws, const EntryParams<T>& ep, int64_t b, int64_t i0, int64_t rows,
+              int64_t kb_begin, int64_t kb_end, const In* K, int64_t m_off) const {
+    const int64_t Ev = a.Ev;
     // Normalize once. A query with no key (l == 0) gives zeros; a NaN sum stays NaN.
     T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
     for (int64_t i = 0; i < rows; ++i) {
@@ -248,7 +328,7 @@ struct TileKernel {
   // The normalized weights, for return_weights: scores are recomputed block by block against the
   // final maximum and sum (as FlashAttention does), so the forward pass stays single-pass.
   void write_weights(Workspace& ws, const EntryParams<T>& ep, int64_t b, int64_t i0, int64_t rows,
-                     int64_t kb_begin, int64_t kb_end, const T* K, int64_t m_off) const {
+                     int64_t kb_begin, int64_t kb_end, const In* K, int64_t m_off) const {
     T* W = static_cast<T*>(const_cast<void*>(a.weights.data)) + batch_offset(a, a.weights, b, 1);
     const int64_t wrs = a.weights.row_stride, wcs = a.weights.col_stride;
     for (int i = 0; i < BM; ++i) ws.alpha[i] = ws.l[i] == T(0) ? T(0) : T(1) / ws.l[i];
@@ -259,7 +339,7 @@ struct TileKernel {
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = nk; j < nb; ++j) W[(i0 + i) * wrs + (j0 + j) * wcs] = T(0);
       if (nk == 0) continue;
-      scores(ws, K + j0 * a.k.row_stride, nk);
+      scores(ws, K, j0, nk);
       if (needs_mask(i0, rows, j0, nk, a.mask_kind != 0))
         mask_block(ws, ep, i0, rows, j0, nk, m_off, a.mask_kind != 0);
       for (int64_t j = 0; j < nk; ++j)

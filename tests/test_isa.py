@@ -12,7 +12,7 @@ import pytest
 
 import fastattn
 
-KNOWN = ("avx512", "avx2", "baseline")
+KNOWN = ("avx512bf16", "avx512", "avx2", "baseline")
 AVAILABLE = fastattn.available_isas()
 
 

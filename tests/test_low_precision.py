@@ -62,3 +62,26 @@ def test_bfloat16_mask(backend, rng):
     m = rng.standard_normal((3, 20)).astype(ml_dtypes.bfloat16)
     out = check(backend, q, k, v, mask=m)
     assert_close_to_reference(out, q, k, v, mask=m.astype(np.float32))
+
+
+@pytest.mark.skipif("avx512bf16" not in fastattn.available_isas(),
+                    reason="this CPU (or build) has no AVX512-BF16 path")
+@pytest.mark.parametrize("L", [5, 300])
+def test_bfloat16_tiles_run_natively(rng, L):
+    # The AVX512-BF16 tiles multiply bfloat16 pairs (weights rounded to bfloat16), the other
+    # paths widen the inputs to float32 first: both within tolerance, and not the same bits,
+    # which shows the native path ran rather than a silent widening.
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    q, k, v = (a.astype(bf16) for a in qkv(rng, (2, 3), L, 257, 33, 24, np.float32))
+    results = {}
+    for isa in ("avx512bf16", "avx512"):
+        fastattn.set_isa(isa)
+        try:
+            results[isa] = fastattn.attention(q, k, v, return_weights=L > 100)
+        finally:
+            fastattn.set_isa("")
+        assert_close_to_reference(results[isa], q, k, v, return_weights=L > 100)
+    native, widened = (np.asarray(results[i][0] if L > 100 else results[i]) for i in results)
+    assert not np.array_equal(native.astype(np.float32), widened.astype(np.float32))
+    want = fastattn.attention(*(a.astype(np.float32) for a in (q, k, v))).astype(bf16)
+    np.testing.assert_array_equal(widened.astype(np.float32), want.astype(np.float32))

@@ -20,6 +20,7 @@ cdef extern from "attention.hpp" namespace "fastattn":
         kSame "fastattn::Storage::kSame"
         kFloat16 "fastattn::Storage::kFloat16"
         kBFloat16 "fastattn::Storage::kBFloat16"
+        kBFloat16Pairs "fastattn::Storage::kBFloat16Pairs"
 
     cdef enum class MaskKind "fastattn::MaskKind":
         kNone "fastattn::MaskKind::kNone"
@@ -50,7 +51,7 @@ cdef extern from "attention.hpp" namespace "fastattn":
     const int64_t kNoBound "fastattn::kNoBound"
 
     void c_attention "fastattn::attention"(const Problem& p) except + nogil
-    cbool c_reads_storage "fastattn::reads_storage"(const Problem& p) except +
+    int c_reads_storage "fastattn::reads_storage"(const Problem& p) except +
     void c_exp2_f32 "fastattn::exp2<float>"(const float* x, float* y, int64_t n) except + nogil
     void c_exp2_f64 "fastattn::exp2<double>"(const double* x, double* y, int64_t n) except + nogil
     string c_active_isa "fastattn::active_isa"() except +
@@ -88,6 +89,7 @@ cdef void _fill(Operand& op, object array, Py_ssize_t n_batch) except *:
 
 
 NO_BOUND = kNoBound
+RAN, WIDEN, PAIRS = 0, 1, 2  # what attention() did: see its docstring
 
 
 def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
@@ -99,15 +101,17 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
     Each array broadcasts against ``batch_shape`` plus its own two matrix axes (per-entry
     arrays: alibi, kv_lengths, and lse of shape (..., L, 1), carry them as trailing axes).
     ``band_lo``/``band_hi``: query i sees keys i + band_lo .. i + band_hi (``NO_BOUND``: open).
-    ``storage``: 0 when q, k, v are in the compute dtype, 1 float16, 2 bfloat16. Returns False,
-    having run nothing, when the kernel does not read that storage for this problem (the caller
-    then widens q, k and v and calls again with storage 0), True when it ran.
+    ``storage``: 0 when q, k, v are in the compute dtype, 1 float16, 2 bfloat16, 3 bfloat16
+    pairs (k padded to an even E, v packed in pairs of keys). Returns ``RAN``; or, having run
+    nothing, ``WIDEN`` when the kernel does not read 16-bit storage for this problem (the caller
+    widens q, k and v and calls again with storage 0) or ``PAIRS`` when it reads bfloat16 as
+    pairs (the caller packs them and calls again with storage 3).
     """
     cdef Problem p
     cdef Py_ssize_t nb = len(batch_shape)
     p.dtype = DType.kFloat64 if double else DType.kFloat32
-    p.storage = Storage.kFloat16 if storage == 1 else (
-        Storage.kBFloat16 if storage == 2 else Storage.kSame)
+    p.storage = (Storage.kSame, Storage.kFloat16, Storage.kBFloat16,
+                 Storage.kBFloat16Pairs)[storage]
     p.batch_shape = batch_shape
     p.L = L
     p.S = S
@@ -140,11 +144,14 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
     if lse is not None:
         _fill(p.lse, lse, nb)
     p.num_threads = num_threads
-    if storage != 0 and not c_reads_storage(p):
-        return False
+    cdef int reads
+    if storage in (1, 2):
+        reads = c_reads_storage(p)
+        if reads != 1:
+            return PAIRS if reads == 3 else WIDEN
     with nogil:
         c_attention(p)
-    return True
+    return RAN
 
 
 def exp2(x):
@@ -169,7 +176,7 @@ def exp2(x):
 
 
 def active_isa():
-    """The instruction set the kernel uses now: 'avx512', 'avx2' or 'baseline'."""
+    """The instruction set the kernel uses now: 'avx512bf16', 'avx512', 'avx2' or 'baseline'."""
     return c_active_isa().decode()
 
 

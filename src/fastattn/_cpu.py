@@ -18,6 +18,24 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.where(norm == 0, 1, norm)).astype(x.dtype, copy=False)
 
 
+def _bfloat16_pairs(q: np.ndarray, k: np.ndarray, v: np.ndarray):
+    """bfloat16 bits (uint16) laid out for the kernel's bfloat16 tiles: q and k with E padded to
+    even (a zero feature changes no score), k contiguous along it, and v packed in pairs of keys:
+    ``vp[..., j // 2, c]`` holds keys j and j + 1 (even j; an odd S pairs the last with zero) of
+    column c, low half first. Broadcast batch axes stay broadcast (only the last two are copied).
+    """
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), q.dtype)], axis=-1)
+        k = np.concatenate([k, np.zeros(k.shape[:-1] + (1,), k.dtype)], axis=-1)
+    elif k.strides[-1] != k.itemsize:
+        k = np.ascontiguousarray(k)
+    S, Ev = v.shape[-2:]
+    vp = np.zeros(v.shape[:-2] + (S + S % 2, Ev), v.dtype)
+    vp[..., :S, :] = v
+    vp = vp.reshape(v.shape[:-2] + ((S + 1) // 2, 2, Ev)).swapaxes(-1, -2)
+    return q, k, np.ascontiguousarray(vp).view(np.uint32)[..., 0]
+
+
 def _trailing(a: np.ndarray | None) -> np.ndarray | None:
     """A per-batch-entry array with two unit matrix axes, as the kernel's operands have."""
     return None if a is None else a.reshape(a.shape + (1, 1))
@@ -30,8 +48,9 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     weights = np.empty(plan.batch + (L, S), plan.dtype) if plan.return_weights else None
     lse = np.empty(plan.batch + (L, 1), plan.dtype) if plan.return_lse else None
     q, k, v = plan.q, plan.k, plan.v
-    if plan.similarity == "cosine":
+    if plan.similarity == "cosine":  # normalized in the compute dtype: no 16-bit storage left
         q, k = _unit_rows(q.astype(plan.dtype)), _unit_rows(k.astype(plan.dtype))
+        v = v.astype(plan.dtype, copy=False)
     mask = plan.mask
     mask_kind = 0 if mask is None else (1 if mask.dtype == np.bool_ else 2)
     lo, hi = plan.band()
@@ -63,10 +82,14 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     if q.dtype == k.dtype == v.dtype != plan.dtype:
         storage = _STORAGE[v.dtype.name]
         args[5:8] = (a.view(np.uint16) for a in (q, k, v))  # bits, strides kept
-    if not _core.attention(plan.dtype == np.float64, storage, *args):
-        # 16-bit storage the kernel does not read for this problem: widen once, here.
+    status = _core.attention(plan.dtype == np.float64, storage, *args)
+    if status == _core.WIDEN:  # 16-bit storage the kernel does not read here: widen once
         args[5:8] = (a.astype(plan.dtype) for a in (q, k, v))
         _core.attention(plan.dtype == np.float64, 0, *args)
+    elif status == _core.PAIRS:
+        args[3] = E + E % 2
+        args[5:8] = _bfloat16_pairs(args[5], args[6], args[7])
+        _core.attention(False, 3, *args)
     if lse is not None:
         lse = lse[..., 0]
     if plan.out_dtype != plan.dtype:
