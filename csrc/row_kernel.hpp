@@ -7,6 +7,9 @@
 // partial (max, sum, output) triples are merged exactly at the end.
 #pragma once
 
+#ifndef FASTATTN_PFL
+#define FASTATTN_PFL 3
+#endif
 #ifndef FASTATTN_PFK
 #define FASTATTN_PFK 2
 #endif
@@ -145,11 +148,11 @@ struct RowKernel {
 
   static void prefetch_rows(const In* base, int64_t rs, int64_t cs, int64_t width, int64_t j0,
                             int64_t nb) {
-    if (cs != 1) return;
+    if (cs != 1 || FASTATTN_PFK == 0) return;
     const int64_t bytes = width * int64_t(sizeof(In));
     for (int64_t j = 0; j < nb; ++j) {
       const char* row = reinterpret_cast<const char*>(base + (j0 + j) * rs);
-      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, FASTATTN_PFL);
     }
   }
 

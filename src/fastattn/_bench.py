@@ -683,6 +683,98 @@ LEGEND = ("ratio: median over rounds of (fastest peer time / fastattn time); > 1
           "heads] when sliced); peer diff: max |peer - fastattn|.")
 
 
+# --------------------------------------------------------------------------------------------
+# fastattn against itself: the speed its variants owe their arguments (no peer has them all)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelfCase:
+    """A fastattn call timed against a baseline fastattn call, interleaved; target is the
+    minimum median ratio baseline time / variant time."""
+
+    name: str
+    shape: tuple  # (B, H, L, S, E)
+    variant: str  # what is measured
+    baseline: str  # what it is compared with
+    target: float
+    memory_bound: bool = False
+
+    def calls(self, threads: int) -> tuple[Callable[[], Any], Callable[[], Any], int, int]:
+        """(variant call, baseline call, bytes of K/V each reads) with inputs made up front."""
+        B, H, L, S, E = self.shape
+        rng = np.random.default_rng(0)
+        q, k, v = (rng.standard_normal((B, H, n, E), dtype=np.float32) for n in (L, S, S))
+        plain = (q, k, v)
+        kw = dict(num_threads=threads)
+        if self.name == "window-8k":
+            return (lambda: attention(*plain, window=(255, 0), **kw),
+                    lambda: attention(*plain, **kw), 0, 0)
+        half = np.dtype("float16")
+        if self.name == "bfloat16-4k":
+            import ml_dtypes
+
+            half = np.dtype(ml_dtypes.bfloat16)
+        lowp = tuple(a.astype(half) for a in plain)
+        return (lambda: attention(*lowp, **kw), lambda: attention(*plain, **kw),
+                k.nbytes, k.nbytes // 2)
+
+
+SELF_CASES: tuple[SelfCase, ...] = (
+    SelfCase("window-8k", (1, 8, 8192, 8192, 64), "window=(255, 0)", "full attention", 10.0),
+    SelfCase("bfloat16-4k", (1, 8, 4096, 4096, 64), "bfloat16", "float32", 1.3),
+    SelfCase("float16-decode", (16, 32, 1, 8192, 128), "float16", "float32", 1.0,
+             memory_bound=True),
+)
+SELF_CASES_BY_NAME = {c.name: c for c in SELF_CASES}
+
+
+def run_self_case(case: SelfCase, rounds: int, calls: int, threads: int) -> dict:
+    """Times a SelfCase; returns its row as a dict (times, ratio, pass, K/V GB/s)."""
+    row: dict[str, Any] = dict(case=case.name, shape=str(case.shape), variant=case.variant,
+                               baseline=case.baseline, target=case.target)
+    try:
+        variant, baseline, kv32, kv16 = case.calls(threads)
+    except ImportError as exc:
+        row["status"] = f"absent: {exc}"
+        return row
+    samplings = [calibrate(f, calls)[1] for f in (variant, baseline)]
+    tv, tb = [], []
+    for r in range(rounds):
+        pair = [(variant, samplings[0], tv), (baseline, samplings[1], tb)]
+        for fn, sampling, out in (pair if r % 2 == 0 else pair[::-1]):
+            out.append(best_of(fn, *sampling))
+    ratios = [b / v for v, b in zip(tv, tb)]
+    row.update(status="ok", variant_s=statistics.median(tv), baseline_s=statistics.median(tb),
+               ratio=statistics.median(ratios))
+    row["passed"] = row["ratio"] >= case.target
+    if case.memory_bound:
+        row["variant_kv_gbs"] = 2 * kv16 / row["variant_s"] / 1e9
+        row["baseline_kv_gbs"] = 2 * kv32 / row["baseline_s"] / 1e9
+    return row
+
+
+def format_self_table(rows: list[dict]) -> str:
+    head = ["case", "shape", "variant", "time", "baseline", "time", "ratio", "target", "pass",
+            "K/V GB/s"]
+    cells = [head]
+    for r in rows:
+        if r.get("status") != "ok":
+            cells.append([r["case"], r["shape"], r["variant"], r.get("status", "-"),
+                          r["baseline"], "-", "-", f">={r['target']:g}", "-", "-"])
+            continue
+        bw = "-"
+        if "variant_kv_gbs" in r:
+            bw = f"{r['variant_kv_gbs']:.1f} vs {r['baseline_kv_gbs']:.1f}"
+        cells.append([r["case"], r["shape"], r["variant"], f"{r['variant_s'] * 1e3:.1f} ms",
+                      r["baseline"], f"{r['baseline_s'] * 1e3:.1f} ms", f"{r['ratio']:.2f}",
+                      f">={r['target']:g}", "PASS" if r["passed"] else "FAIL", bw])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def resolve_cases(cases) -> list[Case]:
     """Case objects from names (or Case objects); None means all."""
     if cases is None:
@@ -707,6 +799,7 @@ class Report:
     rounds: int
     calls: int
     rows: list[Row]
+    self_rows: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return dict(asdict(self), tolerance=TOLERANCE)
@@ -721,7 +814,12 @@ def benchmark(cases=None, rounds: int | None = None, quick: bool = False, file=s
     `quick`); `calls` (best of, per round) to 3 (2 with `quick`). `ceilings=False` skips the
     ceiling measurements (a few seconds and a 1 GiB array) and their columns.
     """
-    selected = resolve_cases(cases)
+    names = None if cases is None else [c if isinstance(c, str) else c.name for c in cases]
+    self_selected = [c for c in SELF_CASES if names is None or c.name in names]
+    if names is not None:
+        cases = [c for c in cases if (c if isinstance(c, str) else c.name) not in
+                 SELF_CASES_BY_NAME]
+    selected = resolve_cases(cases) if cases is None or cases else []
     rounds = rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS)
     calls = calls or (2 if quick else 3)
     info = machine_info(threads)
@@ -738,9 +836,19 @@ def benchmark(cases=None, rounds: int | None = None, quick: bool = False, file=s
         for case in selected:
             rows.append(run_case(case, rounds, calls, threads, ceil))
             gc.collect()  # the big cases hold a few GB between them otherwise
-    print(format_table(rows, markdown), file=file)
-    print(textwrap.fill(LEGEND, 100), file=file, flush=True)
-    return Report(info, ceil, rounds, calls, rows)
+    if rows:
+        print(format_table(rows, markdown), file=file)
+        print(textwrap.fill(LEGEND, 100), file=file, flush=True)
+    self_rows = []
+    if self_selected:
+        with blas_threads(threads):
+            for sc in self_selected:
+                self_rows.append(run_self_case(sc, rounds, calls, threads))
+                gc.collect()
+        print("\nfastattn against itself (ratio: median of baseline time / variant time):",
+              file=file)
+        print(format_self_table(self_rows), file=file, flush=True)
+    return Report(info, ceil, rounds, calls, rows, self_rows)
 
 
 def run_table(cases=None, rounds: int | None = None, quick: bool = False, file=sys.stdout,
@@ -809,7 +917,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "MultiHeadAttention, interleaved round by round.")
     p.add_argument("--quick", action="store_true", help="fewer rounds and calls")
     p.add_argument("--cases", help="comma-separated case names; all by default: "
-                   + ", ".join(CASES_BY_NAME))
+                   + ", ".join(list(CASES_BY_NAME) + list(SELF_CASES_BY_NAME)))
     p.add_argument("--rounds", type=int, help=f"rounds per case (default {DEFAULT_ROUNDS}, "
                    f"{QUICK_ROUNDS} with --quick)")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
@@ -825,9 +933,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--threads must be at least 1")
     if args.cases is not None:
         args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-        unknown = [c for c in args.cases if c not in CASES_BY_NAME]
+        known = list(CASES_BY_NAME) + list(SELF_CASES_BY_NAME)
+        unknown = [c for c in args.cases if c not in known]
         if unknown:
-            p.error(f"unknown case(s) {', '.join(unknown)}; cases: {', '.join(CASES_BY_NAME)}")
+            p.error(f"unknown case(s) {', '.join(unknown)}; cases: {', '.join(known)}")
     return args
 
 
