@@ -8,8 +8,17 @@
 
 from . import reference
 from ._api import attention
+from ._attention_layer import MultiHeadAttention
 from ._core import active_isa, available_isas, set_isa
+from ._layers import multi_head_attention, self_attention
+from ._merge import merge_attention
+from ._plot import plot_attention
+from ._positional import positional_encoding
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "reference", "active_isa", "available_isas", "set_isa", "__version__"]
+__all__ = [
+    "attention", "reference", "active_isa", "available_isas", "set_isa", "__version__",
+    "self_attention", "multi_head_attention", "MultiHeadAttention", "positional_encoding",
+    "plot_attention", "merge_attention",
+]

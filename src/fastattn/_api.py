@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _cpu
+from . import _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
 from ._validate import Plan, prepare
 
 
@@ -11,7 +11,7 @@ _BACKENDS = ("auto", "cpu", "cuda")
 
 def _on_device(*arrays) -> bool:
     """Whether any input lives on a GPU (Numba device arrays, CuPy, PyTorch CUDA tensors)."""
-    return any(hasattr(a, "__cuda_array_interface__") for a in arrays)
+    return any(_cuda.on_device(a) for a in arrays)
 
 
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
@@ -118,9 +118,7 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "cuda" or (backend == "auto" and _on_device(q, k, v, mask)):
-        from . import _cuda  # imports numba: only when the GPU is asked for
-
-        return _cuda.attention(q, k, v, **kwargs)
+        return _cuda.attention(q, k, v, **kwargs)  # imports numba only now
     return run(prepare(q, k, v, **kwargs))
 
 
