@@ -2,8 +2,8 @@
 
 Each entry of ``BACKENDS`` maps a name to a factory of a context manager that activates the
 backend and yields a callable with the signature of :func:`fastattn.attention`. Each CPU
-instruction-set path this machine runs is one entry; a later CUDA backend is one more, e.g.
-``BACKENDS["cuda"] = lambda: contextlib.nullcontext(functools.partial(attention, device="cuda"))``.
+instruction-set path this machine runs is one entry; the CUDA backend is one more when asked for
+or present (``FASTATTN_TEST_CUDA``, see cuda_backend.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import fastattn
+from cuda_backend import cuda_backends
 
 
 @contextlib.contextmanager
@@ -28,6 +29,7 @@ def _cpu_isa(isa: str):
 BACKENDS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     f"cpu-{isa}": (lambda isa=isa: _cpu_isa(isa)) for isa in fastattn.available_isas()
 }
+BACKENDS.update(cuda_backends())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,429 @@
+"""The CUDA backend: checks, device transfers and the launch of :mod:`fastattn._cuda_kernel`.
+
+Importing this module does not import numba: that happens on the first call, so that
+``import fastattn`` never does and a missing piece gives an error that says how to install it.
+NumPy inputs go through :func:`~fastattn._validate.prepare` as on the CPU and come back as NumPy
+arrays. Device inputs (anything with ``__cuda_array_interface__``, or Numba's simulated device
+arrays) are checked from their shape and dtype alone, read in place through their strides, and
+come back as Numba device arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import threading
+
+import numpy as np
+
+from ._validate import Plan, _check_dtype, compute_dtypes, is_bfloat16, prepare
+
+INSTALL = 'pip install "fastattn[cuda]"'
+
+# Arguments of ``attention`` the GPU kernel does not implement, each with the value that means
+# "not used", e.g. ``{"similarity": "dot"}``. A call with any other value raises
+# NotImplementedError naming the argument (never a wrong answer). Today the kernel implements
+# every argument; add here any that ``attention`` grows before the kernel learns it.
+UNSUPPORTED: dict = {}
+
+# Plan fields the kernel reads. A field added to Plan later and not listed here is accepted only
+# at its dataclass default (see ``_check_plan``).
+PLAN_FIELDS = set(
+    "q k v mask dtype out_dtype batch L S E Ev kv_group causal scale return_weights num_threads "
+    "offset window alibi softcap return_lse kv_lengths similarity storage".split()
+)
+# dtypes the kernel reads and writes. bfloat16 (ml_dtypes) NumPy inputs are widened to float32
+# on the host and the result rounded back there; bfloat16 device arrays are not supported.
+_KERNEL_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64)}
+
+# The simulator runs one kernel at a time (it patches the kernel's module while it runs).
+_SIM_LOCK = threading.Lock()
+
+
+def _require_cuda():
+    """(numba.cuda, the kernel module), or an error saying what is missing and how to get it."""
+    if importlib.util.find_spec("numba") is None:
+        raise ImportError(
+            f"the CUDA backend needs numba and numba-cuda, which are not installed; install "
+            f"them with: {INSTALL}"
+        )
+    if importlib.util.find_spec("numba_cuda") is None:
+        raise ImportError(
+            f"the CUDA backend needs NVIDIA's numba-cuda package, which is not installed "
+            f"(numba is); install it with: {INSTALL}"
+        )
+    from numba import cuda
+
+    if not cuda.config.ENABLE_CUDASIM and not cuda.is_available():
+        try:
+            cuda.current_context()
+            reason = "numba-cuda reports no usable device"
+        except Exception as e:  # noqa: BLE001 - its message says what the driver lacks
+            reason = " ".join(str(e).split())
+        raise RuntimeError(
+            f"the CUDA backend found no usable NVIDIA GPU or driver ({reason}). numba-cuda is "
+            f"installed; it needs an NVIDIA GPU with its driver (the CUDA toolkit comes with "
+            f"{INSTALL}). Without a GPU, NUMBA_ENABLE_CUDASIM=1 runs the kernel on Numba's CPU "
+            "simulator (slow), or use backend='cpu'."
+        )
+    from . import _cuda_kernel
+
+    return cuda, _cuda_kernel
+
+
+def on_device(a) -> bool:
+    """Whether ``a`` lives on a GPU: CUDA Array Interface, or a (simulated) Numba device array."""
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
+
+
+def _check_options(options: dict) -> None:
+    for name, default in UNSUPPORTED.items():
+        value = options.get(name, default)
+        if not _equal(value, default):
+            raise NotImplementedError(
+                f"{name}={value!r} is not supported by the CUDA backend yet; use backend='cpu'"
+            )
+
+
+def _check_plan(plan: Plan) -> None:
+    """A Plan field the kernel does not know must be at its default, or the answer could be
+    wrong: NotImplementedError naming it."""
+    if plan.similarity not in ("dot", "cosine"):
+        raise NotImplementedError(
+            f"similarity={plan.similarity!r} is not supported by the CUDA backend yet; "
+            "use backend='cpu'"
+        )
+    for f in dataclasses.fields(plan):
+        if f.name in PLAN_FIELDS:
+            continue
+        value = getattr(plan, f.name)
+        if f.default is dataclasses.MISSING or not _equal(value, f.default):
+            raise NotImplementedError(
+                f"{f.name}={value!r} is not supported by the CUDA backend yet; use backend='cpu'"
+            )
+
+
+def _equal(a, b) -> bool:
+    try:
+        return bool(a is b or a == b)
+    except (TypeError, ValueError):
+        return False
+
+
+# --- operands ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Operand:
+    flat: object  # 1-D device array holding every element the operand reads
+    base: int  # element offset of the operand's [0, ..., 0] in ``flat``
+    strides: tuple  # element strides, 0 along broadcast axes
+
+
+def _device_info(a):
+    """(shape, dtype, byte strides or None for C order) of a device array, without copies."""
+    if hasattr(a, "__cuda_array_interface__"):
+        cai = a.__cuda_array_interface__
+        return tuple(cai["shape"]), np.dtype(cai["typestr"]), cai.get("strides")
+    return tuple(a.shape), np.dtype(a.dtype), tuple(a.strides)  # the simulator's device array
+
+
+def _byte_strides(shape, dtype, strides):
+    if strides is not None:
+        return tuple(strides)
+    out, step = [], dtype.itemsize
+    for n in reversed(shape):
+        out.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(out))
+
+
+def _stand_in(shape, dtype) -> np.ndarray:
+    """A NumPy array of ``shape`` and ``dtype`` with no memory behind it (all strides 0):
+    ``prepare`` checks a device array's shape and dtype through it without a copy."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
+
+
+def _dummy(cuda, dtype):
+    return cuda.to_device(np.zeros(1, dtype))
+
+
+def _from_host(cuda, a: np.ndarray) -> _Operand:
+    """Copies ``a`` to the device: broadcast (stride-0) axes go over as one entry."""
+    if a.size == 0:
+        return _Operand(_dummy(cuda, a.dtype), 0, (0,) * a.ndim)
+    sub = tuple(slice(0, 1) if s == 0 else slice(None) for s in a.strides)
+    c = np.ascontiguousarray(a[sub])
+    strides = tuple(0 if n == 1 else s // c.itemsize for n, s in zip(c.shape, c.strides))
+    return _Operand(cuda.to_device(c.reshape(-1)), 0, strides)
+
+
+def _from_device(cuda, a) -> _Operand:
+    """A device operand read in place: a 1-D window over the memory its strides span."""
+    shape, dtype, strides = _device_info(a)
+    strides = _byte_strides(shape, dtype, strides)
+    if any(s % dtype.itemsize for s in strides):
+        raise NotImplementedError(
+            f"device array strides {strides} that are not multiples of the item size "
+            f"({dtype.itemsize} bytes) are not supported by the CUDA backend"
+        )
+    if math.prod(shape) == 0:
+        return _Operand(_dummy(cuda, dtype), 0, (0,) * len(shape))
+    el = tuple(0 if n == 1 else s // dtype.itemsize for n, s in zip(shape, strides))
+    lo = sum(min(0, (n - 1) * s) for n, s in zip(shape, el))
+    hi = sum(max(0, (n - 1) * s) for n, s in zip(shape, el))
+    if hasattr(a, "__cuda_array_interface__"):
+        cai = a.__cuda_array_interface__
+        window = {
+            "shape": (hi - lo + 1,),
+            "typestr": dtype.str,
+            "data": (cai["data"][0] + lo * dtype.itemsize, False),  # only ever read
+            "strides": None,
+            "version": 3,
+            # The producer's stream, if it names one: its pending writes are waited for.
+            "stream": cai.get("stream"),
+        }
+        flat = cuda.from_cuda_array_interface(window, owner=a, sync=True)
+    else:  # the simulator: a view of the NumPy array it wraps, from its lowest address
+        host = a._ary
+        first = host[
+            tuple(slice(n - 1, n) if s < 0 else slice(0, 1) for n, s in zip(shape, host.strides))
+        ]
+        view = np.lib.stride_tricks.as_strided(first, (hi - lo + 1,), (dtype.itemsize,))
+        flat = type(a)(view)
+    return _Operand(flat, -lo, el)
+
+
+def _batch_offsets(op: _Operand, shape, batch, kv_group=1) -> np.ndarray:
+    """Element offset of each batch entry's matrix; batch axes align right, as NumPy's."""
+    nb = math.prod(batch)
+    off = np.full(nb, op.base, np.int64)
+    idx = np.unravel_index(np.arange(nb), batch) if batch else ()
+    strides = (0,) * (len(shape) - len(op.strides)) + tuple(op.strides)
+    for a in range(1, len(shape) - 1):  # batch axis -a-2 of the operand, -a of the batch
+        n, s = shape[-a - 2], strides[-a - 2]
+        if n == 1 or s == 0:
+            continue
+        i = idx[len(batch) - a]
+        off += (i // kv_group if a == 1 else i) * s
+    return off
+
+
+def _matrix_strides(op: _Operand, shape):
+    """Element strides of the last two axes, 0 where the axis is broadcast (size 1)."""
+    strides = (0, 0) + tuple(op.strides)
+    return tuple(0 if n == 1 else s for n, s in zip(shape[-2:], strides[-2:]))
+
+
+# --- the call ---------------------------------------------------------------------------
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_weights=False,
+    num_threads=None,
+    **options,
+):
+    """:func:`fastattn.attention` on the GPU; see there. ``num_threads`` is checked and ignored.
+
+    Raises
+    ------
+    ImportError
+        numba or numba-cuda is not installed (the message says how to install them).
+    RuntimeError
+        No usable NVIDIA GPU or driver.
+    NotImplementedError
+        An argument the GPU kernel does not implement (``UNSUPPORTED``), named.
+
+    Examples
+    --------
+    >>> import numpy as np, fastattn
+    >>> q = np.ones((2, 3, 4), np.float32)
+    >>> fastattn.attention(q, q, q, backend="cuda").shape  # doctest: +SKIP
+    (2, 3, 4)
+    """
+    cuda, kernel = _require_cuda()
+    _check_options(options)
+    arrays = {"q": q, "k": k, "v": v, "mask": mask}
+    device = {name: on_device(a) for name, a in arrays.items() if a is not None}
+    options = {name: _to_host(cuda, a) for name, a in options.items()}
+    kwargs = dict(
+        causal=causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        return_weights=return_weights,
+        num_threads=num_threads,
+        **options,
+    )
+    if not any(device.values()):
+        plan = prepare(q, k, v, mask=mask, **kwargs)
+    else:
+        plan = _prepare_device(arrays, device, kwargs)
+    _check_plan(plan)
+
+    ops = {}
+    for name in ("q", "k", "v", "mask"):
+        if arrays[name] is None:
+            continue
+        if device[name]:
+            ops[name] = _from_device(cuda, arrays[name])
+        else:
+            a = getattr(plan, name)
+            ops[name] = _from_host(
+                cuda,
+                a if a.dtype in _KERNEL_DTYPES or a.dtype == np.bool_ else a.astype(plan.dtype),
+            )
+    results = _run(cuda, kernel, plan, ops)
+    if not any(device.values()):
+        results = [r.copy_to_host().astype(plan.out_dtype, copy=False) for r in results]
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _to_host(cuda, a):
+    """Per-batch options (ALiBi slopes, kv_lengths) are small: read them on the host."""
+    if hasattr(a, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(a).copy_to_host()
+    return a.copy_to_host() if getattr(a, "__cuda_ndarray__", False) else a
+
+
+def _check_device_dtype(name, dtype) -> None:
+    if is_bfloat16(dtype):
+        raise NotImplementedError(
+            f"{name}: bfloat16 device arrays are not supported by the CUDA "
+            "backend yet (bfloat16 NumPy arrays are); use float16 or float32"
+        )
+    _check_dtype(name, _stand_in((), dtype))
+
+
+def _prepare_device(arrays, device, kwargs) -> Plan:
+    """``prepare`` on stand-ins of the device operands: every check, no copy."""
+    dtypes = {}
+    args = {}
+    for name in ("q", "k", "v"):
+        a = arrays[name]
+        if device[name]:
+            shape, dtype, _ = _device_info(a)
+            _check_device_dtype(name, dtype)
+            dtypes[name], args[name] = dtype, shape
+        else:
+            args[name] = np.asarray(a)
+            dtypes[name] = args[name].dtype
+            _check_dtype(name, args[name])
+    dtype, out_dtype = compute_dtypes(*dtypes.values())
+    for name in ("q", "k", "v"):
+        if device[name]:
+            args[name] = _stand_in(args[name], dtype)  # no copy: already the compute dtype
+    mask = arrays["mask"]
+    if mask is not None and device["mask"]:
+        shape, mdtype, _ = _device_info(mask)
+        _check_device_dtype("mask", mdtype)
+        float_mask = mdtype.kind == "f" and mdtype.itemsize <= 8
+        mask = _stand_in(shape, dtype if float_mask else mdtype)  # a bad dtype: prepare's error
+    plan = prepare(args["q"], args["k"], args["v"], mask=mask, **kwargs)
+    return dataclasses.replace(plan, dtype=dtype, out_dtype=out_dtype)
+
+
+def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
+    """Launches the kernel; [out, weights?, lse?] as flat-backed device arrays."""
+    batch, L, S, E, Ev = plan.batch, plan.L, plan.S, plan.E, plan.Ev
+    nb = math.prod(batch)
+    # What the kernel writes: the caller's dtype, or the compute dtype to be rounded by the host.
+    out_dtype = plan.out_dtype if plan.out_dtype in _KERNEL_DTYPES else np.dtype(plan.dtype)
+    shapes = [batch + (L, Ev)]
+    if plan.return_weights:
+        shapes.append(batch + (L, S))
+    if plan.return_lse:
+        shapes.append(batch + (L,))
+    if nb == 0 or L == 0 or S == 0:  # nothing to launch: empty, or rows with no key
+        fills = [0] + [0] * plan.return_weights + [-np.inf] * plan.return_lse
+        return [cuda.to_device(np.full(s, f, out_dtype)) for s, f in zip(shapes, fills)]
+
+    tiles = kernel.TILES[np.dtype(plan.dtype)]
+    acc = tiles.dtype.type
+    out = cuda.device_array(nb * L * Ev, out_dtype) if Ev else _dummy(cuda, out_dtype)
+    w = cuda.device_array(nb * L * S, out_dtype) if plan.return_weights else _dummy(cuda, out_dtype)
+    lse = cuda.device_array(nb * L, out_dtype) if plan.return_lse else _dummy(cuda, out_dtype)
+
+    q, k, v = ops["q"], ops["k"], ops["v"]
+    table = np.empty((nb, 5), np.int64)
+    table[:, kernel.Q_OFF] = _batch_offsets(q, plan.q.shape, batch)
+    table[:, kernel.K_OFF] = _batch_offsets(k, plan.k.shape, batch, plan.kv_group)
+    table[:, kernel.V_OFF] = _batch_offsets(v, plan.v.shape, batch, plan.kv_group)
+    table[:, kernel.KV_LEN] = (
+        S if plan.kv_lengths is None else np.broadcast_to(plan.kv_lengths, batch).reshape(-1)
+    )
+    mask_kind, m_strides = kernel.NO_MASK, (0, 0)
+    bmask, fmask = _dummy(cuda, np.bool_), _dummy(cuda, acc)
+    table[:, kernel.M_OFF] = 0
+    if plan.mask is not None:
+        m = ops["mask"]
+        table[:, kernel.M_OFF] = _batch_offsets(m, plan.mask.shape, batch)
+        m_strides = _matrix_strides(m, plan.mask.shape)
+        if plan.mask.dtype == np.bool_:
+            mask_kind, bmask = kernel.BOOL_MASK, m.flat
+        else:
+            mask_kind, fmask = kernel.FLOAT_MASK, m.flat
+    alibi = (
+        np.zeros(nb, acc)
+        if plan.alibi is None
+        else (np.broadcast_to(plan.alibi, batch).reshape(-1).astype(acc))
+    )
+    lo, hi = plan.band()
+    lo = -kernel.NO_BOUND if lo is None else max(lo, -kernel.NO_BOUND)
+    hi = kernel.NO_BOUND if hi is None else min(hi, kernel.NO_BOUND)
+
+    simulator = bool(cuda.config.ENABLE_CUDASIM)
+    # One thread per query row; a whole number of warps on a GPU. The simulator runs each
+    # thread as a Python thread, so there it starts no more than there are rows.
+    rows = min(tiles.block_m, L if simulator else 32 * -(-L // 32))
+    grid = -(-L // rows) * nb
+    args = (
+        q.flat,
+        k.flat,
+        v.flat,
+        bmask,
+        fmask,
+        out,
+        w,
+        lse,
+        cuda.to_device(table),
+        cuda.to_device(alibi),
+        L,
+        S,
+        E,
+        Ev,
+        *_matrix_strides(q, plan.q.shape),
+        *_matrix_strides(k, plan.k.shape),
+        *_matrix_strides(v, plan.v.shape),
+        *m_strides,
+        mask_kind,
+        lo,
+        hi,
+        plan.offset,
+        acc(plan.scale),
+        acc(plan.softcap or 0.0),
+        int(plan.similarity == "cosine"),
+        int(plan.return_weights),
+        int(plan.return_lse),
+    )
+    launch = kernel.KERNELS[tiles.dtype][grid, rows]
+    if simulator:
+        with _SIM_LOCK:
+            launch(*args)
+    else:
+        launch(*args)
+
+    results = [out.reshape(shapes[0]) if Ev else cuda.device_array(shapes[0], out_dtype)]
+    if plan.return_weights:
+        results.append(w.reshape(shapes[1]))
+    if plan.return_lse:
+        results.append(lse.reshape(shapes[-1]))
+    return results
