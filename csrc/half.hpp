@@ -56,6 +56,33 @@ inline T to_float(Half x) {
 #endif
 }
 
+// One vector of floats from kLanes 16-bit values at p (widened on load, as the decode loops read
+// K and V rows in place).
+inline Simd<float>::V load_widened(const BFloat16* p) {
+  using S = Simd<float>;
+  typedef uint16_t H __attribute__((vector_size(S::kLanes * 2)));
+  typedef uint32_t U __attribute__((vector_size(S::kLanes * 4)));
+  H h;
+  std::memcpy(&h, p, sizeof h);
+  const U u = __builtin_convertvector(h, U) << 16;
+  S::V v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+inline Simd<float>::V load_widened(const Half* p) {
+  using S = Simd<float>;
+#if defined(__AVX512F__) && FASTATTN_VBYTES == 64
+  return S::V(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__) && FASTATTN_VBYTES == 32
+  return S::V(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  alignas(64) float f[S::kLanes];
+  for (int i = 0; i < S::kLanes; ++i) f[i] = to_float<float>(p[i]);
+  return S::load(f);
+#endif
+}
+
 // dst[0:n] = src[0:n] as T.
 template <class T>
 inline void widen(const T* src, T* dst, int64_t n) {

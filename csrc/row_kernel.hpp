@@ -69,8 +69,8 @@ struct RowKernel {
 
   struct Workspace {
     Buffer<T> qv, s, o, kbuf, vbuf;
-    const T* krows[CK];
-    const T* vrows[CK];
+    const void* krows[CK];  // In rows in place, or T rows gathered into kbuf (see rows_of)
+    const void* vrows[CK];
   };
 
   bool allocate(Workspace& ws) const {
@@ -80,13 +80,13 @@ struct RowKernel {
 
   // Row pointers for keys j0 .. j0 + nb - 1 of a K or V view: in place when rows are contiguous
   // and a whole number of vectors wide, else gathered (zero-padded to `width_p`) into buf.
-  static void rows_of(const In* base, int64_t rs, int64_t cs, int64_t width, int64_t width_p,
-                      int64_t j0, int64_t nb, T* buf, const T** rows) {
-    if constexpr (std::is_same_v<In, T>) {
-      if (cs == 1 && width == width_p) {
-        for (int64_t j = 0; j < nb; ++j) rows[j] = base + (j0 + j) * rs;
-        return;
-      }
+  // Returns true for rows in place (of In, 16-bit ones widened by the loops as they load), false
+  // for rows gathered into buf (already T).
+  static bool rows_of(const In* base, int64_t rs, int64_t cs, int64_t width, int64_t width_p,
+                      int64_t j0, int64_t nb, T* buf, const void** rows) {
+    if (cs == 1 && width == width_p) {
+      for (int64_t j = 0; j < nb; ++j) rows[j] = base + (j0 + j) * rs;
+      return true;
     }
     for (int64_t j = 0; j < nb; ++j) {
       const In* src = base + (j0 + j) * rs;
@@ -99,6 +99,17 @@ struct RowKernel {
       for (int64_t c = width; c < width_p; ++c) dst[c] = T(0);
       rows[j] = dst;
     }
+    return false;
+  }
+
+  // A vector of T from a row of RT: T itself, or 16-bit storage widened.
+  template <class RT>
+  static inline V ld(const RT* p) {
+    if constexpr (std::is_same_v<RT, T>) {
+      return S::load(p);
+    } else {
+      return load_widened(p);
+    }
   }
 
   // s[j] = q . k_j for j < nb. Four keys at a time: four independent FMA chains hide the FMA
@@ -106,20 +117,22 @@ struct RowKernel {
   // While key j is scored, the K row of key j + CK (next chunk's) is prefetched: `pf` points
   // at it with stride pf_stride bytes, for pf_rows rows of pf_bytes (pf == nullptr: none).
   // Spread over the loop, the prefetches never fill the miss queues in one burst.
-  void scores(const T* qr, const T* const* krows, int64_t nb, T* s, const char* pf = nullptr,
+  template <class RT>
+  void scores(const T* qr, const void* const* kr, int64_t nb, T* s, const char* pf = nullptr,
               int64_t pf_stride = 0, int64_t pf_rows = 0, int64_t pf_bytes = 0) const {
+    const RT* const* krows = reinterpret_cast<const RT* const*>(kr);
     int64_t j = 0;
     for (; j + 4 <= nb; j += 4) {
       if (pf)
         for (int64_t r = j; r < j + 4 && r < pf_rows; ++r) prefetch_row(pf + r * pf_stride, pf_bytes);
-      const T *k0 = krows[j], *k1 = krows[j + 1], *k2 = krows[j + 2], *k3 = krows[j + 3];
+      const RT *k0 = krows[j], *k1 = krows[j + 1], *k2 = krows[j + 2], *k3 = krows[j + 3];
       V a0 = S::splat(T(0)), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t e = 0; e < Ep; e += kLanes) {
         const V qv = S::load(qr + e);
-        a0 += qv * S::load(k0 + e);
-        a1 += qv * S::load(k1 + e);
-        a2 += qv * S::load(k2 + e);
-        a3 += qv * S::load(k3 + e);
+        a0 += qv * ld(k0 + e);
+        a1 += qv * ld(k1 + e);
+        a2 += qv * ld(k2 + e);
+        a3 += qv * ld(k3 + e);
       }
       s[j] = S::hsum(a0);
       s[j + 1] = S::hsum(a1);
@@ -128,29 +141,48 @@ struct RowKernel {
     }
     for (; j < nb; ++j) {
       V acc = S::splat(T(0));
-      for (int64_t e = 0; e < Ep; e += kLanes) acc += S::load(qr + e) * S::load(krows[j] + e);
+      for (int64_t e = 0; e < Ep; e += kLanes) acc += S::load(qr + e) * ld(krows[j] + e);
       s[j] = S::hsum(acc);
     }
   }
 
   // o[cc : cc + NV vectors] += sum_j p[j] v_j[cc : ...], the NV accumulators in registers.
   // With pf, as scores: the V row of key j + CK is prefetched while key j is summed.
-  template <int NV>
-  static void accumulate(const T* p, const T* const* vrows, int64_t nb, int64_t cc, T* o,
+  template <int NV, class RT>
+  static void accumulate(const T* p, const void* const* vr, int64_t nb, int64_t cc, T* o,
                          const char* pf = nullptr, int64_t pf_stride = 0, int64_t pf_rows = 0,
                          int64_t pf_bytes = 0) {
+    const RT* const* vrows = reinterpret_cast<const RT* const*>(vr);
     V acc[NV];
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) acc[i] = S::splat(T(0));
     for (int64_t j = 0; j < nb; ++j) {
       if (pf && j < pf_rows) prefetch_row(pf + j * pf_stride, pf_bytes);
       const V pj = S::splat(p[j]);
-      const T* vr = vrows[j] + cc;
+      const RT* row = vrows[j] + cc;
 #pragma GCC unroll 8
-      for (int i = 0; i < NV; ++i) acc[i] += pj * S::load(vr + i * kLanes);
+      for (int i = 0; i < NV; ++i) acc[i] += pj * ld(row + i * kLanes);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) S::store(o + cc + i * kLanes, S::load(o + cc + i * kLanes) + acc[i]);
+  }
+
+  // o[0:Evp] += sum_j p[j] v_j in register blocks of 8, 4, 2, 1 vectors; the first block's
+  // pass prefetches the next chunk's V rows (or, with fewer than 8 vectors, one burst does).
+  template <class RT>
+  void accumulate_row(const T* p, const void* const* vrows, int64_t nb, T* o, const char* pf,
+                      int64_t pf_stride, int64_t pf_rows, int64_t pf_bytes) const {
+    int64_t cc = 0;
+    if (pf && Evp >= 8 * kLanes) {
+      accumulate<8, RT>(p, vrows, nb, cc, o, pf, pf_stride, pf_rows, pf_bytes);
+      cc += 8 * kLanes;
+    } else if (pf) {
+      for (int64_t j = 0; j < pf_rows; ++j) prefetch_row(pf + j * pf_stride, pf_bytes);
+    }
+    for (; cc + 8 * kLanes <= Evp; cc += 8 * kLanes) accumulate<8, RT>(p, vrows, nb, cc, o);
+    if (cc + 4 * kLanes <= Evp) accumulate<4, RT>(p, vrows, nb, cc, o), cc += 4 * kLanes;
+    if (cc + 2 * kLanes <= Evp) accumulate<2, RT>(p, vrows, nb, cc, o), cc += 2 * kLanes;
+    if (cc < Evp) accumulate<1, RT>(p, vrows, nb, cc, o);
   }
 
   static inline void prefetch_row(const char* row, int64_t bytes) {
@@ -195,7 +227,8 @@ struct RowKernel {
     for (int64_t j0 = k_begin; j0 < k_end; j0 += CK) {
       const int64_t nb = min64(CK, k_end - j0);
       const int64_t nb_p = round_up(nb, kLanes);
-      rows_of(K, a.k.row_stride, a.k.col_stride, a.E, Ep, j0, nb, ws.kbuf.ptr, ws.krows);
+      const bool k_in_place =
+          rows_of(K, a.k.row_stride, a.k.col_stride, a.E, Ep, j0, nb, ws.kbuf.ptr, ws.krows);
       // Decode is bound by memory: while this chunk is computed, the next chunk's K and V rows
       // are prefetched, one row per key processed (the hardware prefetcher stops at every 4 KiB
       // page, and a burst of prefetches would stall on full miss queues). The first chunk's
@@ -214,28 +247,24 @@ struct RowKernel {
       const int64_t k_bytes = a.E * int64_t(sizeof(In)), v_bytes = a.Ev * int64_t(sizeof(In));
       for (int64_t r = 0; r < rows; ++r) {
         T* srow = ws.s.ptr + r * CK;
-        if (r == 0)
-          scores(ws.qv.ptr, ws.krows, nb, srow, pf_k, k_rs, next, k_bytes);
+        const char* pf = r == 0 ? pf_k : nullptr;  // the first row's pass prefetches
+        if (k_in_place)
+          scores<In>(ws.qv.ptr + r * Ep, ws.krows, nb, srow, pf, k_rs, next, k_bytes);
         else
-          scores(ws.qv.ptr + r * Ep, ws.krows, nb, srow);
+          scores<T>(ws.qv.ptr + r * Ep, ws.krows, nb, srow, pf, k_rs, next, k_bytes);
         mask_scores(a, ep, srow, nb_p, i0 + r, j0, nb, m_off);
         online_softmax_update(srow, nb_p, R::max(srow, nb_p), st[r], part.o + r * Evp, Evp);
       }
-      rows_of(Vs, a.v.row_stride, a.v.col_stride, a.Ev, Evp, j0, nb, ws.vbuf.ptr, ws.vrows);
+      const bool v_in_place =
+          rows_of(Vs, a.v.row_stride, a.v.col_stride, a.Ev, Evp, j0, nb, ws.vbuf.ptr, ws.vrows);
       for (int64_t r = 0; r < rows; ++r) {
-        const T* p = ws.s.ptr + r * CK;
-        T* o = part.o + r * Evp;
-        int64_t cc = 0;
-        if (r == 0 && cc + 8 * kLanes <= Evp) {  // the first pass prefetches the next V rows
-          accumulate<8>(p, ws.vrows, nb, cc, o, pf_v, v_rs, next, v_bytes);
-          cc += 8 * kLanes;
-        } else if (r == 0 && pf_v) {
-          prefetch_rows(Vs, a.v.row_stride, 1, a.Ev, j0 + CK, next);
-        }
-        for (; cc + 8 * kLanes <= Evp; cc += 8 * kLanes) accumulate<8>(p, ws.vrows, nb, cc, o);
-        if (cc + 4 * kLanes <= Evp) accumulate<4>(p, ws.vrows, nb, cc, o), cc += 4 * kLanes;
-        if (cc + 2 * kLanes <= Evp) accumulate<2>(p, ws.vrows, nb, cc, o), cc += 2 * kLanes;
-        if (cc < Evp) accumulate<1>(p, ws.vrows, nb, cc, o);
+        const char* pf = r == 0 ? pf_v : nullptr;
+        if (v_in_place)
+          accumulate_row<In>(ws.s.ptr + r * CK, ws.vrows, nb, part.o + r * Evp, pf, v_rs, next,
+                             v_bytes);
+        else
+          accumulate_row<T>(ws.s.ptr + r * CK, ws.vrows, nb, part.o + r * Evp, pf, v_rs, next,
+                            v_bytes);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
