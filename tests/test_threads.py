@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -138,3 +139,79 @@ def test_default_uses_all_cores():
     before, one, after, cores = map(int, res.stdout.split())
     assert one == before
     assert after - before >= cores - 1, (before, after, cores)
+
+
+# --- threads actually used ------------------------------------------------------------------
+
+# Counts the threads that run during one call: each thread's CPU time from /proc/self/task (in
+# clock ticks) before and after. OpenMP keeps its pool between calls, so counting the threads
+# that exist (as above) would not show a call that asks for fewer.
+USED_SCRIPT = textwrap.dedent("""
+    import os, sys, time, numpy as np, fastattn
+
+    def ticks():
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended
+                continue
+            out[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+        return out
+
+    def used(**kwargs):
+        before, t0 = ticks(), time.perf_counter()
+        fastattn.attention(q, q, q, **kwargs)
+        wall = time.perf_counter() - t0
+        after = ticks()
+        # A thread took part if it ran for a tenth of the call; an idle pool thread spins for
+        # well under a millisecond before it sleeps.
+        least = max(2, 0.1 * wall * os.sysconf("SC_CLK_TCK"))
+        return sum(after[t] - before.get(t, 0) >= least for t in after)
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((4, 256, 64), dtype=np.float32)  # 16 tiles of queries at least
+    while True:  # as many batch entries as make a one-thread call last ~0.4 s
+        t0 = time.perf_counter()
+        fastattn.attention(q, q, q, num_threads=1)
+        if time.perf_counter() - t0 > 0.1 or len(q) >= 4096:
+            q = np.concatenate([q] * 4)
+            break
+        q = np.concatenate([q, q])
+    fastattn.attention(q[:8], q[:8], q[:8], num_threads=3)  # a pool of 3 threads from here on
+    counts = {"1": used(num_threads=1), "2": used(num_threads=2), "3": used(num_threads=3),
+              "None": used()}
+    if sys.argv[1:] == ["threadpoolctl"]:
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(limits=1):
+            counts["None, threadpool_limits(1)"] = used()
+            counts["2, threadpool_limits(1)"] = used(num_threads=2)
+    print(repr(counts))
+""")
+
+
+def _used_threads(*args, **env):
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("OMP_", "GOMP_", "FASTATTN_"))}
+    res = subprocess.run([sys.executable, "-c", USED_SCRIPT, *args], env={**clean, **env},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return ast.literal_eval(res.stdout)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc/self/task")
+@pytest.mark.skipif(not fastattn._core.has_openmp(), reason="fastattn built without OpenMP")
+def test_threads_used_follow_num_threads_and_threadpoolctl():
+    pytest.importorskip("threadpoolctl", reason="threadpoolctl limits need threadpoolctl")
+    cores = len(os.sched_getaffinity(0))
+    counts = _used_threads("threadpoolctl")
+    assert counts == {"1": 1, "2": 2, "3": 3, "None": cores, "None, threadpool_limits(1)": 1,
+                      "2, threadpool_limits(1)": 2}, counts
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc/self/task")
+@pytest.mark.skipif(not fastattn._core.has_openmp(), reason="fastattn built without OpenMP")
+def test_threads_used_follow_omp_num_threads():
+    counts = _used_threads(OMP_NUM_THREADS="1")
+    assert counts == {"1": 1, "2": 2, "3": 3, "None": 1}, counts

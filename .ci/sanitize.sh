@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# CI: build fastattn with AddressSanitizer and UndefinedBehaviorSanitizer (the CMake option
+# FASTATTN_SANITIZE) into a fresh virtual environment and run the contract tests under them.
+# Fails on a test failure and on any sanitizer report, in pytest or in a subprocess it starts.
+#
+#   .ci/sanitize.sh                  # the CI run (about 4 minutes on 2 cores)
+#   .ci/sanitize.sh -k gqa           # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+py=${PYTHON:-python3}
+start=$SECONDS
+
+"$py" -m venv "$work/env"
+# shellcheck disable=SC1091
+source "$work/env/bin/activate"
+python -m pip install -q --upgrade pip
+# The build directory is a temporary one: never build/ of the checkout, whose objects are not
+# instrumented and would be reused.
+python -m pip install -q ".[test]" -Cbuild-dir="$work/build" -Ccmake.define.FASTATTN_SANITIZE=ON
+# ml_dtypes: so that the bfloat16 paths (tests/test_low_precision.py, the fuzzer) run here too.
+python -m pip install -q ml_dtypes
+echo "sanitized build and install: $((SECONDS - start)) s"
+
+# (Located without importing fastattn: that would load the extension without the runtime.)
+pkg=$(python -c 'import importlib.util as u; print(u.find_spec("fastattn").submodule_search_locations[0])')
+core=$(echo "$pkg"/_core*.so)
+# Python itself is not instrumented, so the ASan runtime must be loaded before anything else:
+# preload the runtimes the extension was linked against (the compiler's own, found by ldd).
+runtime() { ldd "$core" | awk -v lib="$1" '$1 ~ lib {print $3}'; }
+asan=$(runtime libasan)
+ubsan=$(runtime libubsan)
+if [ -z "$asan" ] || [ -z "$ubsan" ]; then
+  echo "the extension $core is not linked against libasan and libubsan" >&2
+  exit 1
+fi
+
+mkdir -p "$work/reports"
+export LD_PRELOAD="$asan $ubsan"
+# detect_leaks=0: CPython never frees its interned strings, static types and module state at exit,
+# so LeakSanitizer would report thousands of the interpreter's allocations, none of fastattn's.
+# The core's own leaks are checked by .ci/leaks.sh (standalone driver), growth under Python by
+# tests/test_leaks.py. ASan reports go to files, so that one in a subprocess (tests/test_isa.py
+# runs some) is not lost with that process's stderr; UBSan ignores log_path when it shares the
+# process with ASan and writes to stderr, which pytest therefore must not capture (below).
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:check_initialization_order=1:strict_init_order=1:log_path=$work/reports/asan"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:abort_on_error=1"
+# Python objects through malloc too, so that ASan watches them as it watches the arrays' data.
+export PYTHONMALLOC=malloc
+# Fewer Hypothesis examples than the "ci" profile: the sanitizers slow the kernel down ~3x and
+# every test runs once per instruction set. (The "sanitize" profile is in tests/conftest.py.)
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-sanitize}
+export FASTATTN_FUZZ_EXAMPLES=${FASTATTN_FUZZ_EXAMPLES:-60}
+
+# Every test file that runs the kernel, each test on every dispatch path (the backend fixture
+# runs each instruction set this CPU has): 16-bit storage, variants, merges and layers included.
+# Not here: the memory-bound test (marked slow: 1 GiB inputs), the resident-memory test
+# (tests/test_leaks.py: ASan keeps freed memory in quarantine, ~250 MB, on purpose), Dask (a
+# cluster of worker processes), the examples and plots (no kernel path the others miss).
+tests=(tests/test_contract.py tests/test_edge_cases.py tests/test_errors.py
+       tests/test_properties.py tests/test_variants.py tests/test_low_precision.py
+       tests/test_isa.py tests/test_exp2.py tests/test_threads.py tests/test_merge.py
+       tests/test_layers.py tests/test_fuzz.py)
+status=0
+# --capture=sys: pytest captures what Python writes, not file descriptor 2, so a sanitizer's
+# report reaches the log even when it kills the process mid-test.
+python -m pytest -q -p no:cacheprovider --capture=sys -m "not slow" "${tests[@]}" "$@" \
+  2>&1 | tee "$work/pytest.log" || status=$?  # pipefail: pytest's status
+deactivate
+if grep -q "runtime error:\|ERROR: AddressSanitizer\|ERROR: LeakSanitizer" "$work/pytest.log"; then
+  echo "a sanitizer reported an error (above)" >&2
+  status=1
+fi
+
+reports=$(find "$work/reports" -type f | sort)
+if [ -n "$reports" ]; then
+  echo "sanitizer reports:" >&2
+  for r in $reports; do
+    echo "--- $r" >&2
+    cat "$r" >&2
+  done
+  status=1
+fi
+echo "sanitize.sh: exit $status after $((SECONDS - start)) s"
+exit "$status"

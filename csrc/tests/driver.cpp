@@ -1,0 +1,389 @@
+// Test driver for the C++ core on its own, with no Python: runs fastattn::attention over assorted
+// problems on every instruction set this CPU has and checks each against a naive loop in double.
+// .ci/leaks.sh runs it under valgrind and under AddressSanitizer + LeakSanitizer, where it must
+// report no error and no leak; it exits non-zero on any wrong result.
+//
+// The problems cover what the Python layer may hand the core: float32 and float64, batch axes
+// (broadcast with stride 0), strided, transposed and negative-stride operands, outputs written
+// through strides (every byte around them must stay untouched), grouped-query heads, bool and
+// additive masks (broadcast), causal and sliding-window bands with either alignment, softcap,
+// ALiBi, kv_lengths, weights and log-sum-exp outputs, 1, 2 or default threads; and the
+// inconsistent problems the core must refuse with std::invalid_argument. (16-bit storage is left
+// to the Python tests: the core reads it only after the caller has negotiated reads_storage.)
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attention.hpp"
+
+namespace {
+
+using fastattn::Operand;
+using fastattn::Problem;
+using Shape = std::vector<int64_t>;
+
+int64_t numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+// An array of logical shape `shape` laid out in `buf` by `strides` (any sign, 0 = broadcast),
+// element 0 at buf[base]. Unused elements of buf hold a sentinel, so stray writes show.
+template <class T>
+struct Tensor {
+  Shape shape, strides;
+  std::vector<T> buf;
+  int64_t base = 0;
+
+  const T* data() const { return buf.data() + base; }
+  T* data() { return buf.data() + base; }
+  // Buffer index of the element at multi-index idx.
+  int64_t index(const Shape& idx) const {
+    int64_t off = base;
+    for (size_t d = 0; d < idx.size(); ++d) off += idx[d] * strides[d];
+    return off;
+  }
+  T at(const Shape& idx) const { return buf[size_t(index(idx))]; }
+};
+
+// Calls fn(idx) for every multi-index of shape.
+template <class Fn>
+void for_each_index(const Shape& shape, Fn fn) {
+  if (numel(shape) == 0) return;
+  Shape idx(shape.size(), 0);
+  while (true) {
+    fn(idx);
+    int d = int(shape.size()) - 1;
+    for (; d >= 0; --d) {
+      if (++idx[size_t(d)] < shape[size_t(d)]) break;
+      idx[size_t(d)] = 0;
+    }
+    if (d < 0) return;
+  }
+}
+
+// A tensor in a random layout: axes nested in a random order, some reversed, some with gaps;
+// when `broadcast`, some axes of an input get stride 0 (one element stands for all).
+template <class T>
+Tensor<T> make_tensor(std::mt19937& rng, const Shape& shape, bool broadcast, T sentinel) {
+  Tensor<T> t;
+  t.shape = shape;
+  t.strides.assign(shape.size(), 0);
+  std::vector<size_t> order(shape.size());
+  for (size_t d = 0; d < order.size(); ++d) order[d] = d;
+  std::shuffle(order.begin(), order.end(), rng);
+  std::uniform_int_distribution<int> coin(0, 5);
+  int64_t stride = 1;
+  std::vector<bool> flip(shape.size(), false);
+  for (size_t d : order) {  // the innermost axis first
+    if (broadcast && coin(rng) == 0) continue;  // stride 0
+    t.strides[d] = stride * (coin(rng) == 0 ? 2 : 1);
+    flip[d] = coin(rng) == 0;
+    stride = std::max<int64_t>(1, shape[d]) * t.strides[d];
+  }
+  t.buf.assign(size_t(std::max<int64_t>(stride, 1) + 1), sentinel);
+  for (size_t d = 0; d < shape.size(); ++d)
+    if (flip[d] && shape[d] > 1) {
+      t.base += (shape[d] - 1) * t.strides[d];
+      t.strides[d] = -t.strides[d];
+    }
+  return t;
+}
+
+// The core's view of a tensor whose leading axes are batch axes.
+template <class T>
+Operand view(const Tensor<T>& t, size_t n_batch, bool matrix = true) {
+  Operand op;
+  op.data = t.data();
+  op.batch_strides.assign(t.strides.begin(), t.strides.begin() + long(n_batch));
+  if (matrix) {
+    op.row_stride = t.strides.size() > n_batch ? t.strides[n_batch] : 0;
+    op.col_stride = t.strides.size() > n_batch + 1 ? t.strides[n_batch + 1] : 0;
+  }
+  return op;
+}
+
+struct Case {
+  Shape batch;
+  int64_t L, S, E, Ev, group;
+  int mask_kind;  // 0 none, 1 bool, 2 additive
+  bool causal, window, bottom_right, softcap, alibi, kv_lengths, weights, lse;
+  int threads;
+};
+
+struct Stats {
+  int problems = 0, failures = 0;
+};
+
+template <class T>
+void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& stats) {
+  const T sentinel = T(12345.5);
+  const size_t nb = c.batch.size();
+  Shape kv_batch = c.batch;
+  if (nb) kv_batch.back() /= c.group;
+  auto with = [](Shape s, std::initializer_list<int64_t> tail) {
+    s.insert(s.end(), tail);
+    return s;
+  };
+  std::normal_distribution<double> normal(0.0, 1.0);
+  auto fill = [&](auto& t, auto value) {
+    for_each_index(t.shape, [&](const Shape& idx) { t.buf[size_t(t.index(idx))] = value(); });
+  };
+  auto q = make_tensor<T>(rng, with(c.batch, {c.L, c.E}), true, sentinel);
+  auto k = make_tensor<T>(rng, with(kv_batch, {c.S, c.E}), true, sentinel);
+  auto v = make_tensor<T>(rng, with(kv_batch, {c.S, c.Ev}), true, sentinel);
+  fill(q, [&] { return T(normal(rng)); });
+  fill(k, [&] { return T(normal(rng)); });
+  fill(v, [&] { return T(normal(rng)); });
+  auto mask_b = make_tensor<uint8_t>(rng, with(c.batch, {c.L, c.S}), true, 0);
+  auto mask_f = make_tensor<T>(rng, with(c.batch, {c.L, c.S}), true, sentinel);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  fill(mask_b, [&] { return uint8_t(uniform(rng) < 0.7); });
+  fill(mask_f, [&] {
+    return uniform(rng) < 0.2 ? -std::numeric_limits<T>::infinity() : T(normal(rng));
+  });
+  auto slopes = make_tensor<T>(rng, c.batch, true, sentinel);
+  fill(slopes, [&] { return T(uniform(rng)); });
+  auto lengths = make_tensor<int64_t>(rng, c.batch, true, -7);
+  fill(lengths, [&] { return int64_t(uniform(rng) * double(c.S + 1)); });
+  auto out = make_tensor<T>(rng, with(c.batch, {c.L, c.Ev}), false, sentinel);
+  auto weights = make_tensor<T>(rng, with(c.batch, {c.L, c.S}), false, sentinel);
+  auto lse = make_tensor<T>(rng, with(c.batch, {c.L}), false, sentinel);
+  const auto q0 = q.buf, k0 = k.buf, v0 = v.buf;
+
+  Problem p;
+  p.dtype = sizeof(T) == 8 ? fastattn::DType::kFloat64 : fastattn::DType::kFloat32;
+  p.batch_shape = c.batch;
+  p.L = c.L, p.S = c.S, p.E = c.E, p.Ev = c.Ev;
+  p.q = view(q, nb), p.k = view(k, nb), p.v = view(v, nb);
+  p.kv_group = c.group;
+  p.mask_kind = fastattn::MaskKind(c.mask_kind);
+  if (c.mask_kind == 1) p.mask = view(mask_b, nb);
+  if (c.mask_kind == 2) p.mask = view(mask_f, nb);
+  p.offset = c.bottom_right ? c.S - c.L : 0;
+  if (c.causal) p.band_hi = p.offset;
+  if (c.window) {
+    p.band_lo = p.offset - 3;
+    p.band_hi = std::min(p.band_hi, p.offset + 2);
+  }
+  p.scale = 1.0 / std::sqrt(double(std::max<int64_t>(c.E, 1)));
+  p.softcap = c.softcap ? 2.5 : 0.0;
+  if (c.alibi) p.alibi = view(slopes, nb, false);
+  if (c.kv_lengths) p.kv_lengths = view(lengths, nb, false);
+  p.out = view(out, nb);
+  if (c.weights) p.weights = view(weights, nb);
+  if (c.lse) p.lse = view(lse, nb);
+  p.num_threads = c.threads;
+  fastattn::attention(p);
+
+  // The naive loop, in double: not long double, which valgrind computes as double anyway (and
+  // whose infinities it mangles); double's error is far below the float64 tolerance's 16 eps.
+  using LD = double;
+  const LD eps = LD(std::numeric_limits<T>::epsilon());
+  std::string error;
+  auto check = [&](const char* what, LD got, LD want, LD tol, const Shape& idx) {
+    const bool same = (std::isnan(got) && std::isnan(want)) || got == want ||
+                      std::fabs(got - want) <= tol;
+    if (!same && error.empty()) {
+      error = std::string(what) + " at [";
+      for (int64_t i : idx) error += std::to_string(i) + ",";
+      error += "] got " + std::to_string(double(got)) + " want " + std::to_string(double(want));
+    }
+  };
+  const int64_t S = c.S;
+  const size_t n_keys = static_cast<size_t>(S);
+  std::vector<LD> s(n_keys), w(n_keys), terms(n_keys);
+  auto at = [](const auto& t, int64_t off, int64_t i, int64_t j) {  // matrix element (i, j)
+    const size_t n = t.shape.size();
+    return LD(t.buf[size_t(off + i * t.strides[n - 2] + j * t.strides[n - 1])]);
+  };
+  for_each_index(with(c.batch, {c.L}), [&](const Shape& qi) {
+    Shape bi(qi.begin(), qi.end() - 1), kvb = bi;
+    if (nb) kvb.back() /= c.group;
+    const int64_t i = qi.back();
+    const int64_t oq = q.index(with(bi, {0, 0})), ok = k.index(with(kvb, {0, 0}));
+    const int64_t ov = v.index(with(kvb, {0, 0})), oo = out.index(with(bi, {0, 0}));
+    const int64_t omb = mask_b.index(with(bi, {0, 0})), omf = mask_f.index(with(bi, {0, 0}));
+    const int64_t ow = weights.index(with(bi, {0, 0}));
+    const int64_t keys = c.kv_lengths ? std::min(S, std::max<int64_t>(lengths.at(bi), 0)) : S;
+    LD m = -INFINITY, vmax = 0;
+    for (int64_t j = 0; j < S; ++j) {
+      LD dot = 0, mag = 0;
+      for (int64_t e = 0; e < c.E; ++e) {
+        const LD a = at(q, oq, i, e), b = at(k, ok, j, e);
+        dot += a * b;
+        mag += std::fabs(a * b);
+      }
+      LD x = dot * LD(p.scale);
+      terms[size_t(j)] = mag * LD(p.scale);
+      if (c.softcap) x = LD(p.softcap) * std::tanh(x / LD(p.softcap));
+      bool keep = j >= i + p.band_lo && j <= i + p.band_hi && j < keys;
+      if (c.mask_kind == 1) keep = keep && mask_b.buf[size_t(omb + i * mask_b.strides[nb] +
+                                                              j * mask_b.strides[nb + 1])] != 0;
+      if (c.mask_kind == 2) x += at(mask_f, omf, i, j);
+      if (c.alibi) x -= LD(slopes.at(bi)) * LD(std::llabs(j - (i + p.offset)));
+      s[size_t(j)] = keep ? x : -INFINITY;
+      m = std::max(m, s[size_t(j)]);
+    }
+    LD total = 0, logits = 0;
+    for (int64_t j = 0; j < S; ++j) {
+      w[size_t(j)] = m == -INFINITY ? 0 : std::exp(s[size_t(j)] - m);
+      total += w[size_t(j)];
+      if (w[size_t(j)] > 0) logits = std::max(logits, terms[size_t(j)] + std::fabs(s[size_t(j)]));
+    }
+    for (int64_t j = 0; j < S; ++j) {
+      if (total > 0) w[size_t(j)] /= total;
+      for (int64_t e = 0; e < c.Ev; ++e) vmax = std::max(vmax, std::fabs(at(v, ov, j, e)));
+    }
+    // The kernel rounds each logit (an error of eps times its terms) and sums over S keys.
+    const LD tol = 16 * eps * (1 + logits) * std::sqrt(LD(S + 1));
+    for (int64_t e = 0; e < c.Ev; ++e) {
+      LD o = 0;
+      for (int64_t j = 0; j < S; ++j) o += w[size_t(j)] * at(v, ov, j, e);
+      check("out", at(out, oo, i, e), o, tol * (vmax + 1), with(bi, {i, e}));
+    }
+    if (c.weights)
+      for (int64_t j = 0; j < S; ++j)
+        check("weights", at(weights, ow, i, j), w[size_t(j)], tol, with(bi, {i, j}));
+    if (c.lse) check("lse", lse.at(qi), total > 0 ? m + std::log(total) : -INFINITY, tol, qi);
+  });
+
+  // Inputs untouched; outputs written exactly on their elements (the sentinel elsewhere).
+  if (q.buf != q0 || k.buf != k0 || v.buf != v0) error += " an input was modified";
+  auto only_view = [&](const Tensor<T>& t, bool written, const char* what) {
+    std::vector<bool> in_view(t.buf.size(), false);
+    if (written) for_each_index(t.shape, [&](const Shape& idx) { in_view[size_t(t.index(idx))] = true; });
+    for (size_t n = 0; n < t.buf.size(); ++n)
+      if (!in_view[n] && t.buf[n] != sentinel) {
+        error += std::string(" ") + what + " written outside its elements";
+        return;
+      }
+  };
+  only_view(out, true, "out");
+  only_view(weights, c.weights, "weights");
+  only_view(lse, c.lse, "lse");
+
+  ++stats.problems;
+  if (!error.empty()) {
+    ++stats.failures;
+    std::printf("FAIL %s %s batch %zu L=%lld S=%lld E=%lld Ev=%lld group=%lld mask=%d causal=%d "
+                "window=%d bottom_right=%d softcap=%d alibi=%d kv_lengths=%d weights=%d lse=%d "
+                "threads=%d: %s\n",
+                isa.c_str(), sizeof(T) == 8 ? "float64" : "float32", nb, (long long)c.L,
+                (long long)c.S, (long long)c.E, (long long)c.Ev, (long long)c.group, c.mask_kind,
+                c.causal, c.window, c.bottom_right, c.softcap, c.alibi, c.kv_lengths, c.weights,
+                c.lse, c.threads, error.c_str());
+  }
+}
+
+// Inconsistent problems: each must throw std::invalid_argument (and leak nothing doing so).
+int refusals() {
+  int failures = 0;
+  float x[64] = {};
+  auto base = [&] {
+    Problem p;
+    p.batch_shape = {4};
+    p.L = p.S = p.E = p.Ev = 2;
+    for (Operand* op : {&p.q, &p.k, &p.v, &p.out}) {
+      op->data = x;
+      op->batch_strides = {4};
+      op->row_stride = 2;
+      op->col_stride = 1;
+    }
+    return p;
+  };
+  std::vector<std::pair<const char*, Problem>> bad;
+  bad.emplace_back("kv_group not dividing the heads", base());
+  bad.back().second.kv_group = 3;
+  bad.emplace_back("negative size", base());
+  bad.back().second.L = -1;
+  bad.emplace_back("null data", base());
+  bad.back().second.k.data = nullptr;
+  bad.emplace_back("batch strides of another rank", base());
+  bad.back().second.v.batch_strides = {4, 1};
+  bad.emplace_back("negative softcap", base());
+  bad.back().second.softcap = -1.0;
+  bad.emplace_back("negative num_threads", base());
+  bad.back().second.num_threads = -2;
+  for (auto& [what, p] : bad) {
+    try {
+      fastattn::attention(p);
+      std::printf("FAIL no exception for %s\n", what);
+      ++failures;
+    } catch (const std::invalid_argument&) {
+    }
+  }
+  try {
+    fastattn::set_isa("no-such-isa");
+    std::printf("FAIL set_isa accepted an unknown name\n");
+    ++failures;
+  } catch (const std::invalid_argument&) {
+  }
+  return failures;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int rounds = argc > 1 ? std::atoi(argv[1]) : 60;  // random problems per type and ISA
+  std::mt19937 rng(20240611);
+  std::uniform_int_distribution<int> pick(0, 99);
+  auto size = [&](int64_t small, int64_t large) {
+    const int r = pick(rng);
+    return r < 10 ? int64_t(r % 2) : r < 70 ? 1 + pick(rng) % small : 1 + pick(rng) % large;
+  };
+  Stats stats;
+  int failures = refusals();
+  for (const std::string& isa : fastattn::available_isas()) {
+    fastattn::set_isa(isa);
+    for (int r = 0; r < rounds; ++r) {
+      Case c;
+      const int axes = pick(rng) % 3;
+      c.group = 1;
+      for (int d = 0; d < axes; ++d) c.batch.push_back(1 + pick(rng) % 3);
+      if (axes && pick(rng) % 3 == 0) {
+        c.group = 1 + pick(rng) % 3;
+        c.batch.back() *= c.group;
+      }
+      c.L = size(6, 70);  // up to 4 queries: the row kernel; more: the tiles
+      c.S = size(20, 300);
+      c.E = size(8, 70);
+      c.Ev = size(8, 40);
+      // At most ~100k multiply-adds a problem, so that valgrind runs them all in a minute.
+      while (numel(c.batch) * c.L * c.S * (c.E + c.Ev) > 100000) {
+        int64_t* largest = &c.L;
+        for (int64_t* d : {&c.S, &c.E, &c.Ev})
+          if (*d > *largest) largest = d;
+        *largest /= 2;
+      }
+      c.mask_kind = pick(rng) % 3;
+      c.causal = pick(rng) % 3 == 0;
+      c.window = pick(rng) % 5 == 0;
+      c.bottom_right = pick(rng) % 2 == 0;
+      c.softcap = pick(rng) % 5 == 0;
+      c.alibi = pick(rng) % 5 == 0;
+      c.kv_lengths = pick(rng) % 4 == 0;
+      c.weights = pick(rng) % 3 == 0;
+      c.lse = pick(rng) % 3 == 0;
+      c.threads = pick(rng) % 3;  // 0: the default
+      if (pick(rng) % 2)
+        run_case<float>(c, rng, isa, stats);
+      else
+        run_case<double>(c, rng, isa, stats);
+    }
+  }
+  fastattn::set_isa("");
+  failures += stats.failures;
+  std::printf("driver: %d problems on %zu instruction sets (", stats.problems,
+              fastattn::available_isas().size());
+  for (const std::string& isa : fastattn::available_isas()) std::printf(" %s", isa.c_str());
+  std::printf(" ), %d failures\n", failures);
+  return failures ? 1 : 0;
+}
