@@ -88,8 +88,8 @@ inline void softcap_scores(const KernelArgs& a, T* s, int64_t n) {
 }
 
 // Transforms one row of base-2 scores s[0:n_pad] of query i against keys j0 .. j0 + nb - 1 into
-// logits: softcap, then the additive mask and ALiBi bias; padding keys (nb .. n_pad), keys
-// outside the band and keys the user's bool mask removes become -inf.
+// logits: softcap, then the ALiBi bias and the additive mask; padding keys (nb .. n_pad), keys
+// the user's bool mask removes and, last, keys outside the band become -inf.
 template <class T>
 inline void mask_scores(const KernelArgs& a, const EntryParams<T>& e, T* srow, int64_t n_pad,
                         int64_t i, int64_t j0, int64_t nb, int64_t m_off) {
@@ -103,12 +103,6 @@ inline void mask_scores(const KernelArgs& a, const EntryParams<T>& e, T* srow, i
       srow[j] += e.neg_slope2 * T(d < 0 ? -d : d);
     }
   }
-  if (a.has_band) {  // keys j < i + band_lo and j > i + band_hi are hidden
-    const int64_t lo = min64(max64(i + a.band_lo - j0, 0), nb);
-    const int64_t hi = min64(max64(i + a.band_hi + 1 - j0, lo), nb);
-    R::fill(srow, lo, R::kNegInf);
-    R::fill(srow + hi, nb - hi, R::kNegInf);
-  }
   if (a.mask_kind != 0) {
     MaskRow<T> mk;
     mk.kind = a.mask_kind;
@@ -117,6 +111,13 @@ inline void mask_scores(const KernelArgs& a, const EntryParams<T>& e, T* srow, i
     mk.ptr = static_cast<const char*>(a.mask.data) +
              (m_off + i * a.mask.row_stride + j0 * a.mask.col_stride) * elem;
     R::apply_mask(srow, nb, mk);
+  }
+  // Last: a hidden key is -inf whatever its additive mask (+inf included, which would make NaN).
+  if (a.has_band) {  // keys j < i + band_lo and j > i + band_hi are hidden
+    const int64_t lo = min64(max64(i + a.band_lo - j0, 0), nb);
+    const int64_t hi = min64(max64(i + a.band_hi + 1 - j0, lo), nb);
+    R::fill(srow, lo, R::kNegInf);
+    R::fill(srow + hi, nb - hi, R::kNegInf);
   }
 }
 

@@ -149,8 +149,8 @@ struct TileKernel {
   }
 
   // Turns the S^T rows of keys j0 .. j0 + nb - 1 (queries i0 .. i0 + rows - 1 along each row)
-  // into logits as mask_scores does for one row: softcap, then the additive mask (with
-  // user_mask) and ALiBi; keys outside the band or removed by a bool mask become -inf. Then
+  // into logits as mask_scores does for one row: softcap, then ALiBi and (with user_mask) the
+  // mask; keys removed by a bool mask and, last, keys outside the band become -inf. Then
   // recomputes the column maximum.
   void mask_block(Workspace& ws, const EntryParams<T>& ep, int64_t i0, int64_t rows, int64_t j0,
                   int64_t nb, int64_t m_off, bool user_mask) const {
@@ -166,12 +166,6 @@ struct TileKernel {
                                                                       ep.neg_slope2);
         }
       }
-      if (a.has_band) {  // query i sees the key only if key - band_hi <= i <= key - band_lo
-        const int64_t lo = min64(max64(key - a.band_hi - i0, 0), rows);
-        const int64_t hi = min64(max64(key - a.band_lo + 1 - i0, lo), rows);
-        R::fill(srow, lo, R::kNegInf);
-        R::fill(srow + hi, rows - hi, R::kNegInf);
-      }
       if (user_mask) {
         MaskRow<T> mk;  // along a S^T row the mask advances by its row (query) stride
         mk.kind = a.mask_kind;
@@ -180,6 +174,13 @@ struct TileKernel {
         mk.ptr = static_cast<const char*>(a.mask.data) +
                  (m_off + i0 * a.mask.row_stride + key * a.mask.col_stride) * elem;
         R::apply_mask(srow, rows, mk);
+      }
+      // Last: hidden is -inf whatever the additive mask holds (+inf would make NaN).
+      if (a.has_band) {  // query i sees the key only if key - band_hi <= i <= key - band_lo
+        const int64_t lo = min64(max64(key - a.band_hi - i0, 0), rows);
+        const int64_t hi = min64(max64(key - a.band_lo + 1 - i0, lo), rows);
+        R::fill(srow, lo, R::kNegInf);
+        R::fill(srow + hi, rows - hi, R::kNegInf);
       }
     }
     for (int v = 0; v < NV; ++v) {
