@@ -215,3 +215,15 @@ def test_threads_used_follow_num_threads_and_threadpoolctl():
 def test_threads_used_follow_omp_num_threads():
     counts = _used_threads(OMP_NUM_THREADS="1")
     assert counts == {"1": 1, "2": 2, "3": 3, "None": 1}, counts
+
+
+@pytest.mark.parametrize("env,want", [({}, "10000"), ({"OMP_WAIT_POLICY": "active"}, None),
+                                      ({"GOMP_SPINCOUNT": "5"}, "5")])
+def test_openmp_spin_default(env, want):
+    # Short barrier spins by default (see fastattn/__init__.py); a user's own choice stands.
+    full = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    full.update(env)
+    code = "import os, fastattn; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out == str(want)
