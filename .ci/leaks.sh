@@ -8,7 +8,7 @@
 #   3. built with AddressSanitizer, LeakSanitizer and UBSan (FASTATTN_SANITIZE): every kernel,
 #      AVX-512 included; any report fails.
 #
-#   .ci/leaks.sh          # about 4 minutes on 2 cores, mostly compiling
+#   .ci/leaks.sh              # 1-3 minutes on 2 cores, mostly compiling
 #   ROUNDS=1000 .ci/leaks.sh   # more random problems per dtype and instruction set
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ root=$(pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 start=$SECONDS
-rounds=${ROUNDS:-150}
+rounds=${ROUNDS:-400}
 step() { printf '\n=== %s (%d s)\n' "$*" "$((SECONDS - start))"; }
 
 if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
