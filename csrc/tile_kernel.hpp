@@ -337,8 +337,9 @@ struct TileKernel {
       const int64_t j0 = kb * BN, nb = min64(BN, a.S - j0);
       // Keys nk .. nb - 1 of the block take no part (kv_lengths): their weights are 0.
       const int64_t nk = kb < kb_begin || kb >= kb_end ? 0 : max64(0, min64(nb, ep.keys - j0));
+      // (0 times the row's 1 / l: NaN in a NaN row, as the reference's 0 / NaN.)
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = nk; j < nb; ++j) W[(i0 + i) * wrs + (j0 + j) * wcs] = T(0);
+        for (int64_t j = nk; j < nb; ++j) W[(i0 + i) * wrs + (j0 + j) * wcs] = T(0) * ws.alpha[i];
       if (nk == 0) continue;
       scores(ws, K, j0, nk);
       if (needs_mask(i0, rows, j0, nk, a.mask_kind != 0))

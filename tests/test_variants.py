@@ -272,3 +272,19 @@ def test_hidden_keys_ignore_their_additive_mask(backend, rng, L):
     out = check(backend, q, k, v, mask=m, causal=True)
     assert np.isfinite(out[:, :5]).all()  # rows 0-4 see only finite logits
     check(backend, q, k, v, mask=m, window=(1, 1), alibi_slopes=np.ones(1))
+
+
+def test_nan_row_weights_are_nan_everywhere(backend):
+    # A NaN logit makes its whole row NaN, keys past kv_lengths included (0 / NaN), as the
+    # reference has it (found by the differential fuzzer).
+    q, k = np.zeros((1, 0), np.float32), np.zeros((6, 0), np.float32)
+    v = np.ones((6, 5), np.float32)
+    out, w = check(backend, q, k, v, mask=np.array([np.nan], np.float32), kv_lengths=5,
+                   return_weights=True)
+    assert np.isnan(w).all() and np.isnan(out).all()
+
+
+def test_zero_query_heads_with_variants(backend):
+    q, k = np.zeros((0, 1, 0), np.float32), np.zeros((2, 0, 0), np.float32)
+    out = check(backend, q, k, k, enable_gqa=True, alibi_slopes=np.ones(1), kv_lengths=0)
+    assert out.shape == (0, 1, 0)

@@ -45,6 +45,8 @@ def _unit_rows(x):
 
 def logits_in(dtype, plan: Plan) -> np.ndarray:
     """The final scores ``(..., L, S)`` of a plan in ``dtype``: -inf where a key takes no part."""
+    if 0 in plan.batch:
+        return np.zeros(plan.batch + (plan.L, plan.S), dtype)
     q, k = plan.q.astype(dtype), plan.k.astype(dtype)
     if plan.similarity == "cosine":
         q, k = _unit_rows(q), _unit_rows(k)
@@ -79,6 +81,10 @@ def attention_in(dtype, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     Tests use it to measure how far a plain float32 computation of the same formula is from
     float64: that error sets the tolerance of the float32 kernels.
     """
+    full = plan.batch + (plan.L,)
+    if 0 in plan.batch:  # nothing to compute (and k may hold heads that q's zero heads never read)
+        return (np.zeros(full + (plan.Ev,), dtype), np.zeros(full + (plan.S,), dtype),
+                np.zeros(full, dtype))
     scores = logits_in(dtype, plan)
     v = plan.v.astype(dtype)
     if plan.kv_group > 1:
@@ -91,6 +97,5 @@ def attention_in(dtype, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         lse = (m + np.log(total))[..., 0]  # -inf for a row with no key
     weights = weights / np.where(total == 0, 1, total)
     out = weights @ v
-    full = plan.batch + (plan.L,)
     return (np.broadcast_to(out, full + (plan.Ev,)), np.broadcast_to(weights, full + (plan.S,)),
             np.broadcast_to(lse, full))
