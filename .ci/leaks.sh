@@ -9,7 +9,7 @@
 #      AVX-512 included; any report fails.
 #
 #   .ci/leaks.sh              # 1-3 minutes on 2 cores, mostly compiling
-#   ROUNDS=1000 .ci/leaks.sh   # more random problems per dtype and instruction set
+#   ROUNDS=2000 .ci/leaks.sh   # more random problems per instruction set (default 400)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)

@@ -259,7 +259,8 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   if (q.buf != q0 || k.buf != k0 || v.buf != v0) error += " an input was modified";
   auto only_view = [&](const Tensor<T>& t, bool written, const char* what) {
     std::vector<bool> in_view(t.buf.size(), false);
-    if (written) for_each_index(t.shape, [&](const Shape& idx) { in_view[size_t(t.index(idx))] = true; });
+    if (written)
+      for_each_index(t.shape, [&](const Shape& idx) { in_view[size_t(t.index(idx))] = true; });
     for (size_t n = 0; n < t.buf.size(); ++n)
       if (!in_view[n] && t.buf[n] != sentinel) {
         error += std::string(" ") + what + " written outside its elements";
