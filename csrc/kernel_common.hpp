@@ -23,8 +23,10 @@ struct Buffer {
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   ~Buffer() { std::free(ptr); }
+  // Never leaves ptr null, even for count 0 (Ev = 0): memset and pointer arithmetic on a null
+  // pointer are undefined, even with size 0 (UBSan flags them).
   bool reserve(int64_t count) {
-    if (count <= size) return true;
+    if (ptr && count <= size) return true;
     std::free(ptr);
     const size_t bytes = size_t(round_up(max64(count, 1) * int64_t(sizeof(T)), 64));
     ptr = static_cast<T*>(std::aligned_alloc(64, bytes));
