@@ -22,7 +22,7 @@ overflow
     smallest and largest value of its column, weights lie in [0, 1] and rows of them sum to 1.
 
 CI runs ``FASTATTN_FUZZ_EXAMPLES`` examples per backend (default 800: about 40 s for the four
-CPU paths on 2 cores). A longer run, 10,000 examples per backend (about 10 minutes), with the
+CPU paths on 2 cores). A longer run, 10,000 examples per backend (about 14 minutes), with the
 share of each kind of call::
 
     FASTATTN_FUZZ_EXAMPLES=10000 python -m pytest -q -p no:cacheprovider tests/test_fuzz.py \
@@ -241,6 +241,8 @@ def _judge_special(backend, call: Call, plan, got, special, bound, big) -> None:
             np.testing.assert_array_equal(_wide(g), _wide(c),
                                           err_msg=f"{name} depend on v's special values")
 
+    if 0 in plan.batch:  # empty results (shapes checked above); v may hold unread heads
+        return
     eps = float(np.finfo(plan.dtype).eps)
     with np.errstate(all="ignore"):
         W = np.asarray(reference.attention_in(np.float64, plan)[1], np.float64)

@@ -59,7 +59,9 @@ TOLERANCES = {
 # the magnitude of the output's terms (sum_j p_j |v_j|, not |out|, which cancellation can make
 # small): the bfloat16 tiles round the weights p_j to bfloat16 for their products, as
 # FlashAttention does, an error of at most half an ulp of that magnitude.
-HALF_EXTRA_ULPS = 1.0
+# The bfloat16 tiles round each weight and then the output: up to ~1.5 ulps when the terms
+# share a sign (1.07 measured by the fuzzer), hence 2.
+HALF_EXTRA_ULPS = 2.0
 # Mantissa bits and smallest normal exponent of the 16-bit floats, for their ulp.
 HALF_FORMATS = {"float16": (10, -14), "bfloat16": (7, -126)}
 

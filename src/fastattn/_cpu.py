@@ -27,7 +27,7 @@ def _bfloat16_pairs(q: np.ndarray, k: np.ndarray, v: np.ndarray):
     if q.shape[-1] % 2:
         q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), q.dtype)], axis=-1)
         k = np.concatenate([k, np.zeros(k.shape[:-1] + (1,), k.dtype)], axis=-1)
-    elif k.strides[-1] != k.itemsize:
+    if k.strides[-1] != k.itemsize:  # also after padding: concatenate keeps a Fortran layout
         k = np.ascontiguousarray(k)
     S, Ev = v.shape[-2:]
     vp = np.zeros(v.shape[:-2] + (S + S % 2, Ev), v.dtype)
