@@ -664,6 +664,14 @@ def fmt_cells(row: Row) -> list[str]:
     ]
 
 
+def aligned(cells: list[list[str]]) -> str:
+    """Rows of cells as left-aligned columns, a rule under the first (header) row."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_table(rows: list[Row], markdown: bool = False) -> str:
     """The rows as an aligned text table, or as a Markdown table."""
     cells = [list(COLUMNS)] + [fmt_cells(r) for r in rows]
@@ -671,10 +679,7 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(c) + " |" for c in cells]
         lines.insert(1, "|" + "|".join("---" for _ in COLUMNS) + "|")
         return "\n".join(lines)
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return aligned(cells)
 
 
 LEGEND = ("ratio: median over rounds of (fastest peer time / fastattn time); > 1 means fastattn "
@@ -769,10 +774,7 @@ def format_self_table(rows: list[dict]) -> str:
         cells.append([r["case"], r["shape"], r["variant"], f"{r['variant_s'] * 1e3:.1f} ms",
                       r["baseline"], f"{r['baseline_s'] * 1e3:.1f} ms", f"{r['ratio']:.2f}",
                       f">={r['target']:g}", "PASS" if r["passed"] else "FAIL", bw])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return aligned(cells)
 
 
 def resolve_cases(cases) -> list[Case]:
