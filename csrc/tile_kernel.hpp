@@ -240,7 +240,7 @@ struct TileKernel {
   }
 
   void tile(Workspace& ws, int64_t b, int64_t qtile) const {
-    const int64_t E = a.E, Ev = a.Ev;
+    const int64_t Ev = a.Ev;
     const int64_t i0 = qtile * BM;
     const int64_t rows = min64(BM, a.L - i0);
     const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);

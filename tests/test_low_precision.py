@@ -85,3 +85,13 @@ def test_bfloat16_tiles_run_natively(rng, L):
     assert not np.array_equal(native.astype(np.float32), widened.astype(np.float32))
     want = fastattn.attention(*(a.astype(np.float32) for a in (q, k, v))).astype(bf16)
     np.testing.assert_array_equal(widened.astype(np.float32), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+def test_half_alibi_slopes(backend, rng, dtype):
+    # Slopes take the 16-bit dtypes the inputs take, with the same meaning as their float32 values.
+    q, k, v = qkv(rng, (2, 3), 5, 40, 8, 4)
+    slopes = (rng.random(3) * 0.5).astype(dtype)
+    out = check(backend, q, k, v, alibi_slopes=slopes, causal=True)
+    np.testing.assert_array_equal(out, backend(q, k, v, alibi_slopes=slopes.astype(np.float32),
+                                               causal=True))

@@ -120,8 +120,8 @@ def test_softcap(backend, rng, cap, L, S):
     s = q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2) / 4
     capped = cap * np.tanh(s / cap)
     fake_q = np.concatenate([np.ones(s.shape[:-1] + (1,)), capped], -1)  # logits as a product
-    fake_k = np.concatenate([np.zeros(s.shape[:-2] + (S, 1)), np.broadcast_to(np.eye(S), (2, S, S))],
-                            -1)
+    eye = np.broadcast_to(np.eye(S), (2, S, S))
+    fake_k = np.concatenate([np.zeros(s.shape[:-2] + (S, 1)), eye], -1)
     want = np.asarray(out[0] if isinstance(out, tuple) else out)
     assert_close_to_reference(want, fake_q.astype(np.float32), fake_k.astype(np.float32), v,
                               scale=1.0, causal=True)

@@ -1,4 +1,5 @@
-"""``python -m fastattn``: the build's configuration, a check against the reference, a short benchmark.
+"""``python -m fastattn``: the build's configuration, a check against the reference, a short
+benchmark.
 
 ``python -m fastattn bench [options]`` runs the full side-by-side benchmark (see ``--help``).
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -25,19 +27,19 @@ def describe_build(file=sys.stdout) -> None:
 def check_against_reference(file=sys.stdout) -> bool:
     """Runs a few calls on every kernel path and compares them with the reference."""
     rng = np.random.default_rng(0)
-    cases = [
-        dict(shape=(2, 4, 77, 130, 40, 24), kwargs={}),
-        dict(shape=(1, 2, 64, 64, 64, 64), kwargs=dict(causal=True)),
-        dict(shape=(3, 1, 33, 200, 16, 16), kwargs=dict(mask="padding")),
+    cases: list[tuple[tuple[int, ...], dict[str, Any]]] = [  # (B, H, L, S, E, Ev), kwargs
+        ((2, 4, 77, 130, 40, 24), {}),
+        ((1, 2, 64, 64, 64, 64), dict(causal=True)),
+        ((3, 1, 33, 200, 16, 16), dict(mask="padding")),
     ]
     ok = True
     for isa in _core.available_isas():
         _core.set_isa(isa)
         try:
             worst = {np.float32: 0.0, np.float64: 0.0}
-            for case in cases:
-                B, H, L, S, E, Ev = case["shape"]
-                kwargs = dict(case["kwargs"])
+            for shape, case_kwargs in cases:
+                B, H, L, S, E, Ev = shape
+                kwargs = dict(case_kwargs)
                 if kwargs.get("mask") == "padding":
                     lengths = rng.integers(1, S + 1, size=B)
                     kwargs["mask"] = (np.arange(S) < lengths[:, None])[:, None, None, :]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from . import _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
 from ._validate import Plan, prepare
 
-
 _BACKENDS = ("auto", "cpu", "cuda")
 
 
@@ -97,7 +96,8 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
 
     Notes
     -----
-    A query row with no key left (all masked, or ``S == 0``) gives zeros, never NaN.
+    A query row with no key left (all masked, or ``S == 0``) gives zeros, not NaN, as long as
+    ``v`` is finite: the output is ``weights @ v``, and ``0 * NaN`` is NaN here as in the reference.
 
     Examples
     --------

@@ -23,6 +23,7 @@ shared and noisy).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -445,7 +446,7 @@ def measure_ceilings(threads: int, calls: int = 3) -> dict:
         for name, dt in (("sgemm_gflops", np.float32), ("dgemm_gflops", np.float64)):
             a = np.ones((n, n), dt)
             np.dot(a, a)
-            out[name] = 2.0 * n**3 / best_of(lambda a=a: np.dot(a, a), calls) / 1e9
+            out[name] = 2.0 * n**3 / best_of(functools.partial(np.dot, a, a), calls) / 1e9
         x = np.ones(1 << 28, np.float32)  # np.ones writes every page, so none is lazily mapped
         np.dot(x, x)
         one = best_of(lambda: np.dot(x, x), calls)
@@ -744,7 +745,8 @@ def run_self_case(case: SelfCase, rounds: int, calls: int, threads: int) -> dict
         row["status"] = f"absent: {exc}"
         return row
     samplings = [calibrate(f, calls)[1] for f in (variant, baseline)]
-    tv, tb = [], []
+    tv: list[float] = []
+    tb: list[float] = []
     for r in range(rounds):
         pair = [(variant, samplings[0], tv), (baseline, samplings[1], tb)]
         for fn, sampling, out in (pair if r % 2 == 0 else pair[::-1]):

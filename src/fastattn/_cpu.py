@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import _core
 from ._validate import Plan
-
 
 # 16-bit storage codes of the compiled kernel (fastattn::Storage).
 _STORAGE = {"float16": 1, "bfloat16": 2}
@@ -54,7 +55,7 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     mask = plan.mask
     mask_kind = 0 if mask is None else (1 if mask.dtype == np.bool_ else 2)
     lo, hi = plan.band()
-    args = [
+    args: list[Any] = [
         plan.batch,
         L,
         S,
@@ -93,6 +94,6 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     if lse is not None:
         lse = lse[..., 0]
     if plan.out_dtype != plan.dtype:
-        out, weights, lse = (None if a is None else a.astype(plan.out_dtype)
-                             for a in (out, weights, lse))
+        out = out.astype(plan.out_dtype)
+        weights, lse = (None if a is None else a.astype(plan.out_dtype) for a in (weights, lse))
     return out, weights, lse

@@ -60,6 +60,7 @@ def positional_encoding(length, dim, base=10000.0, dtype=np.float64):
             raise ValueError(f"{name} must be >= {low}, got {n}")
     if isinstance(base, bool) or not isinstance(base, numbers.Real):
         raise TypeError(f"base must be a real number, got {base!r}")
+    base = float(base)
     if not (math.isfinite(base) and base > 0):
         raise ValueError(f"base must be positive and finite, got {base}")
     dtype = np.dtype(dtype)
@@ -68,7 +69,7 @@ def positional_encoding(length, dim, base=10000.0, dtype=np.float64):
 
     pos = np.arange(length, dtype=np.float64)[:, None]
     even = np.arange(0, dim, 2, dtype=np.float64)  # the 2i of each column pair
-    angle = pos / np.power(float(base), even / dim)  # (length, ceil(dim / 2))
+    angle = pos / np.power(base, even / dim)  # (length, ceil(dim / 2))
     table = np.empty((length, dim), dtype=np.float64)
     table[:, 0::2] = np.sin(angle)
     table[:, 1::2] = np.cos(angle[:, : dim // 2])  # odd dim: the last sine has no cosine

@@ -119,7 +119,7 @@ def _window(window) -> tuple[int | None, int | None]:
         left, right = window
     except (TypeError, ValueError):
         raise TypeError(f"window must be a pair (left, right), got {window!r}") from None
-    out = []
+    out: list[int | None] = []
     for name, w in (("left", left), ("right", right)):
         if w is None:
             out.append(None)
@@ -138,7 +138,7 @@ def _per_batch(name, a, batch, kinds, dtype, shapes, given=None) -> np.ndarray:
     ``given`` is the shape the caller passed, for the message, if ``a`` was reshaped.
     """
     a = np.asarray(a)
-    if a.dtype.kind not in kinds:
+    if a.dtype.kind not in kinds and not ("f" in kinds and is_bfloat16(a.dtype)):
         raise TypeError(f"{name} has dtype {a.dtype}")
     try:
         ok = a.ndim <= len(batch) and np.broadcast_shapes(a.shape, batch) == batch
@@ -277,9 +277,9 @@ def prepare(
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
             raise TypeError(f"softcap must be a positive real number, got {softcap!r}")
+        softcap = float(softcap)
         if not softcap > 0 or not math.isfinite(softcap):
             raise ValueError(f"softcap must be a positive finite number, got {softcap}")
-        softcap = float(softcap)
 
     return Plan(
         q=_as_kernel_array(q, storage),

@@ -256,7 +256,8 @@ class _Blocks:
 def _kv_heads(q_chunks, group):
     """(kv head chunks, kv head block of each q head block) for q head chunks from
     :func:`_gqa_head_chunks`: the distinct kv ranges they read partition the kv heads."""
-    ranges, block_of = [], []
+    ranges: list[tuple[int, int]] = []
+    block_of: list[int] = []
     start = 0
     for n in q_chunks:
         end = start + n
@@ -293,7 +294,7 @@ def _key_blocks_in_band(plan: Plan, l0: int, l1: int, key_starts) -> list[int]:
 def _build(blocks: _Blocks, plan, dtype, out_dtype, task_opts, split_every, return_lse, token):
     names = {part: f"fastattn-{part}-{token}" for part in ("partial", "merge", "out", "weights",
                                                            "lse")}
-    layers = {part: {} for part in names}
+    layers: dict[str, dict[tuple, tuple]] = {part: {} for part in names}
     q_starts, k_starts = _starts(blocks.q.chunks[-2]), _starts(blocks.k.chunks[-2])
     b_starts = [_starts(c) for c in blocks.batch_chunks]
     operands = [blocks.q, blocks.k, blocks.v] + ([blocks.mask] if blocks.mask is not None else [])
@@ -319,13 +320,17 @@ def _build(blocks: _Blocks, plan, dtype, out_dtype, task_opts, split_every, retu
                     parts[j] = key
             root = _merge_tree(layers["merge"], names["merge"], (*b, i), list(parts.values()),
                                split_every, b_shape + (l1 - l0, plan.Ev), dtype)
-            layers["out"][(names["out"], *b, i, 0)] = (_first, root, out_dtype)
+            # keys bound to names first: mypy reads x[(a, *b)] as 3.11's x[a, *b]
+            out_key = (names["out"], *b, i, 0)
+            layers["out"][out_key] = (_first, root, out_dtype)
             if return_lse:
-                layers["lse"][(names["lse"], *b, i)] = (_last, root, out_dtype)
+                lse_key = (names["lse"], *b, i)
+                layers["lse"][lse_key] = (_last, root, out_dtype)
             if plan.return_weights:
                 for j, (s0, s1) in enumerate(zip(k_starts, k_starts[1:])):
                     shape = b_shape + (l1 - l0, s1 - s0)
-                    layers["weights"][(names["weights"], *b, i, j)] = (
+                    weights_key = (names["weights"], *b, i, j)
+                    layers["weights"][weights_key] = (
                         (_rescaled_weights, parts[j], root, out_dtype) if j in parts
                         else (functools.partial(np.zeros, shape, out_dtype),))
 
@@ -348,8 +353,9 @@ def _merge_tree(layer, name, block, parts, split_every, out_shape, dtype):
     """Adds merge tasks combining ``parts`` (keys of partial results) to ``layer``; returns the
     key of the root. No parts (no key visible): a task making zeros and -inf."""
     if not parts:
-        layer[(name, *block)] = (functools.partial(_no_keys, out_shape, dtype),)
-        return (name, *block)
+        key = (name, *block)
+        layer[key] = (functools.partial(_no_keys, out_shape, dtype),)
+        return key
     level = 0
     while len(parts) > 1:
         merged = []
