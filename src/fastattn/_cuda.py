@@ -414,12 +414,14 @@ def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
         int(plan.return_weights),
         int(plan.return_lse),
     )
-    launch = kernel.KERNELS[tiles.dtype][grid, rows]
     if simulator:
+        # The simulator's kernel[grid, block] sets the dimensions on the one shared kernel
+        # object and returns it: configured and launched under one lock, or a concurrent call
+        # launches with another call's grid (found by test_concurrent_calls).
         with _SIM_LOCK:
-            launch(*args)
+            kernel.KERNELS[tiles.dtype][grid, rows](*args)
     else:
-        launch(*args)
+        kernel.KERNELS[tiles.dtype][grid, rows](*args)
 
     results = [out.reshape(shapes[0]) if Ev else cuda.device_array(shapes[0], out_dtype)]
     if plan.return_weights:
