@@ -1,5 +1,6 @@
 #include "cpu_features.hpp"
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <stdexcept>
@@ -38,6 +39,14 @@ bool compiled_in(const std::string& isa) {
 std::mutex g_mutex;
 std::string g_forced;     // set by force_isa
 bool g_env_read = false;  // FASTATTN_ISA is read on first use
+std::atomic<int> g_selected_id{0};  // IsaId of selected_isa(), kUnknown until first asked
+
+IsaId id_of(const std::string& isa) {
+  if (isa == "avx512bf16") return IsaId::kAvx512Bf16;
+  if (isa == "avx512") return IsaId::kAvx512;
+  if (isa == "avx2") return IsaId::kAvx2;
+  return IsaId::kBaseline;
+}
 
 void check_available(const std::string& name, const char* origin) {
   for (const auto& isa : supported_isas())
@@ -71,7 +80,15 @@ std::string selected_isa() {
     }
     g_env_read = true;
   }
-  return g_forced.empty() ? supported_isas().front() : g_forced;
+  const std::string isa = g_forced.empty() ? supported_isas().front() : g_forced;
+  g_selected_id.store(int(id_of(isa)), std::memory_order_release);
+  return isa;
+}
+
+IsaId selected_isa_id() {
+  const int id = g_selected_id.load(std::memory_order_acquire);
+  if (id != int(IsaId::kUnknown)) return IsaId(id);
+  return id_of(selected_isa());
 }
 
 void force_isa(const std::string& name) {
@@ -79,6 +96,7 @@ void force_isa(const std::string& name) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_env_read = !name.empty();  // "" goes back to FASTATTN_ISA, then to the best variant
   g_forced = name;
+  g_selected_id.store(int(IsaId::kUnknown), std::memory_order_release);  // asked anew
 }
 
 }  // namespace fastattn

@@ -15,4 +15,9 @@ std::vector<std::string> supported_isas();
 std::string selected_isa();
 void force_isa(const std::string& name);  // "" goes back to FASTATTN_ISA or the best variant
 
+// selected_isa() as a number, for the per-call dispatch: after the first call (which reads
+// FASTATTN_ISA, and throws as selected_isa does) one atomic load.
+enum class IsaId : int { kUnknown = 0, kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
+IsaId selected_isa_id();
+
 }  // namespace fastattn

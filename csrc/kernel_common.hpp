@@ -137,5 +137,35 @@ inline bool band_cuts(const KernelArgs& a, int64_t i0, int64_t i_last, int64_t j
   return j0 < i_last + a.band_lo || j0 + nb - 1 > i0 + a.band_hi;
 }
 
+// Runs body(ws, item) for every item in [0, items) on `threads` threads, dynamically scheduled
+// one item at a time (items differ in cost under a band), each thread with its own Workspace
+// made ready by allocate(ws). False when an allocation failed (items on that thread are
+// skipped). One thread runs outside any OpenMP region: libgomp ends even a region of one thread
+// with a futex wake of its barrier, two system calls that were a third of a tiny call's time in
+// the core (strace: 2 futex calls per call).
+template <class Workspace, class Allocate, class Body>
+bool for_each_item(int threads, int64_t items, Allocate allocate, Body body) {
+  if (threads <= 1) {
+    Workspace ws;
+    if (!allocate(ws)) return false;
+    for (int64_t it = 0; it < items; ++it) body(ws, it);
+    return true;
+  }
+  bool failed = false;
+#pragma omp parallel num_threads(threads)
+  {
+    Workspace ws;
+    const bool ok = allocate(ws);
+    if (!ok) {
+#pragma omp atomic write
+      failed = true;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it)
+      if (ok) body(ws, it);
+  }
+  return !failed;
+}
+
 }  // namespace FASTATTN_ISA_NS
 }  // namespace fastattn

@@ -52,7 +52,8 @@ struct RowKernel {
         Evp(round_up(args.Ev, kLanes)),
         n_groups((args.L + RMAX - 1) / RMAX) {
     const int64_t units = a.batch_count * n_groups;
-    if (units > 0 && units < 2 * int64_t(a.num_threads)) {
+    // Splits only occupy threads: one thread would pay their merge for nothing.
+    if (a.num_threads > 1 && units > 0 && units < 2 * int64_t(a.num_threads)) {
       const int64_t want = (2 * int64_t(a.num_threads) + units - 1) / units;
       splits = max64(1, min64(min64(want, kMaxSplits), a.S / kMinKeysPerSplit));
     }
@@ -309,36 +310,26 @@ struct RowKernel {
     if (!partial_o.reserve(items * per_item) || !parts.reserve(splits > 1 ? items : 1))
       return KernelStatus::kOutOfMemory;
     const int threads = int(min64(a.num_threads, items));
-    bool failed = false;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-      Workspace ws;
-      const bool ok = allocate(ws);
-      if (!ok) {
-#pragma omp atomic write
-        failed = true;
-      }
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t it = 0; it < items; ++it) {
-        if (!ok) continue;
-        const int64_t unit = it / splits, sp = it % splits;
-        const int64_t b = unit / n_groups, i0 = (unit % n_groups) * RMAX;
-        const int64_t k0 = min64(a.S, sp * keys_per_split);
-        const int64_t k1 = min64(a.S, k0 + keys_per_split);
-        if (splits == 1) {
-          Partial part;
-          part.o = ws.o.ptr;
-          group(ws, b, i0, k0, k1, part);
-          finish(b, i0, &part);
-        } else {
-          Partial& part = parts.ptr[it];
-          part.o = partial_o.ptr + it * per_item;
-          group(ws, b, i0, k0, k1, part);
-        }
-      }
-    }
-    if (failed) return KernelStatus::kOutOfMemory;
-    if (splits > 1) {
+    const bool ok = for_each_item<Workspace>(
+        threads, items, [&](Workspace& ws) { return allocate(ws); },
+        [&](Workspace& ws, int64_t it) {
+          const int64_t unit = it / splits, sp = it % splits;
+          const int64_t b = unit / n_groups, i0 = (unit % n_groups) * RMAX;
+          const int64_t k0 = min64(a.S, sp * keys_per_split);
+          const int64_t k1 = min64(a.S, k0 + keys_per_split);
+          if (splits == 1) {
+            Partial part;
+            part.o = ws.o.ptr;
+            group(ws, b, i0, k0, k1, part);
+            finish(b, i0, &part);
+          } else {
+            Partial& part = parts.ptr[it];
+            part.o = partial_o.ptr + it * per_item;
+            group(ws, b, i0, k0, k1, part);
+          }
+        });
+    if (!ok) return KernelStatus::kOutOfMemory;
+    if (splits > 1) {  // only with more than one thread (see the constructor)
 #pragma omp parallel for num_threads(threads) if (threads > 1)
       for (int64_t unit = 0; unit < units; ++unit)
         finish(unit / n_groups, (unit % n_groups) * RMAX, parts.ptr + unit * splits);

@@ -360,26 +360,16 @@ struct TileKernel {
     const int64_t items = a.batch_count * n_qtiles;
     if (items == 0) return KernelStatus::kOk;
     const int threads = int(min64(a.num_threads, items));
-    bool failed = false;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-      Workspace ws;
-      const bool ok = allocate(ws);
-      if (!ok) {
-#pragma omp atomic write
-        failed = true;
-      }
-      // Dynamic scheduling: tiles of a causal (banded) problem differ in cost. Within a batch entry the
-      // tiles run from the last (most keys) to the first, so the cheap ones fill the gaps at the
-      // end.
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t it = 0; it < items; ++it) {
-        if (!ok) continue;
-        const int64_t b = it / n_qtiles, t = it % n_qtiles;
-        tile(ws, b, a.has_band ? n_qtiles - 1 - t : t);
-      }
-    }
-    return failed ? KernelStatus::kOutOfMemory : KernelStatus::kOk;
+    // Dynamic scheduling: tiles of a causal (banded) problem differ in cost. Within a batch entry
+    // the tiles run from the last (most keys) to the first, so the cheap ones fill the gaps at
+    // the end.
+    const bool ok = for_each_item<Workspace>(
+        threads, items, [&](Workspace& ws) { return allocate(ws); },
+        [&](Workspace& ws, int64_t it) {
+          const int64_t b = it / n_qtiles, t = it % n_qtiles;
+          tile(ws, b, a.has_band ? n_qtiles - 1 - t : t);
+        });
+    return ok ? KernelStatus::kOk : KernelStatus::kOutOfMemory;
   }
 };
 
