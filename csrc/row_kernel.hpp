@@ -330,7 +330,7 @@ struct RowKernel {
         });
     if (!ok) return KernelStatus::kOutOfMemory;
     if (splits > 1) {  // only with more than one thread (see the constructor)
-#pragma omp parallel for num_threads(threads) if (threads > 1)
+#pragma omp parallel for num_threads(threads)
       for (int64_t unit = 0; unit < units; ++unit)
         finish(unit / n_groups, (unit % n_groups) * RMAX, parts.ptr + unit * splits);
     }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
 from ._validate import Plan, prepare
 
@@ -12,8 +10,7 @@ _BACKENDS = ("auto", "cpu", "cuda")
 
 def _on_device(*arrays) -> bool:
     """Whether any input lives on a GPU (Numba device arrays, CuPy, PyTorch CUDA tensors)."""
-    # NumPy arrays first, by exact type: the common call does not look for GPU attributes.
-    return any(type(a) is not np.ndarray and a is not None and _cuda.on_device(a) for a in arrays)
+    return any(_cuda.on_device(a) for a in arrays)
 
 
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,

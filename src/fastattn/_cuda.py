@@ -74,6 +74,8 @@ def _require_cuda():
 
 def on_device(a) -> bool:
     """Whether ``a`` lives on a GPU: CUDA Array Interface, or a (simulated) Numba device array."""
+    if type(a) is np.ndarray:  # the common call: no attribute lookups
+        return False
     return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
 
 
