@@ -117,6 +117,9 @@ int default_threads() {
 }
 
 std::string active_isa() { return selected_isa(); }
+std::string bfloat16_tiles() {
+  return selected_isa() == "avx512bf16" && bf16_pairs_enabled() ? "pairs" : "float32";
+}
 std::vector<std::string> available_isas() { return supported_isas(); }
 void set_isa(const std::string& name) { force_isa(name); }
 
@@ -168,6 +171,8 @@ KernelArgs make_args(const Problem& p) {
   require(p.num_threads >= 0, "num_threads must be >= 0");
   a.num_threads = p.num_threads > 0 ? p.num_threads : default_threads();
   if (a.num_threads < 1) a.num_threads = 1;
+  // Only 16-bit problems ask (it takes a lock when the pairs are not the automatic choice).
+  a.bf16_pairs = a.storage == int(Storage::kBFloat16) ? bf16_pairs_enabled() : true;
   return a;
 }
 

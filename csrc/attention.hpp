@@ -77,6 +77,9 @@ void exp2(const T* x, T* y, int64_t n);
 std::string active_isa();
 // Every instruction set this build has a kernel for and this CPU can run, best first.
 std::vector<std::string> available_isas();
+// How bfloat16 tiles run on the selected instruction set: "pairs" (vdpbf16ps dot products of
+// bfloat16 pairs) or "float32" (widened once, float32 tiles). Decode reads 16-bit K/V either way.
+std::string bfloat16_tiles();
 // Forces an instruction set ("" restores automatic choice); throws if unavailable.
 void set_isa(const std::string& name);
 // Whether the build has OpenMP, and the thread count a call with num_threads = 0 would use.

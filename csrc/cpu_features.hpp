@@ -20,4 +20,9 @@ void force_isa(const std::string& name);  // "" goes back to FASTATTN_ISA or the
 enum class IsaId : int { kUnknown = 0, kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
 IsaId selected_isa_id();
 
+// Whether the avx512bf16 variant runs bfloat16 tiles as vdpbf16ps pairs (else it widens them to
+// float32 once and runs its float32 tiles). Always when that variant was forced (set_isa or
+// FASTATTN_ISA); under automatic choice only on CPUs where the pairs are the faster of the two.
+bool bf16_pairs_enabled();
+
 }  // namespace fastattn

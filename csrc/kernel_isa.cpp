@@ -27,7 +27,7 @@ KernelStatus run_typed(const KernelArgs& args) {
 int reads_storage(const KernelArgs& args) {
   if (uses_row_kernel(args)) return args.storage == 1 || args.storage == 2;
 #if defined(__AVX512BF16__)
-  if (args.storage == 2) return 3;
+  if (args.storage == 2 && args.bf16_pairs) return 3;
 #endif
   return 0;
 }

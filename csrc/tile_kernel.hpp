@@ -56,12 +56,12 @@ struct TileKernel {
       : a(args), n_kblocks((args.S + BN - 1) / BN), n_qtiles((args.L + BM - 1) / BM) {}
 
   struct Workspace {
-    Buffer<T> qt;  // Q^T, scaled by scale * log2(e): BM / QP panels of E x QP
+    Buffer<T> qt;  // Q^T: BM / QP panels of E x QP
     Buffer<T> st;  // S^T of one key block, then its unnormalized weights P^T: BN x BM
     Buffer<T> ot;  // O^T: Ev x BM
     Buffer<uint32_t> qp;  // bfloat16 pairs: Q^T unscaled, E / 2 x QP per panel
     Buffer<uint32_t> pp;  // bfloat16 pairs: P^T of one block, BN / 2 x BM
-    alignas(64) T m[BM];       // running maximum (base 2), -inf before any key
+    alignas(64) T m[BM];       // running maximum, -inf before any key
     alignas(64) T mu[BM];      // the maximum subtracted: m, or 0 while m is -inf
     alignas(64) T l[BM];       // running sum of weights
     alignas(64) T alpha[BM];   // rescaling factor of this block
@@ -76,7 +76,8 @@ struct TileKernel {
            ws.ot.reserve(int64_t(BM) * a.Ev);
   }
 
-  // S^T rows 0 .. nb - 1 for keys j0 .. of this entry's K (base 2), and their column maximum.
+  // S^T rows 0 .. nb - 1 for keys j0 .. of this entry's K (q . k * scale), and their column
+  // maximum.
   void scores(Workspace& ws, const In* K, int64_t j0, int64_t nb) const {
     for (int i = 0; i < BM; ++i) ws.colmax[i] = R::kNegInf;
 #if defined(__AVX512BF16__)
@@ -87,7 +88,7 @@ struct TileKernel {
           gemm_bf16_rows<false>(int(min64(MR, nb - j)), k0 + j * a.k.row_stride * 2,
                                 a.k.row_stride * 2, 4, ws.qp.ptr + p * (a.E / 2) * QP, QP,
                                 a.E / 2, ws.st.ptr + j * BM + p * QP, BM, ws.colmax + p * QP,
-                                float(a.scale * kLog2e));
+                                float(a.scale));
       return;
     }
 #endif
@@ -100,7 +101,7 @@ struct TileKernel {
         M::template gemm_rows<false>(int(min64(MR, nb - j)), K + j * a.k.row_stride,
                                      a.k.row_stride, a.k.col_stride, ws.qt.ptr + p * a.E * QP,
                                      QP, a.E, ws.st.ptr + j * BM + p * QP, BM,
-                                     ws.colmax + p * QP);
+                                     ws.colmax + p * QP, T(a.scale));
   }
 
   // O^T += V^T P^T for keys j0 .. j0 + nb - 1 of this entry's V.
@@ -163,7 +164,7 @@ struct TileKernel {
         for (int v = 0; v < NV; ++v) {
           const V d = dist0 + T(v * kLanes);
           S::store(srow + v * kLanes, S::load(srow + v * kLanes) + (d < T(0) ? -d : d) *
-                                                                      ep.neg_slope2);
+                                                                      ep.neg_slope);
         }
       }
       if (user_mask) {
@@ -210,9 +211,9 @@ struct TileKernel {
       const V m_old = S::load(ws.m + v * kLanes);
       const V cm = S::load(ws.colmax + v * kLanes);
       const V m_new = m_old > cm ? m_old : cm;
-      // exp2(-inf - (-inf)) is NaN: a query with no key yet subtracts 0, giving weights of 0.
+      // exp(-inf - (-inf)) is NaN: a query with no key yet subtracts 0, giving weights of 0.
       const V m_use = m_new == S::splat(R::kNegInf) ? S::splat(T(0)) : m_new;
-      const V alpha = Exp2<T>::eval(m_old - m_use);
+      const V alpha = exp_minus<T>(m_old, m_use);
       S::store(ws.m + v * kLanes, m_new);
       S::store(ws.mu + v * kLanes, m_use);
       S::store(ws.alpha + v * kLanes, alpha);
@@ -231,7 +232,7 @@ struct TileKernel {
       V sum = S::splat(T(0));
       for (int64_t j = 0; j < nb; ++j) {
         T* s = ws.st.ptr + j * BM + v * kLanes;
-        const V p = Exp2<T>::eval(S::load(s) - mu);
+        const V p = exp_minus<T>(S::load(s), mu);
         S::store(s, p);
         sum += p;
       }
@@ -278,8 +279,8 @@ struct TileKernel {
     finish(ws, ep, b, i0, rows, kb_begin, kb_end, K, m_off);
   }
 
-  // The tile's queries in panels: Q^T times scale * log2(e), so that scores come out in base 2,
-  // or (bfloat16) pairs of features as given, scaled after the product. Padding is zero.
+  // The tile's queries in panels: Q^T, or (bfloat16) pairs of features; the scale is applied to
+  // the products (see online_softmax.hpp). Padding is zero.
   void pack_queries(Workspace& ws, int64_t b, int64_t i0, int64_t rows) const {
     const int64_t E = a.E;
     const In* Q = static_cast<const In*>(a.q.data) + batch_offset(a, a.q, b, 1);
@@ -294,18 +295,17 @@ struct TileKernel {
                                  : 0u;
       }
     } else {
-      pack_queries_scaled(ws, Q, i0, rows);
+      pack_queries_plain(ws, Q, i0, rows);
     }
   }
 
-  void pack_queries_scaled(Workspace& ws, const T* Q, int64_t i0, int64_t rows) const {
+  void pack_queries_plain(Workspace& ws, const T* Q, int64_t i0, int64_t rows) const {
     const int64_t E = a.E;
-    const T c = T(a.scale * kLog2e);
     for (int64_t i = 0; i < BM; ++i) {
       T* dst = ws.qt.ptr + (i / QP) * E * QP + i % QP;
       if (i < rows) {
         const T* src = Q + (i0 + i) * a.q.row_stride;
-        for (int64_t e = 0; e < E; ++e) dst[e * QP] = src[e * a.q.col_stride] * c;
+        for (int64_t e = 0; e < E; ++e) dst[e * QP] = src[e * a.q.col_stride];
       } else {
         for (int64_t e = 0; e < E; ++e) dst[e * QP] = T(0);
       }
@@ -347,7 +347,7 @@ struct TileKernel {
       for (int64_t j = 0; j < nk; ++j)
         for (int v = 0; v < NV; ++v) {
           T* s = ws.st.ptr + j * BM + v * kLanes;
-          const V p = Exp2<T>::eval(S::load(s) - S::load(ws.mu + v * kLanes));
+          const V p = exp_minus<T>(S::load(s), S::load(ws.mu + v * kLanes));
           S::store(s, p * S::load(ws.alpha + v * kLanes));
         }
       for (int64_t i = 0; i < rows; ++i)
