@@ -20,6 +20,9 @@
 #endif
 
 #include "half.hpp"
+#if defined(FASTATTN_AMX)
+#include "amx_tiles.hpp"
+#endif
 #include "kernel_common.hpp"
 #include "micro_kernels.hpp"
 #include "online_softmax.hpp"
@@ -30,10 +33,21 @@ namespace FASTATTN_ISA_NS {
 // In: how q, k and v are stored. T itself, or (AVX512-BF16 only) BFloat16 with k padded to an
 // even E, contiguous along it, and v packed as pairs of keys: v[j / 2][c] holds the bfloat16
 // values of keys j and j + 1 (even j), so both products run as bfloat16 dot products.
+// The amx variant (FASTATTN_AMX) runs bfloat16 tiles on AMX instead (amx_tiles.hpp): k padded
+// to a multiple of 32 features, v packed transposed (V^T, keys along a row, Ev and S padded to
+// multiples of 32 with zeros).
+#if defined(FASTATTN_AMX)
+constexpr bool kAmxBuild = true;
+#else
+constexpr bool kAmxBuild = false;
+#endif
+
 template <class T, class In = T>
 struct TileKernel {
   static constexpr bool kPairs = !std::is_same_v<In, T>;
-  using VIn = std::conditional_t<kPairs, uint32_t, T>;  // v's element: a value or a key pair
+  static constexpr bool kAmx = kPairs && kAmxBuild;
+  // v's element: a value, a key pair (vdpbf16ps), or a bfloat16 of V^T (AMX)
+  using VIn = std::conditional_t<kAmx, In, std::conditional_t<kPairs, uint32_t, T>>;
   using M = Micro<T>;
   using S = Simd<T>;
   using V = typename S::V;
@@ -61,6 +75,10 @@ struct TileKernel {
     Buffer<T> ot;  // O^T: Ev x BM
     Buffer<uint32_t> qp;  // bfloat16 pairs: Q^T unscaled, E / 2 x QP per panel
     Buffer<uint32_t> pp;  // bfloat16 pairs: P^T of one block, BN / 2 x BM
+    Buffer<uint16_t> ktail;  // AMX: the last K rows of S, zero-padded to 32 rows
+#if defined(FASTATTN_AMX)
+    std::conditional_t<kAmx, amx::Session, char> tiles;  // the tile configuration, per thread
+#endif
     alignas(64) T m[BM];       // running maximum, -inf before any key
     alignas(64) T mu[BM];      // the maximum subtracted: m, or 0 while m is -inf
     alignas(64) T l[BM];       // running sum of weights
@@ -68,7 +86,14 @@ struct TileKernel {
     alignas(64) T colmax[BM];  // maximum score of this block
   };
 
+  // Rows of O^T: Ev, or for AMX Ev rounded up to its 2 x 16-row blocks of C tiles.
+  int64_t ot_rows() const { return kAmx ? round_up(a.Ev, 32) : a.Ev; }
+
   bool allocate(Workspace& ws) const {
+    if (kAmx)
+      return ws.qp.reserve(int64_t(BM) * (a.E / 2)) && ws.pp.reserve(int64_t(BM) * BN / 2) &&
+             ws.st.reserve(int64_t(BM) * BN) && ws.ot.reserve(int64_t(BM) * ot_rows()) &&
+             ws.ktail.reserve(32 * a.E);
     if (kPairs)
       return ws.qp.reserve(int64_t(BM) * (a.E / 2)) && ws.pp.reserve(int64_t(BM) * BN / 2) &&
              ws.st.reserve(int64_t(BM) * BN) && ws.ot.reserve(int64_t(BM) * a.Ev);
@@ -80,6 +105,12 @@ struct TileKernel {
   // maximum.
   void scores(Workspace& ws, const In* K, int64_t j0, int64_t nb) const {
     for (int i = 0; i < BM; ++i) ws.colmax[i] = R::kNegInf;
+#if defined(FASTATTN_AMX)
+    if constexpr (kAmx) {
+      scores_amx(ws, K, j0, nb);
+      return;
+    }
+#endif
 #if defined(__AVX512BF16__)
     if constexpr (kPairs) {
       const char* k0 = reinterpret_cast<const char*>(K + j0 * a.k.row_stride);
@@ -95,6 +126,43 @@ struct TileKernel {
     if constexpr (!kPairs) scores_plain(ws, K + j0 * a.k.row_stride, nb);
   }
 
+#if defined(FASTATTN_AMX)
+  // S^T by AMX tiles, 32 keys (two C tile rows) at a time; K rows are read in place, but for
+  // the last 32 keys of S when S is not a multiple of 32 (copied, zero-padded, into ktail:
+  // a tile load reads 16 whole rows). Then the scale and the column maximum, rows < nb only.
+  void scores_amx(Workspace& ws, const In* K, int64_t j0, int64_t nb) const {
+    const int64_t E = a.E, krs = a.k.row_stride;
+    for (int64_t g = 0; g < nb; g += 32) {
+      const char* rows = reinterpret_cast<const char*>(K + (j0 + g) * krs);
+      int64_t lda = krs * 2;
+      if (j0 + g + 32 > a.S) {
+        const int64_t have = a.S - j0 - g;
+        std::memset(ws.ktail.ptr, 0, sizeof(uint16_t) * size_t(32 * E));
+        for (int64_t r = 0; r < have; ++r)
+          std::memcpy(ws.ktail.ptr + r * E, K + (j0 + g + r) * krs, sizeof(uint16_t) * size_t(E));
+        rows = reinterpret_cast<const char*>(ws.ktail.ptr);
+        lda = E * 2;
+      }
+      for (int p = 0; p < BM / QP; ++p)
+        amx::block_2x2<false>(reinterpret_cast<char*>(ws.st.ptr + g * BM + p * QP), BM * 4,
+                              16 * BM * 4, rows, lda, 16 * lda, amx::kBytes,
+                              reinterpret_cast<const char*>(ws.qp.ptr + p * (E / 2) * QP), QP * 4,
+                              16 * QP * 4, E / 32);
+    }
+    const V sc = S::splat(T(a.scale));
+    for (int v = 0; v < NV; ++v) {
+      V cm = S::splat(R::kNegInf);
+      for (int64_t j = 0; j < nb; ++j) {
+        T* s = ws.st.ptr + j * BM + v * kLanes;
+        const V x = S::load(s) * sc;
+        S::store(s, x);
+        cm = S::max(cm, x);
+      }
+      S::store(ws.colmax + v * kLanes, cm);
+    }
+  }
+#endif
+
   void scores_plain(Workspace& ws, const T* K, int64_t nb) const {
     for (int p = 0; p < BM / QP; ++p)
       for (int64_t j = 0; j < nb; j += MR)
@@ -108,7 +176,8 @@ struct TileKernel {
   void accumulate(Workspace& ws, const VIn* Vs, int64_t j0, int64_t nb) const {
 #if defined(__AVX512BF16__)
     if constexpr (kPairs) {
-      // P^T to bfloat16 pairs of keys (an odd last key pairs with 0), then the pair products.
+      // P^T to bfloat16 pairs of keys (an odd last key pairs with 0), then the pair products;
+      // for AMX zero pairs up to its 32-key chunks.
       const int64_t np = (nb + 1) / 2;
       for (int64_t t = 0; t < np; ++t)
         for (int v = 0; v < NV; ++v) {
@@ -117,6 +186,22 @@ struct TileKernel {
                                           : _mm512_setzero_ps();
           _mm512_storeu_si512(ws.pp.ptr + t * BM + v * kLanes, pair_bf16(x, y));
         }
+#if defined(FASTATTN_AMX)
+      if constexpr (kAmx) {
+        const int64_t chunks = (nb + 31) / 32;
+        std::memset(ws.pp.ptr + np * BM, 0, sizeof(uint32_t) * size_t((chunks * 16 - np) * BM));
+        // V^T: keys along a row (row_stride 1), value columns col_stride apart.
+        const int64_t ldv = a.v.col_stride * 2;
+        const char* v0 = reinterpret_cast<const char*>(Vs + j0);
+        for (int64_t c = 0; c < ot_rows(); c += 32)
+          for (int p = 0; p < BM / QP; ++p)
+            amx::block_2x2<true>(reinterpret_cast<char*>(ws.ot.ptr + c * BM + p * QP), BM * 4,
+                                 16 * BM * 4, v0 + c * ldv, ldv, 16 * ldv, amx::kBytes,
+                                 reinterpret_cast<const char*>(ws.pp.ptr + p * QP), BM * 4,
+                                 16 * BM * 4, chunks);
+        return;
+      }
+#endif
       const char* v0 = reinterpret_cast<const char*>(Vs + (j0 / 2) * a.v.row_stride);
       for (int p = 0; p < BM / QP; ++p)
         for (int64_t c = 0; c < a.Ev; c += MR)
@@ -241,7 +326,6 @@ struct TileKernel {
   }
 
   void tile(Workspace& ws, int64_t b, int64_t qtile) const {
-    const int64_t Ev = a.Ev;
     const int64_t i0 = qtile * BM;
     const int64_t rows = min64(BM, a.L - i0);
     const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
@@ -261,7 +345,7 @@ struct TileKernel {
       ws.mu[i] = T(0);
       ws.l[i] = T(0);
     }
-    std::memset(ws.ot.ptr, 0, sizeof(T) * size_t(BM * Ev));
+    std::memset(ws.ot.ptr, 0, sizeof(T) * size_t(BM * ot_rows()));
 
     bool first = true;
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {

@@ -22,6 +22,7 @@ cdef extern from "attention.hpp" namespace "fastattn":
         kFloat16 "fastattn::Storage::kFloat16"
         kBFloat16 "fastattn::Storage::kBFloat16"
         kBFloat16Pairs "fastattn::Storage::kBFloat16Pairs"
+        kBFloat16Amx "fastattn::Storage::kBFloat16Amx"
 
     cdef enum class MaskKind "fastattn::MaskKind":
         kNone "fastattn::MaskKind::kNone"
@@ -57,6 +58,7 @@ cdef extern from "attention.hpp" namespace "fastattn":
     void c_exp2_f64 "fastattn::exp2<double>"(const double* x, double* y, int64_t n) except + nogil
     string c_active_isa "fastattn::active_isa"() except +
     string c_bfloat16_tiles "fastattn::bfloat16_tiles"() except +
+    string c_amx_status "fastattn::amx_status"() except +
     vector[string] c_available_isas "fastattn::available_isas"() except +
     void c_set_isa "fastattn::set_isa"(const string& name) except +
     cbool c_has_openmp "fastattn::has_openmp"()
@@ -187,7 +189,7 @@ def attention_plain(q, k, v, causal, scale, num_threads):
             PyBuffer_Release(&bk)
     finally:
         PyBuffer_Release(&bq)
-RAN, WIDEN, PAIRS = 0, 1, 2  # what attention() did: see its docstring
+RAN, WIDEN, PAIRS, AMX = 0, 1, 2, 3  # what attention() did: see its docstring
 
 
 def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
@@ -200,16 +202,18 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
     arrays: alibi, kv_lengths, and lse of shape (..., L, 1), carry them as trailing axes).
     ``band_lo``/``band_hi``: query i sees keys i + band_lo .. i + band_hi (``NO_BOUND``: open).
     ``storage``: 0 when q, k, v are in the compute dtype, 1 float16, 2 bfloat16, 3 bfloat16
-    pairs (k padded to an even E, v packed in pairs of keys). Returns ``RAN``; or, having run
-    nothing, ``WIDEN`` when the kernel does not read 16-bit storage for this problem (the caller
-    widens q, k and v and calls again with storage 0) or ``PAIRS`` when it reads bfloat16 as
-    pairs (the caller packs them and calls again with storage 3).
+    pairs (k padded to an even E, v packed in pairs of keys), 4 bfloat16 for AMX (q and k padded
+    to a multiple of 32 features, v as V^T padded to multiples of 32). Returns ``RAN``; or,
+    having run nothing, ``WIDEN`` when the kernel does not read 16-bit storage for this problem
+    (the caller widens q, k and v and calls again with storage 0), ``PAIRS`` when it reads
+    bfloat16 as pairs (the caller packs them and calls again with storage 3) or ``AMX`` (packs
+    them for AMX and calls again with storage 4).
     """
     cdef Problem p
     cdef Py_ssize_t nb = len(batch_shape)
     p.dtype = DType.kFloat64 if double else DType.kFloat32
     p.storage = (Storage.kSame, Storage.kFloat16, Storage.kBFloat16,
-                 Storage.kBFloat16Pairs)[storage]
+                 Storage.kBFloat16Pairs, Storage.kBFloat16Amx)[storage]
     p.batch_shape = batch_shape
     p.L = L
     p.S = S
@@ -246,7 +250,7 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
     if storage in (1, 2):
         reads = c_reads_storage(p)
         if reads != 1:
-            return PAIRS if reads == 3 else WIDEN
+            return PAIRS if reads == 3 else AMX if reads == 4 else WIDEN
     with nogil:
         c_attention(p)
     return RAN
@@ -274,13 +278,19 @@ def exp2(x):
 
 
 def active_isa():
-    """The instruction set the kernel uses now: 'avx512bf16', 'avx512', 'avx2' or 'baseline'."""
+    """The instruction set the kernel uses now: 'amx', 'avx512bf16', 'avx512', 'avx2' or
+    'baseline'."""
     return c_active_isa().decode()
 
 
 def bfloat16_tiles():
-    """How bfloat16 tiles run now: 'pairs' (vdpbf16ps) or 'float32' (widened once)."""
+    """How bfloat16 tiles run now: 'amx', 'pairs' (vdpbf16ps) or 'float32' (widened once)."""
     return c_bfloat16_tiles().decode()
+
+
+def amx_status():
+    """Whether the amx variant runs here, and if not why, in words."""
+    return c_amx_status().decode()
 
 
 def available_isas():
