@@ -92,8 +92,8 @@ def attention_in(dtype, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     m = scores.max(axis=-1, keepdims=True, initial=-np.inf)
     sink = None
     if plan.sinks is not None:  # one more logit per row that joins the denominator only
-        sink = np.broadcast_to(plan.sinks.astype(dtype)[..., None, None], m.shape)
-        m = np.maximum(m, sink)
+        sink = plan.sinks.astype(dtype)[..., None, None]
+        m = np.maximum(m, sink)  # broadcasts: the scores may not span every batch axis yet
     m = np.where(m == -np.inf, 0, m)  # a row with no key left: all weights 0, output 0
     weights = np.exp(scores - m)
     total = weights.sum(axis=-1, keepdims=True)

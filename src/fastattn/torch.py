@@ -1,0 +1,237 @@
+"""fastattn on PyTorch tensors, as the custom operator ``torch.ops.fastattn.attention``.
+
+``import fastattn.torch`` imports torch; ``import fastattn`` never does. CPU tensors reach the
+C++ kernel without copies (``Tensor.numpy()`` shares memory; bfloat16 through a view of its
+bits), any strides, and the results come back as tensors over the kernel's own output arrays.
+
+The operator always returns ``(out, lse, weights)``: the log-sum-exp is what a backward pass
+needs (``torch.library.register_autograd`` can be wired to this schema unchanged), and costs the
+kernel one number per query row. :func:`attention` returns what :func:`fastattn.attention`
+returns for the same flags.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _cpu
+from ._api import attention as _np_attention
+from ._validate import _window, prepare
+
+__all__ = ["attention"]
+
+_BACKWARD_MISSING = (
+    "fastattn.torch.attention has no backward pass yet (fastattn.attention_backward, issue 13): "
+    "call it under torch.no_grad() or torch.inference_mode(), or detach the inputs"
+)
+
+
+def _bfloat16() -> np.dtype:
+    import ml_dtypes  # only where bfloat16 tensors are used
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a torch dtype (bfloat16: ml_dtypes'); TypeError naming it if none."""
+    if dtype == torch.bfloat16:
+        return _bfloat16()
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:
+        raise TypeError(f"fastattn does not take tensors of dtype {dtype}") from None
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    if dtype.kind == "V":  # bfloat16 (ml_dtypes)
+        return torch.bfloat16
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+def _to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    """A NumPy view of a CPU tensor: same memory, same strides."""
+    if t is None:
+        return None
+    if t.requires_grad:  # .numpy() refuses those; the op itself never records a graph
+        t = t.detach()
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits, then ml_dtypes' type
+        return t.view(torch.int16).numpy().view(_bfloat16())
+    return t.numpy()
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    if a.dtype.kind == "V":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _options(mask, causal, scale, enable_gqa, num_threads, align, window_left, window_right,
+             alibi_slopes, softcap, kv_lengths, similarity, sinks) -> dict[str, Any]:
+    return dict(mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa,
+                num_threads=num_threads, align=align, window=(window_left, window_right),
+                alibi_slopes=alibi_slopes, softcap=softcap, kv_lengths=kv_lengths,
+                similarity=similarity, sinks=sinks)
+
+
+def _run_cpu(q, k, v, opts: dict, return_weights: bool, return_lse: bool):
+    """(out, lse or None, weights or None) as NumPy arrays over CPU tensors' memory: out and
+    weights in the output dtype, lse in the compute dtype (float32 for 16-bit inputs, as a
+    backward pass wants it)."""
+    for name in ("mask", "alibi_slopes", "kv_lengths", "sinks"):
+        if opts[name] is not None:
+            opts[name] = _to_numpy(opts[name])
+    plan = prepare(_to_numpy(q), _to_numpy(k), _to_numpy(v), **opts,
+                   return_weights=return_weights, return_lse=return_lse)
+    out_dtype, plan.out_dtype = plan.out_dtype, plan.dtype
+    out, weights, lse = _cpu.run(plan)
+    if out_dtype != plan.dtype:
+        out = out.astype(out_dtype)
+        weights = None if weights is None else weights.astype(out_dtype)
+    return out, lse, weights
+
+
+@torch.library.custom_op("fastattn::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    num_threads: int | None,
+    align: str,
+    window_left: int | None,
+    window_right: int | None,
+    alibi_slopes: torch.Tensor | None,
+    softcap: float | None,
+    kv_lengths: torch.Tensor | None,
+    similarity: str,
+    sinks: torch.Tensor | None,
+    return_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, weights): lse in the compute dtype, weights empty unless ``return_weights``."""
+    opts = _options(mask, causal, scale, enable_gqa, num_threads, align, window_left,
+                    window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks)
+    if q.device.type != "cpu":
+        return _on_gpu(q, k, v, opts, return_weights)
+    out, lse, weights = _run_cpu(q, k, v, opts, return_weights, True)
+    return (_from_numpy(out), _from_numpy(lse),
+            torch.empty(0, dtype=_torch_dtype(out.dtype)) if weights is None
+            else _from_numpy(weights))
+
+
+def _on_gpu(q, k, v, opts, return_weights):
+    """CUDA tensors on fastattn's Numba CUDA kernel (the ``cuda`` extra), in place."""
+    if q.device.type != "cuda":
+        raise ValueError(f"fastattn.torch takes CPU or CUDA tensors, got device {q.device}")
+    results = _np_attention(q, k, v, **opts, return_weights=return_weights, return_lse=True,
+                            backend="cuda")  # ImportError saying what to install without it
+    out, lse = (torch.as_tensor(r, device=q.device) for r in (results[0], results[-1]))
+    weights = (torch.as_tensor(results[1], device=q.device) if return_weights
+               else out.new_empty(0))
+    compute = torch.float64 if out.dtype == torch.float64 else torch.float32
+    return out, lse.to(compute), weights
+
+
+@_attention_op.register_fake
+def _(q, k, v, mask, causal, scale, enable_gqa, num_threads, align, window_left, window_right,
+      alibi_slopes, softcap, kv_lengths, similarity, sinks, return_weights):
+    # prepare on zero-stride stand-ins: every check and every shape rule of the real call, no
+    # data (as fastattn.dask does for its graphs).
+    def stand_in(t):
+        if t is None:
+            return None
+        return np.broadcast_to(np.zeros((), _numpy_dtype(t.dtype)), tuple(int(n) for n in t.shape))
+
+    opts = _options(stand_in(mask), causal, scale, enable_gqa, num_threads, align, window_left,
+                    window_right, stand_in(alibi_slopes), softcap, stand_in(kv_lengths),
+                    similarity, stand_in(sinks))
+    plan = prepare(stand_in(q), stand_in(k), stand_in(v), **opts, return_weights=return_weights)
+    batch = plan.batch
+    out = q.new_empty(batch + (plan.L, plan.Ev), dtype=_torch_dtype(plan.out_dtype))
+    lse = q.new_empty(batch + (plan.L,), dtype=_torch_dtype(plan.dtype))
+    weights = q.new_empty(batch + (plan.L, plan.S) if return_weights else (0,),
+                          dtype=out.dtype)
+    return out, lse, weights
+
+
+def _no_backward(ctx, *grads):
+    raise NotImplementedError(_BACKWARD_MISSING)
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+# Until issue 13's backward exists, a graph through the op fails at backward with a clear error;
+# that issue replaces this registration, and the schema above stays as it is.
+_attention_op.register_autograd(_no_backward, setup_context=_setup_context)
+
+
+def _real(name: str, x) -> float | None:
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {x!r}")
+    return float(x)
+
+
+def _tensor(x) -> torch.Tensor | None:
+    """Array-likes (NumPy arrays, lists) for the op's tensor arguments."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
+              return_weights=False, num_threads=None, align="top_left", window=None,
+              alibi_slopes=None, softcap=None, return_lse=False, kv_lengths=None,
+              similarity="dot", sinks=None):
+    """:func:`fastattn.attention` on PyTorch tensors, through the custom op ``fastattn::attention``.
+
+    Takes every argument of :func:`fastattn.attention` with the same meaning (``mask``,
+    ``alibi_slopes``, ``kv_lengths`` and ``sinks`` as tensors or array-likes) and returns what it
+    returns, as tensors: ``out`` in the inputs' dtype (float32, float64, float16, bfloat16; the
+    16-bit ones computed in float32), ``lse`` in the compute dtype (float32 for 16-bit inputs).
+    CPU tensors are read and written without copies, in any strides; CUDA tensors run on
+    fastattn's CUDA kernel (``pip install "fastattn[cuda]"``). ``torch.compile`` (also with
+    ``fullgraph=True``) and ``torch.export`` trace through it as one operator.
+
+    Raises
+    ------
+    NotImplementedError
+        An input requires grad while grad mode is on: the backward pass does not exist yet.
+    ValueError, TypeError
+        As :func:`fastattn.attention`.
+
+    Examples
+    --------
+    >>> import torch, fastattn.torch
+    >>> q = k = v = torch.randn(2, 4, 16, 8)
+    >>> fastattn.torch.attention(q, k, v, causal=True).shape
+    torch.Size([2, 4, 16, 8])
+    """
+    left, right = _window(window)
+    args = (q, k, v, _tensor(mask), bool(causal), _real("scale", scale), bool(enable_gqa),
+            num_threads, align, left, right, _tensor(alibi_slopes), _real("softcap", softcap),
+            _tensor(kv_lengths), similarity, _tensor(sinks), bool(return_weights))
+    if torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+            or any(t is not None and t.requires_grad for t in (args[3], args[11], args[15]))):
+        raise NotImplementedError(_BACKWARD_MISSING)
+    if (type(q) is type(k) is type(v) is torch.Tensor and q.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        # Eager CPU calls skip the dispatcher (~15 us) and convert only what they return; the
+        # op's own function runs, so the two paths cannot differ.
+        opts = _options(*args[3:16])
+        out, lse, weights = (a if a is None else _from_numpy(a)
+                             for a in _run_cpu(q, k, v, opts, args[16], bool(return_lse)))
+    else:
+        out, lse, weights = _attention_op(*args)
+    results = [out] + [weights] * bool(return_weights) + [lse] * bool(return_lse)
+    return out if len(results) == 1 else tuple(results)
