@@ -36,20 +36,26 @@ def _bfloat16() -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
+# Built at import, outside any fake-tensor mode (where a tensor cannot answer .numpy()).
+_NUMPY_DTYPES = {t: torch.empty(0, dtype=t).numpy().dtype for t in (
+    torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+    torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
+
+
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     """The NumPy dtype of a torch dtype (bfloat16: ml_dtypes'); TypeError naming it if none."""
     if dtype == torch.bfloat16:
         return _bfloat16()
-    try:
-        return torch.empty(0, dtype=dtype).numpy().dtype
-    except TypeError:
-        raise TypeError(f"fastattn does not take tensors of dtype {dtype}") from None
+    if dtype not in _NUMPY_DTYPES:
+        raise TypeError(f"fastattn does not take tensors of dtype {dtype}")
+    return _NUMPY_DTYPES[dtype]
+
+
+_TORCH_DTYPES = {d: t for t, d in _NUMPY_DTYPES.items()}
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    if dtype.kind == "V":  # bfloat16 (ml_dtypes)
-        return torch.bfloat16
-    return torch.from_numpy(np.empty(0, dtype)).dtype
+    return torch.bfloat16 if dtype.kind == "V" else _TORCH_DTYPES[dtype]
 
 
 def _to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
