@@ -58,10 +58,8 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype.kind == "V" else _TORCH_DTYPES[dtype]
 
 
-def _to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor: same memory, same strides."""
-    if t is None:
-        return None
     if t.requires_grad:  # .numpy() refuses those; the op itself never records a graph
         t = t.detach()
     if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits, then ml_dtypes' type
@@ -222,22 +220,35 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     >>> fastattn.torch.attention(q, k, v, causal=True).shape
     torch.Size([2, 4, 16, 8])
     """
-    left, right = _window(window)
-    args = (q, k, v, _tensor(mask), bool(causal), _real("scale", scale), bool(enable_gqa),
-            num_threads, align, left, right, _tensor(alibi_slopes), _real("softcap", softcap),
-            _tensor(kv_lengths), similarity, _tensor(sinks), bool(return_weights))
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+            and isinstance(v, torch.Tensor)):
+        raise TypeError("fastattn.torch.attention takes torch tensors q, k and v; got "
+                        f"{type(q).__name__}, {type(k).__name__}, {type(v).__name__} "
+                        "(fastattn.attention takes NumPy arrays)")
+    left, right = (None, None) if window is None else _window(window)
+    mask, alibi_slopes, kv_lengths, sinks = (
+        _tensor(mask), _tensor(alibi_slopes), _tensor(kv_lengths), _tensor(sinks))
     if torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
-            or any(t is not None and t.requires_grad for t in (args[3], args[11], args[15]))):
+            or any(t is not None and t.requires_grad for t in (mask, alibi_slopes, sinks))):
         raise NotImplementedError(_BACKWARD_MISSING)
+    scale, softcap = _real("scale", scale), _real("softcap", softcap)
     if (type(q) is type(k) is type(v) is torch.Tensor and q.device.type == "cpu"
             and not torch.compiler.is_compiling()):
-        # Eager CPU calls skip the dispatcher (~15 us) and convert only what they return; the
+        # Eager CPU calls skip the dispatcher (~10 us) and convert only what they return; the
         # op's own function runs, so the two paths cannot differ.
-        opts = _options(*args[3:16])
-        out, lse, weights = (a if a is None else _from_numpy(a)
-                             for a in _run_cpu(q, k, v, opts, args[16], bool(return_lse)))
+        opts = _options(mask, causal, scale, enable_gqa, num_threads, align, left, right,
+                        alibi_slopes, softcap, kv_lengths, similarity, sinks)
+        out, lse, weights = _run_cpu(q, k, v, opts, return_weights, return_lse)
+        out = _from_numpy(out)
+        if not (return_weights or return_lse):
+            return out
+        lse = None if lse is None else _from_numpy(lse)
+        weights = None if weights is None else _from_numpy(weights)
     else:
-        out, lse, weights = _attention_op(*args)
+        out, lse, weights = _attention_op(q, k, v, mask, bool(causal), scale, bool(enable_gqa),
+                                          num_threads, align, left, right, alibi_slopes,
+                                          softcap, kv_lengths, similarity, sinks,
+                                          bool(return_weights))
     results = [out] + [weights] * bool(return_weights) + [lse] * bool(return_lse)
     return out if len(results) == 1 else tuple(results)
