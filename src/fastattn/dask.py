@@ -25,7 +25,7 @@ except ImportError as e:
     raise ImportError("fastattn.dask needs Dask: pip install 'fastattn[dask]'") from e
 
 from ._api import run
-from ._merge import merge_attention
+from ._merge import add_sinks, merge_attention
 from ._validate import Plan, _check_dtype, compute_dtypes, prepare
 
 __all__ = ["attention"]
@@ -415,12 +415,7 @@ def _merge_parts(*parts):
 
 
 def _add_sink(result, sinks):
-    """(out, lse) of a merged row with its sink logit added to the softmax's denominator."""
-    out, lse = result[0], result[-1]
-    total = np.logaddexp(lse, np.asarray(sinks, lse.dtype)[..., None])
-    with np.errstate(invalid="ignore"):
-        share = np.where(lse == -np.inf, 0, np.exp(lse - total))
-    return out * share[..., None].astype(out.dtype), total
+    return add_sinks(result[0], result[-1], sinks)
 
 
 def _no_keys(out_shape, dtype):
