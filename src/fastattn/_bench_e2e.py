@@ -33,7 +33,7 @@ def _run(torch, model, ids, new_tokens):
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         t1 = time.perf_counter()
-        cache, tokens = out.past_key_values, [out.logits[:, -1].argmax(-1)]
+        cache, tokens = out.cache, [out.logits[:, -1].argmax(-1)]
         for _ in range(new_tokens - 1):
             out = model(input_ids=tokens[-1][:, None], cache=cache, use_cache=True)
             tokens.append(out.logits[:, -1].argmax(-1))
