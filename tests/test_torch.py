@@ -170,6 +170,36 @@ def test_torch_export():
     torch.testing.assert_close(exported.module()(x, sinks), block(x, sinks), atol=0, rtol=0)
 
 
+def _decode(q, k, v):
+    return ft.attention(q, k, v, causal=True, align="bottom_right", enable_gqa=True)
+
+
+def test_torch_compile_dynamic_keys_compiles_once():
+    # A KV cache grows by one key per decode step: the fake implementation keeps the sizes
+    # symbolic, so the graph is not recompiled for each length.
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    compiled = torch.compile(_decode, fullgraph=True, dynamic=True, backend=counter)
+    for S in (5, 9, 13):
+        q, k, v = _qkv((1, 4, 1, 8), (1, 2, S, 8), seed=S)
+        torch.testing.assert_close(compiled(q, k, v), _decode(q, k, v), atol=0, rtol=0)
+    assert counter.frame_count == 1
+
+
+def test_torch_export_dynamic_keys():
+    class Decode(torch.nn.Module):
+        def forward(self, q, k, v):
+            return _decode(q, k, v)
+
+    keys = torch.export.Dim("keys", min=2, max=4096)
+    q, k, v = _qkv((1, 4, 1, 8), (1, 2, 9, 8))
+    exported = torch.export.export(Decode(), (q, k, v),
+                                   dynamic_shapes=({}, {2: keys}, {2: keys}))
+    q, k, v = _qkv((1, 4, 1, 8), (1, 2, 30, 8), seed=1)
+    torch.testing.assert_close(exported.module()(q, k, v), _decode(q, k, v), atol=0, rtol=0)
+
+
 def test_cuda_tensors_need_the_cuda_backend():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device for CUDA tensors")

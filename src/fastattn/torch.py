@@ -142,25 +142,44 @@ def _on_gpu(q, k, v, opts, return_weights):
     return out, lse.to(compute), weights
 
 
+def _hint(n) -> int:
+    """A size as an int; a symbolic one (dynamic shapes) by its hint, adding no guard, so a
+    compiled graph is not specialized to one sequence length."""
+    if isinstance(n, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(n))
+    return int(n)
+
+
 @_attention_op.register_fake
 def _(q, k, v, mask, causal, scale, enable_gqa, num_threads, align, window_left, window_right,
       alibi_slopes, softcap, kv_lengths, similarity, sinks, return_weights):
-    # prepare on zero-stride stand-ins: every check and every shape rule of the real call, no
-    # data (as fastattn.dask does for its graphs).
+    # prepare on zero-stride stand-ins: every check and shape rule of the real call, no data
+    # (as fastattn.dask does for its graphs); the sizes out are taken from the symbolic shapes.
     def stand_in(t):
         if t is None:
             return None
-        return np.broadcast_to(np.zeros((), _numpy_dtype(t.dtype)), tuple(int(n) for n in t.shape))
+        return np.broadcast_to(np.zeros((), _numpy_dtype(t.dtype)), tuple(map(_hint, t.shape)))
 
     opts = _options(stand_in(mask), causal, scale, enable_gqa, num_threads, align, window_left,
                     window_right, stand_in(alibi_slopes), softcap, stand_in(kv_lengths),
                     similarity, stand_in(sinks))
     plan = prepare(stand_in(q), stand_in(k), stand_in(v), **opts, return_weights=return_weights)
-    batch = plan.batch
-    out = q.new_empty(batch + (plan.L, plan.Ev), dtype=_torch_dtype(plan.out_dtype))
-    lse = q.new_empty(batch + (plan.L,), dtype=_torch_dtype(plan.dtype))
-    weights = q.new_empty(batch + (plan.L, plan.S) if return_weights else (0,),
-                          dtype=out.dtype)
+    # Each batch axis from an operand that has it at full size (q first: under GQA the heads)
+    batch = []
+    for i, size in enumerate(plan.batch):
+        for t in (q, k, v):
+            j = t.dim() - 2 - len(plan.batch) + i
+            if j >= 0 and _hint(t.shape[j]) == size:
+                batch.append(t.shape[j])
+                break
+        else:
+            batch.append(size)
+    L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
+    out = q.new_empty((*batch, L, Ev), dtype=_torch_dtype(plan.out_dtype))
+    lse = q.new_empty((*batch, L), dtype=_torch_dtype(plan.dtype))
+    weights = q.new_empty((*batch, L, S) if return_weights else (0,), dtype=out.dtype)
     return out, lse, weights
 
 
