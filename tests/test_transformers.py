@@ -162,3 +162,15 @@ def test_grad_mode_names_the_missing_backward():
     ids, mask = _batch()
     with pytest.raises(NotImplementedError, match="backward"):
         model(input_ids=ids, attention_mask=mask)
+
+
+def test_model_compiles_with_fullgraph():
+    # The attention function and its op trace into one graph with the model (padding mask in).
+    model = _model("llama")
+    model.set_attn_implementation(NAME)
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        got = compiled(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
