@@ -174,3 +174,19 @@ def test_model_compiles_with_fullgraph():
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         got = compiled(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_chunked_prefill_against_the_cache_equals_eager(kind):
+    # A prompt fed in two chunks: the second chunk's 9 queries attend to the cache plus
+    # themselves (bottom-right aligned through the mask; mistral's window of 8 cuts both).
+    model = _model(kind)
+    ids, mask = _batch(seed=5)
+    logits = {}
+    for impl in ("eager", NAME):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            first = model(input_ids=ids[:, :11], attention_mask=mask[:, :11], use_cache=True)
+            logits[impl] = model(input_ids=ids[:, 11:], attention_mask=mask,
+                                 cache=first.cache, use_cache=True).logits
+    torch.testing.assert_close(logits[NAME], logits["eager"], atol=LOGITS_ATOL, rtol=0)
