@@ -81,11 +81,14 @@ def _options(mask, causal, scale, enable_gqa, num_threads, align, window_left, w
                 similarity=similarity, sinks=sinks)
 
 
+_TENSOR_OPTIONS = ("mask", "alibi_slopes", "kv_lengths", "sinks")
+
+
 def _run_cpu(q, k, v, opts: dict, return_weights: bool, return_lse: bool):
     """(out, lse or None, weights or None) as NumPy arrays over CPU tensors' memory: out and
     weights in the output dtype, lse in the compute dtype (float32 for 16-bit inputs, as a
     backward pass wants it)."""
-    for name in ("mask", "alibi_slopes", "kv_lengths", "sinks"):
+    for name in _TENSOR_OPTIONS:
         if opts[name] is not None:
             opts[name] = _to_numpy(opts[name])
     plan = prepare(_to_numpy(q), _to_numpy(k), _to_numpy(v), **opts,
@@ -245,14 +248,16 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
                         f"{type(q).__name__}, {type(k).__name__}, {type(v).__name__} "
                         "(fastattn.attention takes NumPy arrays)")
     left, right = (None, None) if window is None else _window(window)
-    mask, alibi_slopes, kv_lengths, sinks = (
-        _tensor(mask), _tensor(alibi_slopes), _tensor(kv_lengths), _tensor(sinks))
+    if not (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None):
+        mask, alibi_slopes, kv_lengths, sinks = (
+            _tensor(mask), _tensor(alibi_slopes), _tensor(kv_lengths), _tensor(sinks))
     if torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
             or any(t is not None and t.requires_grad for t in (mask, alibi_slopes, sinks))):
         raise NotImplementedError(_BACKWARD_MISSING)
-    scale, softcap = _real("scale", scale), _real("softcap", softcap)
-    if (type(q) is type(k) is type(v) is torch.Tensor and q.device.type == "cpu"
+    if scale is not None or softcap is not None:
+        scale, softcap = _real("scale", scale), _real("softcap", softcap)
+    if (type(q) is type(k) is type(v) is torch.Tensor and q.is_cpu
             and not torch.compiler.is_compiling()):
         # Eager CPU calls skip the dispatcher (~10 us) and convert only what they return; the
         # op's own function runs, so the two paths cannot differ.
