@@ -34,6 +34,7 @@ struct KernelArgs {
   double scale = 1.0;
   double softcap = 0.0;  // 0: none
   int num_threads = 1;  // resolved by the dispatcher: >= 1
+  bool bf16_pairs = true;  // whether bfloat16 tiles may run as pairs (cpu_features.hpp)
 };
 
 // Status of a kernel run; the dispatcher turns failures into exceptions.

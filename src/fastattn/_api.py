@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
+from . import _core, _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
 from ._validate import Plan, prepare
 
 _BACKENDS = ("auto", "cpu", "cuda")
@@ -115,6 +115,16 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     >>> bool(np.allclose(out, fastattn.reference.attention(q, k, v, causal=True), atol=1e-5))
     True
     """
+    # The common call (no option but causal, scale and num_threads; NumPy arrays of one native
+    # dtype and batch shape) is checked and run at C level; anything else, including every
+    # call that needs an error message, takes the general path below.
+    if (mask is None and not enable_gqa and not return_weights and not return_lse
+            and window is None and alibi_slopes is None and softcap is None and kv_lengths is None
+            and align == "top_left" and similarity == "dot" and sinks is None and backend != "cuda"
+            and backend in _BACKENDS):
+        out = _core.attention_plain(q, k, v, causal, scale, num_threads)
+        if out is not None:
+            return out
     kwargs = dict(mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa,
                   return_weights=return_weights, num_threads=num_threads, align=align,
                   window=window, alibi_slopes=alibi_slopes, softcap=softcap,
