@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _cpu
+from . import _core, _cpu
 from ._api import attention as _np_attention
 from ._validate import _window, prepare
 
@@ -82,6 +82,7 @@ def _options(mask, causal, scale, enable_gqa, num_threads, align, window_left, w
 
 
 _TENSOR_OPTIONS = ("mask", "alibi_slopes", "kv_lengths", "sinks")
+_PLAIN_DTYPES = frozenset((torch.float32, torch.float64))  # what _core.attention_plain takes
 
 
 def _run_cpu(q, k, v, opts: dict, return_weights: bool, return_lse: bool):
@@ -261,6 +262,16 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
             and not torch.compiler.is_compiling()):
         # Eager CPU calls skip the dispatcher (~10 us) and convert only what they return; the
         # op's own function runs, so the two paths cannot differ.
+        if (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None
+                and softcap is None and left is None and right is None and not enable_gqa
+                and not return_weights and not return_lse and align == "top_left"
+                and similarity == "dot" and q.dtype in _PLAIN_DTYPES and not q.requires_grad
+                and not k.requires_grad and not v.requires_grad):
+            # the common call, as fastattn.attention takes it: checked and run at C level
+            plain = _core.attention_plain(q.numpy(), k.numpy(), v.numpy(), bool(causal), scale,
+                                          num_threads)
+            if plain is not None:
+                return torch.from_numpy(plain)
         opts = _options(mask, causal, scale, enable_gqa, num_threads, align, left, right,
                         alibi_slopes, softcap, kv_lengths, similarity, sinks)
         out, lse, weights = _run_cpu(q, k, v, opts, return_weights, return_lse)
