@@ -190,3 +190,16 @@ def test_chunked_prefill_against_the_cache_equals_eager(kind):
             logits[impl] = model(input_ids=ids[:, 11:], attention_mask=mask,
                                  cache=first.cache, use_cache=True).logits
     torch.testing.assert_close(logits[NAME], logits["eager"], atol=LOGITS_ATOL, rtol=0)
+
+
+def test_end_to_end_bench_runs():
+    # python -m fastattn bench --e2e, on a short prompt: both implementations, both dtypes.
+    import io
+
+    from fastattn import _bench_e2e
+
+    report = io.StringIO()
+    rows = _bench_e2e.run(rounds=1, prompt=32, new_tokens=2, file=report)
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    assert all(r["fastattn_prefill_s"] > 0 and r["sdpa_decode_s"] > 0 for r in rows)
+    assert "| float32 |" in report.getvalue()

@@ -51,14 +51,14 @@ def run(threads: int = 2, rounds: int = 2, prompt: int = PROMPT, new_tokens: int
               "(pip install \"fastattn[transformers]\")", file=file)
         return []
     from . import transformers as fa_transformers
-    from ._bench import cpu_model
+    from ._cpuinfo import cpu_line
 
     torch.set_num_threads(threads)
     name = fa_transformers.register()
     print(f"end-to-end: Llama-shaped model, random weights, {SHAPE['num_hidden_layers']} layers, "
           f"hidden {SHAPE['hidden_size']}, {SHAPE['num_attention_heads']} heads / "
           f"{SHAPE['num_key_value_heads']} KV heads of {SHAPE['head_dim']}; batch 1, prompt "
-          f"{prompt}, {new_tokens} greedy tokens; {threads} threads; {cpu_model()}; torch "
+          f"{prompt}, {new_tokens} greedy tokens; {threads} threads; {cpu_line()}; torch "
           f"{torch.__version__}, transformers {transformers.__version__}", file=file)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, prompt),
                         generator=torch.Generator().manual_seed(0))
