@@ -170,6 +170,7 @@ KernelArgs make_args(const Problem& p) {
   copy_view(p.lse, nd, "lse", a.lse, false);
   copy_view(p.alibi, nd, "alibi", a.alibi, false);
   copy_view(p.kv_lengths, nd, "kv_lengths", a.kv_lengths, false);
+  copy_view(p.sinks, nd, "sinks", a.sinks, false);
   a.mask_kind = int(p.mask_kind);
   copy_view(p.mask, nd, "mask", a.mask, p.mask_kind != MaskKind::kNone);
   a.kv_group = p.kv_group;

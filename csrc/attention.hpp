@@ -62,6 +62,8 @@ struct Problem {
   double softcap = 0.0;  // > 0: scores become softcap * tanh(scores / softcap)
   Operand alibi;         // when data != nullptr: one slope per batch entry, in `dtype`
   Operand kv_lengths;    // when data != nullptr: int64, keys j >= kv_lengths[b] take no part
+  Operand sinks;         // when data != nullptr: one logit per batch entry, in `dtype`, that joins
+                         // the softmax's denominator only (gpt-oss's attention sinks)
 
   Operand out;      // written: (batch..., L, Ev)
   Operand weights;  // written when data != nullptr: (batch..., L, S)

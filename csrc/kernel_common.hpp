@@ -56,6 +56,7 @@ template <class T>
 struct EntryParams {
   T neg_slope = T(0);  // -slope: ALiBi's bias per unit of distance
   int64_t keys = 0;     // min(S, kv_lengths[b])
+  T sink = -std::numeric_limits<T>::infinity();  // the sink logit; -inf: none
 };
 
 template <class T>
@@ -69,6 +70,7 @@ inline EntryParams<T> entry_params(const KernelArgs& a, int64_t b) {
   }
   if (a.alibi.data)
     e.neg_slope = -static_cast<const T*>(a.alibi.data)[batch_offset(a, a.alibi, b, 1)];
+  if (a.sinks.data) e.sink = static_cast<const T*>(a.sinks.data)[batch_offset(a, a.sinks, b, 1)];
   return e;
 }
 
@@ -129,6 +131,21 @@ template <class T>
 inline void write_lse(const KernelArgs& a, int64_t b, int64_t i, T m, T l) {
   T* lse = static_cast<T*>(const_cast<void*>(a.lse.data)) + batch_offset(a, a.lse, b, 1);
   lse[i * a.lse.row_stride] = l == T(0) ? RowOps<T>::kNegInf : m + std::log(l);
+}
+
+// Folds the attention sink (a logit, -inf for none) into a row's final maximum m and sum l,
+// once, after its last key: the sink only adds to the denominator, so folding it at the end
+// leaves the hot loops as they are. Returns the factor that normalizes the row's output,
+// accumulated against the old m: 0 for a row with no key (its lse is then the sink itself).
+template <class T>
+inline T fold_sink(T sink, T& m, T& l) {
+  if (sink == RowOps<T>::kNegInf) return l == T(0) ? T(0) : T(1) / l;
+  // The larger of the two is subtracted, so exp never overflows for a sink far above the scores.
+  const T m2 = l == T(0) || sink > m ? sink : m;
+  const T alpha = l == T(0) ? T(0) : exp_minus(m, m2);
+  l = l * alpha + exp_minus(sink, m2);
+  m = m2;
+  return alpha / l;
 }
 
 // Whether the band hides some key of block [j0, j0 + nb) from some query of rows i0 .. i_last.

@@ -279,17 +279,18 @@ struct RowKernel {
   void finish(int64_t b, int64_t i0, const Partial* parts) const {
     const int64_t rows = min64(RMAX, a.L - i0);
     T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
+    const T sink = a.sinks.data ? entry_params<T>(a, b).sink : R::kNegInf;
     for (int64_t r = 0; r < rows; ++r) {
       T m = R::kNegInf;
       for (int64_t sp = 0; sp < splits; ++sp) m = parts[sp].m[r] > m ? parts[sp].m[r] : m;
-      const T m_use = m == R::kNegInf ? T(0) : m;
+      T m_use = m == R::kNegInf ? T(0) : m;
       T l = 0;
       T w[kMaxSplits];
       for (int64_t sp = 0; sp < splits; ++sp) {
         w[sp] = splits == 1 ? T(1) : exp_minus(parts[sp].m[r], m_use);
         l += parts[sp].l[r] * w[sp];
       }
-      const T inv = l == T(0) ? T(0) : T(1) / l;
+      const T inv = fold_sink(sink, m_use, l);
       if (a.lse.data) write_lse(a, b, i0 + r, m_use, l);
       T* dst = out + (i0 + r) * a.out.row_stride;
       for (int64_t cc = 0; cc < a.Ev; ++cc) {

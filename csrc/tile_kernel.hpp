@@ -402,7 +402,8 @@ struct TileKernel {
     // Normalize once. A query with no key (l == 0) gives zeros; a NaN sum stays NaN.
     T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
     for (int64_t i = 0; i < rows; ++i) {
-      const T inv = ws.l[i] == T(0) ? T(0) : T(1) / ws.l[i];
+      // The sink updates the row's final (mu, l) in place, so write_weights sees it too.
+      const T inv = fold_sink(ep.sink, ws.mu[i], ws.l[i]);
       if (a.lse.data) write_lse(a, b, i0 + i, ws.mu[i], ws.l[i]);
       T* dst = out + (i0 + i) * a.out.row_stride;
       for (int64_t cc = 0; cc < Ev; ++cc) dst[cc * a.out.col_stride] = ws.ot.ptr[cc * BM + i] * inv;

@@ -16,7 +16,7 @@ def _on_device(*arrays) -> bool:
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
               return_weights=False, num_threads=None, align="top_left", window=None,
               alibi_slopes=None, softcap=None, return_lse=False, kv_lengths=None,
-              similarity="dot", backend="auto"):
+              similarity="dot", sinks=None, backend="auto"):
     """Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, by a fused C++ kernel.
 
     The semantics are those of PyTorch's ``scaled_dot_product_attention``. The kernel never
@@ -70,6 +70,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     similarity : {"dot", "cosine"}, default "dot"
         ``"cosine"`` scales query and key rows to unit length before the product (cosine
         similarity, as in the seed documents); ``scale`` still applies. A zero row stays zero.
+    sinks : array_like, shape (H,) or (B, H), optional
+        Attention sinks (gpt-oss): one logit per head that joins the softmax's denominator and
+        nothing else, ``weights_j = exp(s_j) / (exp(sink) + sum_i exp(s_i))``, so a row may
+        attend to "nothing". Broadcasts like ``alibi_slopes``; the lse includes it.
     backend : {"auto", "cpu", "cuda"}, default "auto"
         ``"auto"`` runs NumPy inputs on the CPU and inputs that live on a GPU (anything with
         ``__cuda_array_interface__``) on the GPU, returning device arrays for them. ``"cuda"`` on
@@ -116,7 +120,7 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     # call that needs an error message, takes the general path below.
     if (mask is None and not enable_gqa and not return_weights and not return_lse
             and window is None and alibi_slopes is None and softcap is None and kv_lengths is None
-            and align == "top_left" and similarity == "dot" and backend != "cuda"
+            and align == "top_left" and similarity == "dot" and sinks is None and backend != "cuda"
             and backend in _BACKENDS):
         out = _core.attention_plain(q, k, v, causal, scale, num_threads)
         if out is not None:
@@ -124,7 +128,7 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     kwargs = dict(mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa,
                   return_weights=return_weights, num_threads=num_threads, align=align,
                   window=window, alibi_slopes=alibi_slopes, softcap=softcap,
-                  return_lse=return_lse, kv_lengths=kv_lengths, similarity=similarity)
+                  return_lse=return_lse, kv_lengths=kv_lengths, similarity=similarity, sinks=sinks)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "cuda" or (backend == "auto" and _on_device(q, k, v, mask)):

@@ -1036,6 +1036,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--plot", metavar="FILE.png",
                    help="also plot time against L=S (256..4096) for (1,8,L,L,64), log-log")
     p.add_argument("--markdown", action="store_true", help="print the table in Markdown")
+    p.add_argument("--e2e", action="store_true",
+                   help="instead, a whole Llama-shaped model (random weights, 4096-token "
+                        "prompt, 64 decoded tokens), fastattn against transformers' sdpa, "
+                        "float32 and bfloat16; needs fastattn[transformers]")
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -1058,6 +1062,11 @@ def write_json(path: str, report: Report) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fastattn bench``; returns the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.e2e:
+        from . import _bench_e2e
+
+        _bench_e2e.run(threads=args.threads, rounds=args.rounds or (1 if args.quick else 2))
+        return 0
     if args.plot:
         try:
             import matplotlib  # noqa: F401

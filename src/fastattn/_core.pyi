@@ -36,6 +36,7 @@ def attention(
     weights: npt.NDArray[np.floating] | None,
     lse: npt.NDArray[np.floating] | None,
     num_threads: int,
+    sinks: npt.NDArray[np.floating] | None = None,
 ) -> int: ...
 def attention_plain(
     q: object, k: object, v: object, causal: object, scale: object, num_threads: object

@@ -46,7 +46,7 @@ cdef extern from "attention.hpp" namespace "fastattn":
         Operand mask
         int64_t band_lo, band_hi, offset
         double scale, softcap
-        Operand alibi, kv_lengths
+        Operand alibi, kv_lengths, sinks
         Operand out, weights, lse
         int num_threads
 
@@ -195,11 +195,11 @@ RAN, WIDEN, PAIRS, AMX = 0, 1, 2, 3  # what attention() did: see its docstring
 def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
               q, k, v, int mask_kind, mask, int64_t band_lo, int64_t band_hi, int64_t offset,
               double scale, double softcap, alibi, kv_lengths, int64_t kv_group, out, weights,
-              lse, int num_threads):
+              lse, int num_threads, sinks=None):
     """Runs the fused kernel on arrays whose dtype and shapes ``fastattn._validate`` checked.
 
     Each array broadcasts against ``batch_shape`` plus its own two matrix axes (per-entry
-    arrays: alibi, kv_lengths, and lse of shape (..., L, 1), carry them as trailing axes).
+    arrays: alibi, kv_lengths, sinks, and lse of shape (..., L, 1), carry them as trailing axes).
     ``band_lo``/``band_hi``: query i sees keys i + band_lo .. i + band_hi (``NO_BOUND``: open).
     ``storage``: 0 when q, k, v are in the compute dtype, 1 float16, 2 bfloat16, 3 bfloat16
     pairs (k padded to an even E, v packed in pairs of keys), 4 bfloat16 for AMX (q and k padded
@@ -240,6 +240,8 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
         _fill(p.alibi, alibi, nb)
     if kv_lengths is not None:
         _fill(p.kv_lengths, kv_lengths, nb)
+    if sinks is not None:
+        _fill(p.sinks, sinks, nb)
     _fill(p.out, out, nb)
     if weights is not None:
         _fill(p.weights, weights, nb)

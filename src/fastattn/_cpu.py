@@ -102,6 +102,7 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         weights,
         lse,
         plan.num_threads or 0,
+        _trailing(plan.sinks),
     ]
     storage = 0
     if q.dtype == k.dtype == v.dtype != plan.dtype:

@@ -15,8 +15,8 @@ FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "am
 @cache
 def cpu_info() -> dict[str, Any]:
     """{"model", "vendor", "family", "model_number", "flags"} of the first CPU."""
-    info: dict[str, Any] = {"model": platform.processor() or platform.machine(), "vendor": "", "family": None,
-            "model_number": None, "flags": ()}
+    info: dict[str, Any] = {"model": platform.processor() or platform.machine(), "vendor": "",
+                            "family": None, "model_number": None, "flags": ()}
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read().split("\n\n", 1)[0]

@@ -46,6 +46,7 @@ class Plan:
     kv_lengths: np.ndarray | None = None  # int64, broadcastable to ``batch``
     similarity: str = "dot"
     storage: np.dtype | None = None  # None: the same as dtype
+    sinks: np.ndarray | None = None  # sink logits in ``dtype``, broadcastable to ``batch``
 
     def band(self) -> tuple[int | None, int | None]:
         """(lo, hi): query i sees keys i + lo <= j <= i + hi (None: unbounded), from the
@@ -173,6 +174,7 @@ def prepare(
     return_lse=False,
     kv_lengths=None,
     similarity="dot",
+    sinks=None,
     diagonal_offset=None,
 ) -> Plan:
     """Checks the arguments of ``attention`` and resolves broadcasting and dtypes."""
@@ -264,9 +266,12 @@ def prepare(
         offset = S - L if align == "bottom_right" else 0
     else:  # internal: a block of a larger problem keeps that problem's diagonal
         offset = int(diagonal_offset)
-    shapes = _shapes(q=q, k=k, v=v) if alibi_slopes is not None or kv_lengths is not None else ""
+    shapes = (_shapes(q=q, k=k, v=v)
+              if alibi_slopes is not None or kv_lengths is not None or sinks is not None else "")
     if alibi_slopes is not None:
         alibi_slopes = _per_batch("alibi_slopes", alibi_slopes, batch, "fiub", dtype, shapes)
+    if sinks is not None:
+        sinks = _per_batch("sinks", sinks, batch, "fiub", dtype, shapes)
     if kv_lengths is not None:
         lengths = np.asarray(kv_lengths)
         if lengths.dtype.kind not in "iu":
@@ -311,4 +316,5 @@ def prepare(
         kv_lengths=kv_lengths,
         similarity=similarity,
         storage=storage,
+        sinks=sinks,
     )

@@ -90,9 +90,15 @@ def attention_in(dtype, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     if plan.kv_group > 1:
         v = np.repeat(v, plan.kv_group, axis=-3)
     m = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+    sink = None
+    if plan.sinks is not None:  # one more logit per row that joins the denominator only
+        sink = plan.sinks.astype(dtype)[..., None, None]
+        m = np.maximum(m, sink)  # broadcasts: the scores may not span every batch axis yet
     m = np.where(m == -np.inf, 0, m)  # a row with no key left: all weights 0, output 0
     weights = np.exp(scores - m)
     total = weights.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        total = total + np.exp(sink - m)
     with np.errstate(divide="ignore"):
         lse = (m + np.log(total))[..., 0]  # -inf for a row with no key
     weights = weights / np.where(total == 0, 1, total)
