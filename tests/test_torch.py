@@ -95,20 +95,6 @@ def test_bfloat16_is_read_without_widening():
     assert view.dtype.name == "bfloat16" and view.__array_interface__["data"][0] == q.data_ptr()
 
 
-def test_requires_grad_names_the_missing_backward():
-    q, k, v = _qkv((1, 2, 3, 8), (1, 2, 5, 8))
-    q.requires_grad_()
-    with pytest.raises(NotImplementedError, match="backward"):
-        ft.attention(q, k, v)
-    with torch.no_grad():
-        assert ft.attention(q, k, v).shape == (1, 2, 3, 8)
-    # The op called directly records a graph whose backward says the same.
-    out, _, _ = torch.ops.fastattn.attention(q, k, v, None, False, None, False, None, "top_left",
-                                             None, None, None, None, None, "dot", None, False)
-    with pytest.raises(NotImplementedError, match="backward"):
-        out.sum().backward()
-
-
 def test_errors_name_shapes_and_dtypes():
     q, k, v = _qkv((2, 3, 5, 8), (2, 3, 9, 8))
     with pytest.raises(ValueError, match=r"\(2, 3, 5, 8\).*\(2, 3, 9, 7\)"):

@@ -4,10 +4,11 @@
 C++ kernel without copies (``Tensor.numpy()`` shares memory; bfloat16 through a view of its
 bits), any strides, and the results come back as tensors over the kernel's own output arrays.
 
-The operator always returns ``(out, lse, weights)``: the log-sum-exp is what a backward pass
-needs (``torch.library.register_autograd`` can be wired to this schema unchanged), and costs the
-kernel one number per query row. :func:`attention` returns what :func:`fastattn.attention`
-returns for the same flags.
+The operator always returns ``(out, lse, weights)``: the log-sum-exp is what the backward pass
+needs, and costs the kernel one number per query row. Autograd runs fastattn's fused backward
+kernel (:func:`fastattn.attention_backward`) as a second operator,
+``torch.ops.fastattn.attention_backward``, so ``torch.compile`` traces training steps too.
+:func:`attention` returns what :func:`fastattn.attention` returns for the same flags.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from ._validate import _window, prepare
 
 __all__ = ["attention"]
 
-_BACKWARD_MISSING = (
-    "fastattn.torch.attention has no backward pass yet (fastattn.attention_backward, issue 13): "
-    "call it under torch.no_grad() or torch.inference_mode(), or detach the inputs"
+_NO_GRAD_FOR = (
+    "fastattn.torch.attention differentiates with respect to q, k, v and sinks; not with "
+    "respect to mask or alibi_slopes (detach them)"
 )
 
 
@@ -187,17 +188,87 @@ def _(q, k, v, mask, causal, scale, enable_gqa, num_threads, align, window_left,
     return out, lse, weights
 
 
-def _no_backward(ctx, *grads):
-    raise NotImplementedError(_BACKWARD_MISSING)
+@torch.library.custom_op("fastattn::attention_backward", mutates_args=())
+def _attention_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    num_threads: int | None,
+    align: str,
+    window_left: int | None,
+    window_right: int | None,
+    alibi_slopes: torch.Tensor | None,
+    softcap: float | None,
+    kv_lengths: torch.Tensor | None,
+    similarity: str,
+    sinks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks) by :func:`fastattn.attention_backward`; dsinks empty without sinks."""
+    if q.device.type != "cpu":
+        raise NotImplementedError("fastattn's backward pass runs on the CPU only: the CUDA "
+                                  "backend has a forward kernel, not yet a backward one")
+    from ._api import attention_backward
+
+    opts = _options(mask, causal, scale, enable_gqa, num_threads, align, window_left,
+                    window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks)
+    for name in _TENSOR_OPTIONS:
+        if opts[name] is not None:
+            opts[name] = _to_numpy(opts[name])
+    grads = attention_backward(*(_to_numpy(t) for t in (q, k, v, out, lse, dout)), **opts)
+    # Contiguous, as the fake implementation says (the kernel's sums over broadcast axes can
+    # come back in other layouts).
+    dq, dk, dv = (_from_numpy(np.ascontiguousarray(g)) for g in grads[:3])
+    dsinks = _from_numpy(np.ascontiguousarray(grads[3])) if sinks is not None else q.new_empty(0)
+    return dq, dk, dv, dsinks
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, out, lse, dout, mask, causal, scale, enable_gqa, num_threads, align, window_left,
+      window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(0) if sinks is None else sinks.new_empty(sinks.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    pass
+    (q, k, v, mask, causal, scale, enable_gqa, num_threads, align, window_left, window_right,
+     alibi_slopes, softcap, kv_lengths, similarity, sinks, _return_weights) = inputs
+    out, lse, _weights = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, kv_lengths, sinks)
+    ctx.options = (causal, scale, enable_gqa, num_threads, align, window_left, window_right,
+                   softcap, similarity)
+    # Unused outputs then get None, not zeros: a gradient through lse or the weights is told
+    # apart from none without looking at the data.
+    ctx.set_materialize_grads(False)
 
 
-# Until issue 13's backward exists, a graph through the op fails at backward with a clear error;
-# that issue replaces this registration, and the schema above stays as it is.
-_attention_op.register_autograd(_no_backward, setup_context=_setup_context)
+def _backward(ctx, dout, dlse, dweights):
+    """The gradient through ``out`` by the fused backward kernel (issue 13)."""
+    if dlse is not None or dweights is not None:
+        raise NotImplementedError(
+            "fastattn.torch computes gradients through the attention output only, not through "
+            "the returned lse or weights")
+    q, k, v, out, lse, mask, alibi_slopes, kv_lengths, sinks = ctx.saved_tensors
+    if dout is None:
+        return (None,) * 17
+    (causal, scale, enable_gqa, num_threads, align, window_left, window_right, softcap,
+     similarity) = ctx.options
+    dq, dk, dv, dsinks = _attention_backward_op(
+        q, k, v, out, lse, dout, mask, causal, scale, enable_gqa, num_threads, align,
+        window_left, window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks)
+    grads = [None] * 17  # one per input of the op, in its order
+    grads[:3] = dq, dk, dv
+    grads[15] = dsinks if sinks is not None else None
+    return tuple(grads)
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _real(name: str, x) -> float | None:
@@ -229,10 +300,14 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     fastattn's CUDA kernel (``pip install "fastattn[cuda]"``). ``torch.compile`` (also with
     ``fullgraph=True``) and ``torch.export`` trace through it as one operator.
 
+    Differentiable (autograd) with respect to q, k, v and sinks, through the output; the
+    gradient is fastattn's fused backward kernel. Not with respect to mask or alibi_slopes, nor
+    through the returned lse or weights.
+
     Raises
     ------
     NotImplementedError
-        An input requires grad while grad mode is on: the backward pass does not exist yet.
+        mask or alibi_slopes require grad, or a gradient flows into the returned lse or weights.
     ValueError, TypeError
         As :func:`fastattn.attention`.
 
@@ -252,13 +327,15 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     if not (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None):
         mask, alibi_slopes, kv_lengths, sinks = (
             _tensor(mask), _tensor(alibi_slopes), _tensor(kv_lengths), _tensor(sinks))
-    if torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad
-            or any(t is not None and t.requires_grad for t in (mask, alibi_slopes, sinks))):
-        raise NotImplementedError(_BACKWARD_MISSING)
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (sinks is not None and sinks.requires_grad))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (mask, alibi_slopes)):
+        raise NotImplementedError(_NO_GRAD_FOR)
     if scale is not None or softcap is not None:
         scale, softcap = _real("scale", scale), _real("softcap", softcap)
-    if (type(q) is type(k) is type(v) is torch.Tensor and q.is_cpu
+    if (type(q) is type(k) is type(v) is torch.Tensor and q.is_cpu and not needs_grad
             and not torch.compiler.is_compiling()):
         # Eager CPU calls skip the dispatcher (~10 us) and convert only what they return; the
         # op's own function runs, so the two paths cannot differ.
