@@ -116,11 +116,16 @@ def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
         (q, q_norm), (k, k_norm) = _unit_rows_and_norms(q), _unit_rows_and_norms(k)
     if plan.out_dtype != plan.dtype:
         # A 16-bit lse is too coarse to recompute the weights from (bfloat16 rounds an lse of 8
-        # by up to 0.016, every weight of the row by 1.6%): out and lse again, in float32.
-        widened = dataclasses.replace(plan, q=q, k=k, v=v, similarity="dot", return_lse=True,
-                                      return_weights=False, out_dtype=plan.dtype,
-                                      storage=plan.dtype)
-        out, _, lse = run(widened)
+        # by up to 0.016, every weight of the row by 1.6%): lse again, in float32, by the
+        # forward kernel on the inputs as stored with no value column (Ev = 0: scores and
+        # softmax only, half a forward). The 16-bit out serves D = rowsum(dO * O), whose
+        # rounding is that of the gradients returned.
+        qs, ks = (q, k) if plan.similarity == "cosine" else (plan.q, plan.k)
+        scores_only = dataclasses.replace(
+            plan, q=qs, k=ks, v=plan.v[..., :0] if ks.dtype == plan.v.dtype else v[..., :0],
+            Ev=0, similarity="dot", return_lse=True, return_weights=False,
+            out_dtype=plan.dtype)
+        lse = run(scores_only)[2]
     dq = np.zeros(plan.batch + (plan.L, plan.E), plan.dtype)
     dk = np.zeros(plan.batch + (plan.S, plan.E), plan.dtype)
     dv = np.zeros(plan.batch + (plan.S, plan.Ev), plan.dtype)
