@@ -16,7 +16,7 @@ from fastattn import reference
 from fastattn._validate import prepare_backward
 from layouts import assert_unchanged, copies
 from test_properties import problems
-from tolerances import HALF_FORMATS, HALF_EXTRA_ULPS, half_ulp, rule_for
+from tolerances import HALF_EXTRA_ULPS, HALF_FORMATS, half_ulp, rule_for
 
 # Options of the forward that the backward does not take.
 _FORWARD_ONLY = ("return_weights", "return_lse")
@@ -234,7 +234,8 @@ def test_float32_error_within_3x_torch(rng, shape, options):
         mask = torch.ones(L, S, dtype=torch.bool).tril(S - L)
         is_causal = False
     tout = torch.nn.functional.scaled_dot_product_attention(
-        tq, tk, tv, attn_mask=mask, is_causal=is_causal, enable_gqa=options.get("enable_gqa", False))
+        tq, tk, tv, attn_mask=mask, is_causal=is_causal,
+        enable_gqa=options.get("enable_gqa", False))
     dout = rng.standard_normal(tuple(tout.shape)).astype(np.float32)
     theirs = torch.autograd.grad(tout, (tq, tk, tv), torch.tensor(dout))
     out, lse = fastattn.attention(q, k, v, return_lse=True, **options)

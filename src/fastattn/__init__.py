@@ -28,7 +28,8 @@ from ._positional import positional_encoding  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "attention_backward", "reference", "active_isa", "available_isas", "set_isa", "__version__",
+    "attention", "attention_backward", "reference", "active_isa", "available_isas", "set_isa",
+    "__version__",
     "self_attention", "multi_head_attention", "MultiHeadAttention", "positional_encoding",
     "plot_attention", "merge_attention",
 ]

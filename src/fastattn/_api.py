@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
 import numpy as np
 
+from . import _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
 from ._validate import Plan, gradient_dtype, prepare, prepare_backward
 
 _BACKENDS = ("auto", "cpu", "cuda")

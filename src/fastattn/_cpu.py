@@ -125,14 +125,18 @@ def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
             plan, q=qs, k=ks, v=plan.v[..., :0] if ks.dtype == plan.v.dtype else v[..., :0],
             Ev=0, similarity="dot", return_lse=True, return_weights=False,
             out_dtype=plan.dtype)
-        lse = run(scores_only)[2]
+        fresh = run(scores_only)[2]
+        assert fresh is not None  # return_lse
+        lse = fresh
     dq = np.zeros(plan.batch + (plan.L, plan.E), plan.dtype)
     dk = np.zeros(plan.batch + (plan.S, plan.E), plan.dtype)
     dv = np.zeros(plan.batch + (plan.S, plan.Ev), plan.dtype)
-    _core.attention_backward(plan.dtype == np.float64, *_problem(plan, q, k, v), out, lse[..., None], plan.num_threads or 0, dout, dq, dk, dv)
+    args = _problem(plan, q, k, v) + [out, lse[..., None], plan.num_threads or 0, dout, dq, dk, dv]
+    _core.attention_backward(plan.dtype == np.float64, *args)
     dq = sum_to(dq, q.shape, 1)
     dk, dv = sum_to(dk, k.shape, plan.kv_group), sum_to(dv, v.shape, plan.kv_group)
     if plan.similarity == "cosine":  # through x / |x|: remove the part along the unit row
         dq = (dq - q * np.einsum("...e,...e->...", q, dq)[..., None]) / q_norm
         dk = (dk - k * np.einsum("...e,...e->...", k, dk)[..., None]) / k_norm
-    return tuple(g.astype(d, copy=False) for g, d in zip((dq, dk, dv), dtypes))
+    return dq.astype(dtypes[0], copy=False), dk.astype(dtypes[1], copy=False), dv.astype(
+        dtypes[2], copy=False)

@@ -104,7 +104,7 @@ def attention_in(dtype, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def attention_backward(q, k, v, out, lse, dout, **kwargs):
-    """Reference gradient of :func:`attention`; same contract as :func:`fastattn.attention_backward`.
+    """Reference gradient of :func:`attention`; the contract of :func:`fastattn.attention_backward`.
 
     The textbook formula in float64 with the full ``L x S`` matrices: ``P`` recomputed from the
     scores, ``dV = Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P (dP - rowsum(P dP))`` (a key whose weight is 0
@@ -124,9 +124,9 @@ def attention_backward(q, k, v, out, lse, dout, **kwargs):
     """
     kwargs.pop("backend", None)
     plan, _, _, dout = prepare_backward(q, k, v, out, lse, dout, **kwargs)
-    grads = gradients_in(np.float64, plan, dout)
+    dq, dk, dv = gradients_in(np.float64, plan, dout)
     return tuple(g.astype(gradient_dtype(np.asarray(a).dtype, plan), copy=False)
-                 for g, a in zip(grads, (q, k, v)))
+                 for g, a in zip((dq, dk, dv), (q, k, v)))
 
 
 def gradients_in(dtype, plan: Plan, dout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,7 +136,7 @@ def gradients_in(dtype, plan: Plan, dout) -> tuple[np.ndarray, np.ndarray, np.nd
     """
     shapes = (plan.q.shape, plan.k.shape, plan.v.shape)
     if 0 in plan.batch:
-        return tuple(np.zeros(s, dtype) for s in shapes)
+        return np.zeros(shapes[0], dtype), np.zeros(shapes[1], dtype), np.zeros(shapes[2], dtype)
     q, k = plan.q.astype(dtype), plan.k.astype(dtype)
     qn, kn = np.ones(q.shape[:-1] + (1,), dtype), np.ones(k.shape[:-1] + (1,), dtype)
     if plan.similarity == "cosine":  # gradients with respect to the unit rows, then the chain rule
@@ -160,7 +160,8 @@ def gradients_in(dtype, plan: Plan, dout) -> tuple[np.ndarray, np.ndarray, np.nd
     dk = np.swapaxes(ds, -1, -2) @ np.broadcast_to(q, plan.batch + q.shape[-2:])
     dv = np.swapaxes(weights, -1, -2) @ dout
     if plan.similarity == "cosine":
-        dq = _unit_rows_backward(np.broadcast_to(q, dq.shape), np.broadcast_to(qn, dq.shape[:-1] + (1,)), dq)
+        dq = _unit_rows_backward(np.broadcast_to(q, dq.shape),
+                                 np.broadcast_to(qn, dq.shape[:-1] + (1,)), dq)
         kb = np.repeat(k, plan.kv_group, axis=-3) if plan.kv_group > 1 else k
         knb = np.repeat(kn, plan.kv_group, axis=-3) if plan.kv_group > 1 else kn
         dk = _unit_rows_backward(np.broadcast_to(kb, dk.shape),
