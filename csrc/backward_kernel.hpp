@@ -43,7 +43,7 @@ struct BackwardKernel {
   const KernelArgs& a;
   const Tile tile;
   const int64_t n_kblocks, n_qtiles, L_pad, E_pad, Ev_pad;
-  int64_t n_chunks = 1;  // items per batch entry: contiguous ranges of its key blocks
+  int64_t n_chunks = 1;  // items per batch entry, each taking every n_chunks-th key block
   T* partial = nullptr;  // n_chunks > 1: dQ of every (entry, chunk), reduced after the items
 
   explicit BackwardKernel(const KernelArgs& args)
@@ -180,14 +180,14 @@ struct BackwardKernel {
     const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
     const EntryParams<T> ep = entry_params<T>(a, b);
     const int64_t kb_live = (ep.keys + BN - 1) / BN;  // keys >= kv_lengths[b] keep dK = dV = 0
-    const int64_t per = (n_kblocks + n_chunks - 1) / n_chunks;
-    const int64_t kb_begin = chunk * per, kb_end = min64(kb_live, kb_begin + per);
-    if (kb_begin >= kb_end && n_chunks == 1) return;
+    if (kb_live == 0 && n_chunks == 1) return;  // dq stays zero
     pack_queries(ws, b);
     std::memset(ws.dqt.ptr, 0, sizeof(T) * size_t(a.E * L_pad));
     T* dK = static_cast<T*>(const_cast<void*>(a.dk.data)) + batch_offset(a, a.dk, b, 1);
     T* dV = static_cast<T*>(const_cast<void*>(a.dv.data)) + batch_offset(a, a.dv, b, 1);
-    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    // Chunk c takes key blocks c, c + n_chunks, ...: under a causal band later blocks see fewer
+    // queries, so interleaving gives the chunks equal work.
+    for (int64_t kb = chunk; kb < kb_live; kb += n_chunks) {
       const int64_t j0 = kb * BN, nb = min64(BN, ep.keys - j0);
       const typename Tile::KeysIn in = tile.keys_in(m_off, j0, nb);
       if (in == Tile::KeysIn::kNone) continue;
