@@ -103,10 +103,10 @@ def _term_magnitudes(plan, dout) -> tuple[float, float, float]:
     q_mag, k_mag = _max_abs(plan.q), _max_abs(plan.k)
     q_div = k_div = 1.0
     if plan.similarity == "cosine":
+        # (a zero row is divided by 1: the normalisation is the identity there)
         norms = [np.sqrt((a.astype(np.float64) ** 2).sum(-1)) for a in (plan.q, plan.k)]
-        q_div, k_div = (1 / max(float(n[n > 0].min(initial=np.inf)), 1e-300) for n in norms)
+        q_div, k_div = (1 / float(np.where(n == 0, 1, n).min(initial=1.0)) for n in norms)
         q_mag = k_mag = 1.0
-        q_div, k_div = min(q_div, 1e300), min(k_div, 1e300)
     scale = abs(plan.scale)
     return (scale * ds * k_mag * q_div * copies_q, scale * ds * q_mag * col * k_div * copies_kv,
             _max_abs(dout) * col * copies_kv)
