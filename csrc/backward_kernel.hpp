@@ -8,7 +8,7 @@
 // The score block keeps the forward's layout (S^T: a row per key, the tile's queries along the
 // SIMD lanes), so TileKernel's masking (mask_block, keys_in, needs_mask) serves both passes, and
 // all five products are the forward's micro-GEMM (micro_kernels.hpp) with A read in place:
-//   dP^T = V dO^T  and  S^T = K Q^T:  A = V or K (in place), B = packed dO^T or Q^T panels
+//   dP^T = V dO^T  and  S^T = K Q^T:  A = V or K (in place), B = dO^T or Q^T packed per tile
 //   dV = P^T dO    and  dK = dS^T Q:  A = P^T or dS^T (the block), B = dO or Q rows, packed
 //   dQ^T = K^T dS^T:                  A = K^T (K in place, transposed by its strides), B = dS^T
 // Work item: one batch entry (or, when there are fewer entries than threads, a chunk of its key
