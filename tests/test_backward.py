@@ -304,3 +304,19 @@ def test_bad_arguments(rng):
         fastattn.attention_backward(q, k[..., :3], v, out, lse, out)
     with pytest.raises(TypeError, match="complex"):
         fastattn.attention_backward(q.astype(complex), k, v, out, lse, out)
+
+
+def test_strided_out_lse_and_dout(rng):
+    # out, lse and dout are read through their strides: views of larger arrays, reversed and
+    # Fortran-ordered, give the gradients of their contiguous copies exactly.
+    q, k, v = (rng.standard_normal((2, 3, 40, 8)) for _ in range(3))
+    out, lse = fastattn.attention(q, k, v, return_lse=True, causal=True)
+    dout = rng.standard_normal(out.shape)
+    wide = np.zeros(out.shape[:-1] + (2 * out.shape[-1],))
+    wide[..., ::2] = out
+    lse_rev = lse[..., ::-1].copy()[..., ::-1]
+    dout_f = np.asfortranarray(dout)
+    got = fastattn.attention_backward(q, k, v, wide[..., ::2], lse_rev, dout_f, causal=True)
+    want = fastattn.attention_backward(q, k, v, out, lse, dout, causal=True)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
