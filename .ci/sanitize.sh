@@ -18,7 +18,12 @@ source "$work/env/bin/activate"
 python -m pip install -q --upgrade pip
 # The build directory is a temporary one: never build/ of the checkout, whose objects are not
 # instrumented and would be reused.
-python -m pip install -q ".[test]" -Cbuild-dir="$work/build" -Ccmake.define.FASTATTN_SANITIZE=ON
+# Without an AMX CPU the amx variant is built emulated (csrc/amx_tiles.hpp), so that its layouts
+# run under the sanitizers too; with one, its real instructions do.
+amx=ON
+grep -qw amx_bf16 /proc/cpuinfo && amx=OFF
+python -m pip install -q ".[test]" -Cbuild-dir="$work/build" -Ccmake.define.FASTATTN_SANITIZE=ON \
+  -Ccmake.define.FASTATTN_AMX_EMULATE=$amx
 echo "sanitized build and install: $((SECONDS - start)) s"
 
 # (Located without importing fastattn: that would load the extension without the runtime.)

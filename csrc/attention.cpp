@@ -33,6 +33,9 @@ FASTATTN_DECLARE_VARIANT(avx512)
 #ifdef FASTATTN_HAVE_AVX512BF16
 FASTATTN_DECLARE_VARIANT(avx512bf16)
 #endif
+#ifdef FASTATTN_HAVE_AMX
+FASTATTN_DECLARE_VARIANT(amx)
+#endif
 #undef FASTATTN_DECLARE_VARIANT
 
 namespace {
@@ -59,11 +62,18 @@ FASTATTN_VARIANT(avx512)
 #ifdef FASTATTN_HAVE_AVX512BF16
 FASTATTN_VARIANT(avx512bf16)
 #endif
+#ifdef FASTATTN_HAVE_AMX
+FASTATTN_VARIANT(amx)
+#endif
 #undef FASTATTN_VARIANT
 
 template <class Fn>
 auto on_selected_isa(Fn fn) {
   switch (selected_isa_id()) {  // an atomic load: no string, no lock on the per-call path
+#ifdef FASTATTN_HAVE_AMX
+    case IsaId::kAmx:
+      return fn(Variant_amx{});
+#endif
 #ifdef FASTATTN_HAVE_AVX512BF16
     case IsaId::kAvx512Bf16:
       return fn(Variant_avx512bf16{});
@@ -119,6 +129,12 @@ int default_threads() {
 }
 
 std::string active_isa() { return selected_isa(); }
+std::string bfloat16_tiles() {
+  const std::string isa = selected_isa();
+  if (isa == "amx") return "amx";
+  return isa == "avx512bf16" && bf16_pairs_enabled() ? "pairs" : "float32";
+}
+std::string amx_status() { return amx_state(); }
 std::vector<std::string> available_isas() { return supported_isas(); }
 void set_isa(const std::string& name) { force_isa(name); }
 
@@ -156,6 +172,7 @@ KernelArgs make_args(const Problem& p) {
   copy_view(p.lse, nd, "lse", a.lse, false);
   copy_view(p.alibi, nd, "alibi", a.alibi, false);
   copy_view(p.kv_lengths, nd, "kv_lengths", a.kv_lengths, false);
+  copy_view(p.sinks, nd, "sinks", a.sinks, false);
   a.mask_kind = int(p.mask_kind);
   copy_view(p.mask, nd, "mask", a.mask, p.mask_kind != MaskKind::kNone);
   a.kv_group = p.kv_group;
@@ -170,6 +187,8 @@ KernelArgs make_args(const Problem& p) {
   require(p.num_threads >= 0, "num_threads must be >= 0");
   a.num_threads = p.num_threads > 0 ? p.num_threads : default_threads();
   if (a.num_threads < 1) a.num_threads = 1;
+  // Only 16-bit problems ask (it takes a lock when the pairs are not the automatic choice).
+  a.bf16_pairs = a.storage == int(Storage::kBFloat16) ? bf16_pairs_enabled() : true;
   return a;
 }
 

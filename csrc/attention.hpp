@@ -17,7 +17,16 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1 };
 // widens on load, or as bfloat16 with k padded to an even E (contiguous along it) and v packed in
 // pairs of keys (v[j / 2][c] = keys j, j + 1 of column c), which its AVX512-BF16 tiles multiply
 // as pairs. Only where reads_storage says so.
-enum class Storage : int { kSame = 0, kFloat16 = 1, kBFloat16 = 2, kBFloat16Pairs = 3 };
+// kBFloat16Amx (the amx variant): k padded to a multiple of 32 features, contiguous along them;
+// v as V^T (keys along a row: row_stride 1; value columns col_stride apart) with S and Ev padded
+// to multiples of 32 with zeros.
+enum class Storage : int {
+  kSame = 0,
+  kFloat16 = 1,
+  kBFloat16 = 2,
+  kBFloat16Pairs = 3,
+  kBFloat16Amx = 4
+};
 
 enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
 
@@ -53,6 +62,8 @@ struct Problem {
   double softcap = 0.0;  // > 0: scores become softcap * tanh(scores / softcap)
   Operand alibi;         // when data != nullptr: one slope per batch entry, in `dtype`
   Operand kv_lengths;    // when data != nullptr: int64, keys j >= kv_lengths[b] take no part
+  Operand sinks;         // when data != nullptr: one logit per batch entry, in `dtype`, that joins
+                         // the softmax's denominator only (gpt-oss's attention sinks)
 
   Operand out;      // written: (batch..., L, Ev)
   Operand weights;  // written when data != nullptr: (batch..., L, S)
@@ -75,18 +86,24 @@ void attention(const Problem& p);
 void attention_backward(const Problem& p);
 
 // How the kernel reads this problem's q, k and v given in 16-bit storage p.storage: 0 it does
-// not (the caller widens them to float32 first), 1 as given, 3 as kBFloat16Pairs (the caller
-// packs them so).
+// not (the caller widens them to float32 first), 1 as given, 3 as kBFloat16Pairs, 4 as
+// kBFloat16Amx (the caller packs them so).
 int reads_storage(const Problem& p);
 
 // y = 2^x with the kernel's vectorized exp2 (for tests of its error bound).
 template <class T>
 void exp2(const T* x, T* y, int64_t n);
 
-// The instruction set the dispatcher uses now ("avx512bf16", "avx512", "avx2" or "baseline").
+// The instruction set the dispatcher uses now ("amx", "avx512bf16", "avx512", "avx2" or
+// "baseline").
 std::string active_isa();
 // Every instruction set this build has a kernel for and this CPU can run, best first.
 std::vector<std::string> available_isas();
+// Why the amx variant is or is not available here, in words (for python -m fastattn).
+std::string amx_status();
+// How bfloat16 tiles run on the selected instruction set: "pairs" (vdpbf16ps dot products of
+// bfloat16 pairs) or "float32" (widened once, float32 tiles). Decode reads 16-bit K/V either way.
+std::string bfloat16_tiles();
 // Forces an instruction set ("" restores automatic choice); throws if unavailable.
 void set_isa(const std::string& name);
 // Whether the build has OpenMP, and the thread count a call with num_threads = 0 would use.

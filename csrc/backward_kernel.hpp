@@ -1,7 +1,7 @@
 // The fused backward pass (FlashAttention-2's): the weights are recomputed block by block from
 // the forward's log-sum-exp, never stored. Per key block of BN keys and query tile of BM queries:
 //
-//     P^T = exp2(S^T - lse * log2 e)       dV += P^T dO           dP^T = V dO^T
+//     P^T = exp(S^T - lse)                 dV += P^T dO           dP^T = V dO^T
 //     dS^T = P^T (dP^T - D)  (* 1 - tanh^2 under softcap)          D = rowsum(dO * O)
 //     dK += dS^T Q * scale                 dQ^T += K^T dS^T * scale
 //
@@ -57,11 +57,11 @@ struct BackwardKernel {
 
   struct Workspace {
     typename Tile::Workspace tw;  // tw.st: S^T, then P^T, then dS^T of one block (BN x BM)
-    Buffer<T> qt;                 // Q^T * scale * log2 e, per tile: E x BM
+    Buffer<T> qt;                 // Q^T, per tile: E x BM (the scale is the product's)
     Buffer<T> qr;                 // Q * scale, a row per query: L_pad x E_pad
     Buffer<T> dot;                // dO^T, per tile: Ev x BM
     Buffer<T> dor;                // dO, a row per query: L_pad x Ev_pad
-    Buffer<T> dlt;                // D = rowsum(dO * O), then lse * log2 e: 2 x L_pad
+    Buffer<T> dlt;                // D = rowsum(dO * O), then lse: 2 x L_pad
     Buffer<T> dqt;                // dQ^T of the item: E x L_pad
     Buffer<T> dpt;                // dP^T of one block: BN x BM
     Buffer<T> zt;                 // softcap: the block's scores before capping, BN x BM
@@ -79,14 +79,15 @@ struct BackwardKernel {
 
   // C (+)= A B over `rows` rows of C and `panels` panels of QP columns: A(r, t) = A[r * ars +
   // t * acs] in place, B rows of ldb, n terms. Every product of the backward pass is one call.
+  // Without kAccumulate the products are multiplied by mul (the scores' scale).
   template <bool kAccumulate>
   static void product(int64_t rows, int64_t panels, const T* A, int64_t ars, int64_t acs,
-                      const T* B, int64_t ldb, int64_t n, T* C, int64_t ldc) {
+                      const T* B, int64_t ldb, int64_t n, T* C, int64_t ldc, T mul = T(1)) {
     for (int64_t p = 0; p < panels; ++p)
       for (int64_t r = 0; r < rows; r += MR)
         M::template gemm_rows<kAccumulate>(int(min64(MR, rows - r)), A + r * ars, ars, acs,
                                            B + p * QP, ldb, n, C + r * ldc + p * QP, ldc,
-                                           nullptr);
+                                           nullptr, mul);
   }
 
   // x (the entry's L rows of cols, at x[i * rs + c * cs]) into a transposed block per query
@@ -104,18 +105,19 @@ struct BackwardKernel {
     }
   }
 
-  // The item's queries, packed once: Q, dO, D and lse (base 2; +inf on padding, giving P = 0).
+  // The item's queries, packed once: Q, dO, D and lse (+inf on padding, giving P = 0).
   void pack_queries(Workspace& ws, int64_t b) const {
     const T* Q = static_cast<const T*>(a.q.data) + batch_offset(a, a.q, b, 1);
     const T* dO = static_cast<const T*>(a.dout.data) + batch_offset(a, a.dout, b, 1);
     const T* O = static_cast<const T*>(a.out.data) + batch_offset(a, a.out, b, 1);
     const T* lse = static_cast<const T*>(a.lse.data) + batch_offset(a, a.lse, b, 1);
-    pack(Q, a.q.row_stride, a.q.col_stride, a.E, E_pad, T(a.scale * kLog2e), T(a.scale),
-         ws.qt.ptr, ws.qr.ptr);
+    // Q^T as given, the scores' scale applied in their product as the forward does (scores
+    // rounded once, in natural units); Q rows times scale for dK = dS^T (Q scale).
+    pack(Q, a.q.row_stride, a.q.col_stride, a.E, E_pad, T(1), T(a.scale), ws.qt.ptr, ws.qr.ptr);
     pack(dO, a.dout.row_stride, a.dout.col_stride, a.Ev, Ev_pad, T(1), T(1), ws.dot.ptr,
          ws.dor.ptr);
     T* D = ws.dlt.ptr;
-    T* lse2 = ws.dlt.ptr + L_pad;
+    T* lse_use = ws.dlt.ptr + L_pad;
     for (int64_t i = 0; i < L_pad; ++i) {
       T d = T(0);
       if (i < a.L)
@@ -124,7 +126,7 @@ struct BackwardKernel {
       D[i] = d;
       // A row with no key (lse -inf) subtracts 0 from scores that are all -inf: P = 0, not NaN.
       const T l = i < a.L ? lse[i * a.lse.row_stride] : R::kNegInf;
-      lse2[i] = i >= a.L ? -R::kNegInf : l == R::kNegInf ? T(0) : l * T(kLog2e);
+      lse_use[i] = i >= a.L ? -R::kNegInf : l == R::kNegInf ? T(0) : l;
     }
   }
 
@@ -134,20 +136,20 @@ struct BackwardKernel {
     const int64_t rows = min64(BM, a.L - i0), qtile = i0 / BM, panels = BM / QP;
     T* st = ws.tw.st.ptr;
     product<false>(nb, panels, K, a.k.row_stride, a.k.col_stride, ws.qt.ptr + qtile * BM * a.E,
-                   BM, a.E, st, BM);
+                   BM, a.E, st, BM, T(a.scale));
     if (a.softcap > 0) std::memcpy(ws.zt.ptr, st, sizeof(T) * size_t(nb * BM));
     if (tile.needs_mask(i0, rows, j0, nb, user_mask))
       tile.mask_block(ws.tw, ep, i0, rows, j0, nb, m_off, user_mask);
-    const T* lse2 = ws.dlt.ptr + L_pad + i0;
+    const T* lse = ws.dlt.ptr + L_pad + i0;
     for (int64_t j = 0; j < nb; ++j)
       for (int v = 0; v < BM; v += kLanes)
-        S::store(st + j * BM + v, Exp2<T>::eval(S::load(st + j * BM + v) - S::load(lse2 + v)));
+        S::store(st + j * BM + v, exp_minus<T>(S::load(st + j * BM + v), S::load(lse + v)));
     product<true>(nb, Ev_pad / QP, st, BM, 1, ws.dor.ptr + i0 * Ev_pad, Ev_pad, rows, ws.dv.ptr,
                   Ev_pad);
     product<false>(nb, panels, Vs, a.v.row_stride, a.v.col_stride, ws.dot.ptr + qtile * BM * a.Ev,
                    BM, a.Ev, ws.dpt.ptr, BM);
     const T* D = ws.dlt.ptr + i0;
-    const T c2 = T(a.softcap * kLog2e);
+    const T cap = T(a.softcap);
     for (int64_t j = 0; j < nb; ++j)
       for (int v = 0; v < BM; v += kLanes) {
         const V p = S::load(st + j * BM + v);
@@ -155,7 +157,7 @@ struct BackwardKernel {
         V ds = p != S::splat(T(0)) ? p * (S::load(ws.dpt.ptr + j * BM + v) - S::load(D + v))
                                    : S::splat(T(0));
         if (a.softcap > 0) {
-          const V t = Tanh<T>::eval(S::load(ws.zt.ptr + j * BM + v) / c2);
+          const V t = Tanh<T>::eval(S::load(ws.zt.ptr + j * BM + v) / cap);
           ds *= T(1) - t * t;
         }
         S::store(st + j * BM + v, ds);

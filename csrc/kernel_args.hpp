@@ -25,7 +25,7 @@ struct KernelArgs {
   int64_t batch_shape[kMaxBatchDims] = {};
   int64_t batch_count = 1;
   int64_t L = 0, S = 0, E = 0, Ev = 0;
-  StridedView q, k, v, mask, out, weights, lse, alibi, kv_lengths;
+  StridedView q, k, v, mask, out, weights, lse, alibi, kv_lengths, sinks;
   StridedView dout, dq, dk, dv;  // the backward pass: dout read (with out, lse), the rest written
   int64_t kv_group = 1;
   int mask_kind = 0;  // 0 none, 1 bool bytes, 2 additive in dtype
@@ -35,6 +35,7 @@ struct KernelArgs {
   double scale = 1.0;
   double softcap = 0.0;  // 0: none
   int num_threads = 1;  // resolved by the dispatcher: >= 1
+  bool bf16_pairs = true;  // whether bfloat16 tiles may run as pairs (cpu_features.hpp)
 };
 
 // Status of a kernel run; the dispatcher turns failures into exceptions.

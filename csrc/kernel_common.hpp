@@ -50,12 +50,13 @@ inline int64_t batch_offset(const KernelArgs& a, const StridedView& view, int64_
   return off;
 }
 
-// Per-batch-entry scalars of the problem: the ALiBi slope (base 2, negated) and the number of
+// Per-batch-entry scalars of the problem: the ALiBi slope (negated) and the number of
 // keys that take part.
 template <class T>
 struct EntryParams {
-  T neg_slope2 = T(0);  // -slope * log2(e): ALiBi's bias per unit of distance, base 2
+  T neg_slope = T(0);  // -slope: ALiBi's bias per unit of distance
   int64_t keys = 0;     // min(S, kv_lengths[b])
+  T sink = -std::numeric_limits<T>::infinity();  // the sink logit; -inf: none
 };
 
 template <class T>
@@ -68,7 +69,8 @@ inline EntryParams<T> entry_params(const KernelArgs& a, int64_t b) {
     e.keys = min64(a.S, max64(n, 0));
   }
   if (a.alibi.data)
-    e.neg_slope2 = -static_cast<const T*>(a.alibi.data)[batch_offset(a, a.alibi, b, 1)] * T(kLog2e);
+    e.neg_slope = -static_cast<const T*>(a.alibi.data)[batch_offset(a, a.alibi, b, 1)];
+  if (a.sinks.data) e.sink = static_cast<const T*>(a.sinks.data)[batch_offset(a, a.sinks, b, 1)];
   return e;
 }
 
@@ -80,16 +82,16 @@ inline void key_range(const KernelArgs& a, int64_t i0, int64_t i_last, int64_t k
   if (last < first) last = first;
 }
 
-// softcap * tanh(s / softcap) on n scores in base 2 (n a multiple of the vector width).
+// softcap * tanh(s / softcap) on n scores (n a multiple of the vector width).
 template <class T>
 inline void softcap_scores(const KernelArgs& a, T* s, int64_t n) {
   using S = Simd<T>;
-  const T c2 = T(a.softcap * kLog2e), inv = T(1) / c2;
+  const T c = T(a.softcap), inv = T(1) / c;
   for (int64_t j = 0; j < n; j += S::kLanes)
-    S::store(s + j, Tanh<T>::eval(S::load(s + j) * inv) * c2);
+    S::store(s + j, Tanh<T>::eval(S::load(s + j) * inv) * c);
 }
 
-// Transforms one row of base-2 scores s[0:n_pad] of query i against keys j0 .. j0 + nb - 1 into
+// Transforms one row of scores s[0:n_pad] of query i against keys j0 .. j0 + nb - 1 into
 // logits: softcap, then the ALiBi bias and the additive mask; padding keys (nb .. n_pad), keys
 // the user's bool mask removes and, last, keys outside the band become -inf.
 template <class T>
@@ -102,7 +104,7 @@ inline void mask_scores(const KernelArgs& a, const EntryParams<T>& e, T* srow, i
     const int64_t d0 = j0 - i - a.offset;  // key j0 + j lies d0 + j right of the diagonal
     for (int64_t j = 0; j < nb; ++j) {
       const int64_t d = d0 + j;
-      srow[j] += e.neg_slope2 * T(d < 0 ? -d : d);
+      srow[j] += e.neg_slope * T(d < 0 ? -d : d);
     }
   }
   if (a.mask_kind != 0) {
@@ -124,12 +126,26 @@ inline void mask_scores(const KernelArgs& a, const EntryParams<T>& e, T* srow, i
 }
 
 // lse[i] of batch entry b: the natural log-sum-exp of the row's logits, from the maximum m that
-// was subtracted (base 2) and the sum l of the weights; -inf for a row with no key (l == 0).
+// was subtracted and the sum l of the weights; -inf for a row with no key (l == 0).
 template <class T>
 inline void write_lse(const KernelArgs& a, int64_t b, int64_t i, T m, T l) {
   T* lse = static_cast<T*>(const_cast<void*>(a.lse.data)) + batch_offset(a, a.lse, b, 1);
-  lse[i * a.lse.row_stride] =
-      l == T(0) ? RowOps<T>::kNegInf : (m + std::log2(l)) * T(0.6931471805599453);
+  lse[i * a.lse.row_stride] = l == T(0) ? RowOps<T>::kNegInf : m + std::log(l);
+}
+
+// Folds the attention sink (a logit, -inf for none) into a row's final maximum m and sum l,
+// once, after its last key: the sink only adds to the denominator, so folding it at the end
+// leaves the hot loops as they are. Returns the factor that normalizes the row's output,
+// accumulated against the old m: 0 for a row with no key (its lse is then the sink itself).
+template <class T>
+inline T fold_sink(T sink, T& m, T& l) {
+  if (sink == RowOps<T>::kNegInf) return l == T(0) ? T(0) : T(1) / l;
+  // The larger of the two is subtracted, so exp never overflows for a sink far above the scores.
+  const T m2 = l == T(0) || sink > m ? sink : m;
+  const T alpha = l == T(0) ? T(0) : exp_minus(m, m2);
+  l = l * alpha + exp_minus(sink, m2);
+  m = m2;
+  return alpha / l;
 }
 
 // Whether the band hides some key of block [j0, j0 + nb) from some query of rows i0 .. i_last.

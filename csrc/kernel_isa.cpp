@@ -27,8 +27,10 @@ KernelStatus run_typed(const KernelArgs& args) {
 // instruction.
 int reads_storage(const KernelArgs& args) {
   if (uses_row_kernel(args)) return args.storage == 1 || args.storage == 2;
-#if defined(__AVX512BF16__)
-  if (args.storage == 2) return 3;
+#if defined(FASTATTN_AMX)
+  if (args.storage == 2) return 4;  // AMX tiles (see tile_kernel.hpp)
+#elif defined(__AVX512BF16__)
+  if (args.storage == 2 && args.bf16_pairs) return 3;
 #endif
   return 0;
 }
@@ -38,7 +40,9 @@ KernelStatus run_attention(const KernelArgs& args) {
     if (args.storage == 1) return RowKernel<float, Half>(args).run();
     if (args.storage == 2) return RowKernel<float, BFloat16>(args).run();
   }
-#if defined(__AVX512BF16__)
+#if defined(FASTATTN_AMX)
+  if (args.storage == 4 && !uses_row_kernel(args)) return TileKernel<float, BFloat16>(args).run();
+#elif defined(__AVX512BF16__)
   if (args.storage == 3 && !uses_row_kernel(args))
     return TileKernel<float, BFloat16>(args).run();
 #endif

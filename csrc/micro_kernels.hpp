@@ -30,11 +30,13 @@ struct Micro {
   static constexpr int MR = FASTATTN_VBYTES >= 64 ? 8 : 6;
 
   // With colmax, also colmax[0:2 lanes] = max(colmax, every row of C): the softmax's column
-  // maximum comes out of the registers instead of another pass over the scores.
+  // maximum comes out of the registers instead of another pass over the scores. Without
+  // kAccumulate (the scores) the sums are multiplied by mul (the softmax's scale) before they
+  // are stored: scaling the sum, not an operand, rounds each score once, as the textbook does.
   template <int R, bool kAccumulate>
   static inline void gemm(const T* __restrict a, int64_t ars, int64_t acs,
                           const T* __restrict b, int64_t ldb, int64_t n, T* __restrict c,
-                          int64_t ldc, T* __restrict colmax) {
+                          int64_t ldc, T* __restrict colmax, T mul) {
     V acc0[R], acc1[R];
     const T* arow[R];
 #pragma GCC unroll 16
@@ -55,6 +57,10 @@ struct Micro {
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
+      if (!kAccumulate) {
+        acc0[r] *= mul;
+        acc1[r] *= mul;
+      }
       if (kAccumulate) {  // the block's sum is formed alone, then added: blocked summation
         acc0[r] += S::load(c + r * ldc);
         acc1[r] += S::load(c + r * ldc + kLanes);
@@ -77,11 +83,12 @@ struct Micro {
   // gemm for rows = 1 .. MR, the count known only at run time (the last rows of a block).
   template <bool kAccumulate, int R = MR>
   static inline void gemm_rows(int rows, const T* a, int64_t ars, int64_t acs, const T* b,
-                               int64_t ldb, int64_t n, T* c, int64_t ldc, T* colmax) {
+                               int64_t ldb, int64_t n, T* c, int64_t ldc, T* colmax,
+                               T mul = T(1)) {
     if (rows == R) {
-      gemm<R, kAccumulate>(a, ars, acs, b, ldb, n, c, ldc, colmax);
+      gemm<R, kAccumulate>(a, ars, acs, b, ldb, n, c, ldc, colmax, mul);
     } else if constexpr (R > 1) {
-      gemm_rows<kAccumulate, R - 1>(rows, a, ars, acs, b, ldb, n, c, ldc, colmax);
+      gemm_rows<kAccumulate, R - 1>(rows, a, ars, acs, b, ldb, n, c, ldc, colmax, mul);
     }
   }
 };
@@ -91,7 +98,7 @@ struct Micro {
 // bfloat16 values along t, and vdpbf16ps adds both products to a float32 accumulator, so one
 // instruction does twice the multiply-adds of an FMA. A(r, t) is the pair at byte offset
 // r * ars + t * acs of a, broadcast; B rows are packed pairs, 2 x 16 lanes wide. With mul != 1
-// the results are scaled (the softmax's scale * log2 e, kept out of the rounded bfloat16 inputs).
+// the results are scaled (the softmax's scale, kept out of the rounded bfloat16 inputs).
 template <int R, bool kAccumulate>
 inline void gemm_bf16(const char* __restrict a, int64_t ars, int64_t acs,
                       const uint32_t* __restrict b, int64_t ldb, int64_t n, float* __restrict c,

@@ -1,8 +1,12 @@
 // The online softmax (FlashAttention-2): one row of a score block at a time, a running maximum m
 // and sum l per query row, the output accumulator rescaled only when m grows.
 //
-// Scores arrive in base 2: the query was multiplied by scale * log2(e) when packed, and additive
-// masks are multiplied by log2(e) here, so exp(x) becomes the cheaper exp2(x).
+// Scores are in natural units, q . k * scale rounded once as the textbook formula rounds them, and
+// the maximum is subtracted from them before anything else: exp(s - m) = exp2((s - m) * log2 e).
+// Scores in base 2 (q pre-multiplied by scale * log2 e) saved that multiply, but rounded every
+// score at the magnitude of the logits, in base 2: with logits of 1e3-1e5 and two near-equal top
+// scores the error reached 3-30x PyTorch's (a fuzzer of such magnitudes, 1 call in ~40); with
+// natural units and the difference taken first it stays within the textbook's in float32.
 #pragma once
 
 #include <cmath>
@@ -15,6 +19,17 @@ namespace fastattn {
 namespace FASTATTN_ISA_NS {
 
 constexpr double kLog2e = 1.4426950408889634;
+
+// exp(x - m) for scores x and a maximum m in natural units: the subtraction (exact for close
+// values) comes before the change of base, so no rounding at the logits' magnitude is added.
+template <class T>
+inline typename Simd<T>::V exp_minus(typename Simd<T>::V x, typename Simd<T>::V m) {
+  return Exp2<T>::eval((x - m) * T(kLog2e));
+}
+template <class T>
+inline T exp_minus(T x, T m) {
+  return std::exp2((x - m) * T(kLog2e));
+}
 
 // Where the mask of one query row lives: element (i, j) of the block is at ptr[j * col_stride].
 template <class T>
@@ -58,16 +73,15 @@ struct RowOps {
         if (!m[j * mk.col_stride]) s[j] = kNegInf;
     } else if (mk.kind == 2) {
       const T* a = static_cast<const T*>(mk.ptr);
-      const T c = T(kLog2e);
       if (mk.col_stride == 0) {
-        const T add = a[0] * c;
+        const T add = a[0];
         for (int64_t j = 0; j < n; ++j) s[j] += add;
         return;
       }
       int64_t j = 0;
       if (mk.col_stride == 1)
-        for (; j + kLanes <= n; j += kLanes) S::store(s + j, S::load(s + j) + S::load(a + j) * c);
-      for (; j < n; ++j) s[j] += a[j * mk.col_stride] * c;
+        for (; j + kLanes <= n; j += kLanes) S::store(s + j, S::load(s + j) + S::load(a + j));
+      for (; j < n; ++j) s[j] += a[j * mk.col_stride];
     }
   }
 
@@ -79,12 +93,12 @@ struct RowOps {
     return S::hmax(m);
   }
 
-  // s[j] = exp2(s[j] - m) for j < n (n a multiple of kLanes); returns the lane-wise sums.
-  static inline V exp2_sum(T* s, int64_t n, T m) {
+  // s[j] = exp(s[j] - m) for j < n (n a multiple of kLanes); returns the lane-wise sums.
+  static inline V exp_sum(T* s, int64_t n, T m) {
     const V mv = S::splat(m);
     V acc = S::splat(T(0));
     for (int64_t j = 0; j < n; j += kLanes) {
-      const V p = Exp2<T>::eval(S::load(s + j) - mv);
+      const V p = exp_minus<T>(S::load(s + j), mv);
       S::store(s + j, p);
       acc += p;
     }
@@ -111,7 +125,7 @@ inline RowState<T> row_state_init() {
   return RowState<T>{RowOps<T>::kNegInf, Simd<T>::splat(T(0))};
 }
 
-// Folds a block of base-2 scores (already masked, n a multiple of kLanes, padding at -inf) with
+// Folds a block of scores (already masked, n a multiple of kLanes, padding at -inf) with
 // maximum block_max into the row's state: s becomes the block's unnormalized weights, and o is
 // rescaled if the running max grew.
 template <class T>
@@ -122,11 +136,11 @@ inline void online_softmax_update(T* s, int64_t n, T block_max, RowState<T>& st,
   // exp2(-inf - (-inf)) is NaN: a row with no key yet subtracts 0 instead, giving weights of 0.
   const T m_use = m_new == R::kNegInf ? T(0) : m_new;
   if (m_use != st.m) {
-    const T alpha = std::exp2(st.m - m_use);
+    const T alpha = exp_minus(st.m, m_use);
     st.l *= alpha;
     R::scale(o, n_o, alpha);
   }
-  st.l += R::exp2_sum(s, n, m_use);
+  st.l += R::exp_sum(s, n, m_use);
   st.m = m_new;
 }
 

@@ -113,7 +113,8 @@ struct RowKernel {
     }
   }
 
-  // s[j] = q . k_j for j < nb. Four keys at a time: four independent FMA chains hide the FMA
+  // s[j] = q . k_j * scale for j < nb (the scale applied to the sum, as the textbook does: see
+  // online_softmax.hpp). Four keys at a time: four independent FMA chains hide the FMA
   // latency that a single dot product would wait on at every step.
   // While key j is scored, the K row of key j + CK (next chunk's) is prefetched: `pf` points
   // at it with stride pf_stride bytes, for pf_rows rows of pf_bytes (pf == nullptr: none).
@@ -122,6 +123,7 @@ struct RowKernel {
   void scores(const T* qr, const void* const* kr, int64_t nb, T* s, const char* pf = nullptr,
               int64_t pf_stride = 0, int64_t pf_rows = 0, int64_t pf_bytes = 0) const {
     const RT* const* krows = reinterpret_cast<const RT* const*>(kr);
+    const T sc = T(a.scale);
     int64_t j = 0;
     for (; j + 4 <= nb; j += 4) {
       if (pf)
@@ -135,15 +137,15 @@ struct RowKernel {
         a2 += qv * ld(k2 + e);
         a3 += qv * ld(k3 + e);
       }
-      s[j] = S::hsum(a0);
-      s[j + 1] = S::hsum(a1);
-      s[j + 2] = S::hsum(a2);
-      s[j + 3] = S::hsum(a3);
+      s[j] = S::hsum(a0) * sc;
+      s[j + 1] = S::hsum(a1) * sc;
+      s[j + 2] = S::hsum(a2) * sc;
+      s[j + 3] = S::hsum(a3) * sc;
     }
     for (; j < nb; ++j) {
       V acc = S::splat(T(0));
       for (int64_t e = 0; e < Ep; e += kLanes) acc += S::load(qr + e) * ld(krows[j] + e);
-      s[j] = S::hsum(acc);
+      s[j] = S::hsum(acc) * sc;
     }
   }
 
@@ -208,11 +210,10 @@ struct RowKernel {
     const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
     const In* Vs = static_cast<const In*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
     const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
-    const T c = T(a.scale * kLog2e);
     for (int64_t r = 0; r < rows; ++r) {
       const In* src = Q + (i0 + r) * a.q.row_stride;
       T* dst = ws.qv.ptr + r * Ep;
-      for (int64_t e = 0; e < a.E; ++e) dst[e] = to_float<T>(src[e * a.q.col_stride]) * c;
+      for (int64_t e = 0; e < a.E; ++e) dst[e] = to_float<T>(src[e * a.q.col_stride]);
       for (int64_t e = a.E; e < Ep; ++e) dst[e] = T(0);
     }
     RowState<T> st[RMAX];
@@ -278,17 +279,18 @@ struct RowKernel {
   void finish(int64_t b, int64_t i0, const Partial* parts) const {
     const int64_t rows = min64(RMAX, a.L - i0);
     T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
+    const T sink = a.sinks.data ? entry_params<T>(a, b).sink : R::kNegInf;
     for (int64_t r = 0; r < rows; ++r) {
       T m = R::kNegInf;
       for (int64_t sp = 0; sp < splits; ++sp) m = parts[sp].m[r] > m ? parts[sp].m[r] : m;
-      const T m_use = m == R::kNegInf ? T(0) : m;
+      T m_use = m == R::kNegInf ? T(0) : m;
       T l = 0;
       T w[kMaxSplits];
       for (int64_t sp = 0; sp < splits; ++sp) {
-        w[sp] = splits == 1 ? T(1) : std::exp2(parts[sp].m[r] - m_use);
+        w[sp] = splits == 1 ? T(1) : exp_minus(parts[sp].m[r], m_use);
         l += parts[sp].l[r] * w[sp];
       }
-      const T inv = l == T(0) ? T(0) : T(1) / l;
+      const T inv = fold_sink(sink, m_use, l);
       if (a.lse.data) write_lse(a, b, i0 + r, m_use, l);
       T* dst = out + (i0 + r) * a.out.row_stride;
       for (int64_t cc = 0; cc < a.Ev; ++cc) {

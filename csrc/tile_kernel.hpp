@@ -20,6 +20,9 @@
 #endif
 
 #include "half.hpp"
+#if defined(FASTATTN_AMX)
+#include "amx_tiles.hpp"
+#endif
 #include "kernel_common.hpp"
 #include "micro_kernels.hpp"
 #include "online_softmax.hpp"
@@ -30,10 +33,21 @@ namespace FASTATTN_ISA_NS {
 // In: how q, k and v are stored. T itself, or (AVX512-BF16 only) BFloat16 with k padded to an
 // even E, contiguous along it, and v packed as pairs of keys: v[j / 2][c] holds the bfloat16
 // values of keys j and j + 1 (even j), so both products run as bfloat16 dot products.
+// The amx variant (FASTATTN_AMX) runs bfloat16 tiles on AMX instead (amx_tiles.hpp): k padded
+// to a multiple of 32 features, v packed transposed (V^T, keys along a row, Ev and S padded to
+// multiples of 32 with zeros).
+#if defined(FASTATTN_AMX)
+constexpr bool kAmxBuild = true;
+#else
+constexpr bool kAmxBuild = false;
+#endif
+
 template <class T, class In = T>
 struct TileKernel {
   static constexpr bool kPairs = !std::is_same_v<In, T>;
-  using VIn = std::conditional_t<kPairs, uint32_t, T>;  // v's element: a value or a key pair
+  static constexpr bool kAmx = kPairs && kAmxBuild;
+  // v's element: a value, a key pair (vdpbf16ps), or a bfloat16 of V^T (AMX)
+  using VIn = std::conditional_t<kAmx, In, std::conditional_t<kPairs, uint32_t, T>>;
   using M = Micro<T>;
   using S = Simd<T>;
   using V = typename S::V;
@@ -56,19 +70,30 @@ struct TileKernel {
       : a(args), n_kblocks((args.S + BN - 1) / BN), n_qtiles((args.L + BM - 1) / BM) {}
 
   struct Workspace {
-    Buffer<T> qt;  // Q^T, scaled by scale * log2(e): BM / QP panels of E x QP
+    Buffer<T> qt;  // Q^T: BM / QP panels of E x QP
     Buffer<T> st;  // S^T of one key block, then its unnormalized weights P^T: BN x BM
     Buffer<T> ot;  // O^T: Ev x BM
     Buffer<uint32_t> qp;  // bfloat16 pairs: Q^T unscaled, E / 2 x QP per panel
     Buffer<uint32_t> pp;  // bfloat16 pairs: P^T of one block, BN / 2 x BM
-    alignas(64) T m[BM];       // running maximum (base 2), -inf before any key
+    Buffer<uint16_t> ktail;  // AMX: the last K rows of S, zero-padded to 32 rows
+#if defined(FASTATTN_AMX)
+    std::conditional_t<kAmx, amx::Session, char> tiles;  // the tile configuration, per thread
+#endif
+    alignas(64) T m[BM];       // running maximum, -inf before any key
     alignas(64) T mu[BM];      // the maximum subtracted: m, or 0 while m is -inf
     alignas(64) T l[BM];       // running sum of weights
     alignas(64) T alpha[BM];   // rescaling factor of this block
     alignas(64) T colmax[BM];  // maximum score of this block
   };
 
+  // Rows of O^T: Ev, or for AMX Ev rounded up to its 2 x 16-row blocks of C tiles.
+  int64_t ot_rows() const { return kAmx ? round_up(a.Ev, 32) : a.Ev; }
+
   bool allocate(Workspace& ws) const {
+    if (kAmx)
+      return ws.qp.reserve(int64_t(BM) * (a.E / 2)) && ws.pp.reserve(int64_t(BM) * BN / 2) &&
+             ws.st.reserve(int64_t(BM) * BN) && ws.ot.reserve(int64_t(BM) * ot_rows()) &&
+             ws.ktail.reserve(32 * a.E);
     if (kPairs)
       return ws.qp.reserve(int64_t(BM) * (a.E / 2)) && ws.pp.reserve(int64_t(BM) * BN / 2) &&
              ws.st.reserve(int64_t(BM) * BN) && ws.ot.reserve(int64_t(BM) * a.Ev);
@@ -76,9 +101,16 @@ struct TileKernel {
            ws.ot.reserve(int64_t(BM) * a.Ev);
   }
 
-  // S^T rows 0 .. nb - 1 for keys j0 .. of this entry's K (base 2), and their column maximum.
+  // S^T rows 0 .. nb - 1 for keys j0 .. of this entry's K (q . k * scale), and their column
+  // maximum.
   void scores(Workspace& ws, const In* K, int64_t j0, int64_t nb) const {
     for (int i = 0; i < BM; ++i) ws.colmax[i] = R::kNegInf;
+#if defined(FASTATTN_AMX)
+    if constexpr (kAmx) {
+      scores_amx(ws, K, j0, nb);
+      return;
+    }
+#endif
 #if defined(__AVX512BF16__)
     if constexpr (kPairs) {
       const char* k0 = reinterpret_cast<const char*>(K + j0 * a.k.row_stride);
@@ -87,12 +119,49 @@ struct TileKernel {
           gemm_bf16_rows<false>(int(min64(MR, nb - j)), k0 + j * a.k.row_stride * 2,
                                 a.k.row_stride * 2, 4, ws.qp.ptr + p * (a.E / 2) * QP, QP,
                                 a.E / 2, ws.st.ptr + j * BM + p * QP, BM, ws.colmax + p * QP,
-                                float(a.scale * kLog2e));
+                                float(a.scale));
       return;
     }
 #endif
     if constexpr (!kPairs) scores_plain(ws, K + j0 * a.k.row_stride, nb);
   }
+
+#if defined(FASTATTN_AMX)
+  // S^T by AMX tiles, 32 keys (two C tile rows) at a time; K rows are read in place, but for
+  // the last 32 keys of S when S is not a multiple of 32 (copied, zero-padded, into ktail:
+  // a tile load reads 16 whole rows). Then the scale and the column maximum, rows < nb only.
+  void scores_amx(Workspace& ws, const In* K, int64_t j0, int64_t nb) const {
+    const int64_t E = a.E, krs = a.k.row_stride;
+    for (int64_t g = 0; g < nb; g += 32) {
+      const char* rows = reinterpret_cast<const char*>(K + (j0 + g) * krs);
+      int64_t lda = krs * 2;
+      if (j0 + g + 32 > a.S) {
+        const int64_t have = a.S - j0 - g;
+        std::memset(ws.ktail.ptr, 0, sizeof(uint16_t) * size_t(32 * E));
+        for (int64_t r = 0; r < have; ++r)
+          std::memcpy(ws.ktail.ptr + r * E, K + (j0 + g + r) * krs, sizeof(uint16_t) * size_t(E));
+        rows = reinterpret_cast<const char*>(ws.ktail.ptr);
+        lda = E * 2;
+      }
+      for (int p = 0; p < BM / QP; ++p)
+        amx::block_2x2<false>(reinterpret_cast<char*>(ws.st.ptr + g * BM + p * QP), BM * 4,
+                              16 * BM * 4, rows, lda, 16 * lda, amx::kBytes,
+                              reinterpret_cast<const char*>(ws.qp.ptr + p * (E / 2) * QP), QP * 4,
+                              16 * QP * 4, E / 32);
+    }
+    const V sc = S::splat(T(a.scale));
+    for (int v = 0; v < NV; ++v) {
+      V cm = S::splat(R::kNegInf);
+      for (int64_t j = 0; j < nb; ++j) {
+        T* s = ws.st.ptr + j * BM + v * kLanes;
+        const V x = S::load(s) * sc;
+        S::store(s, x);
+        cm = S::max(cm, x);
+      }
+      S::store(ws.colmax + v * kLanes, cm);
+    }
+  }
+#endif
 
   void scores_plain(Workspace& ws, const T* K, int64_t nb) const {
     for (int p = 0; p < BM / QP; ++p)
@@ -100,14 +169,15 @@ struct TileKernel {
         M::template gemm_rows<false>(int(min64(MR, nb - j)), K + j * a.k.row_stride,
                                      a.k.row_stride, a.k.col_stride, ws.qt.ptr + p * a.E * QP,
                                      QP, a.E, ws.st.ptr + j * BM + p * QP, BM,
-                                     ws.colmax + p * QP);
+                                     ws.colmax + p * QP, T(a.scale));
   }
 
   // O^T += V^T P^T for keys j0 .. j0 + nb - 1 of this entry's V.
   void accumulate(Workspace& ws, const VIn* Vs, int64_t j0, int64_t nb) const {
 #if defined(__AVX512BF16__)
     if constexpr (kPairs) {
-      // P^T to bfloat16 pairs of keys (an odd last key pairs with 0), then the pair products.
+      // P^T to bfloat16 pairs of keys (an odd last key pairs with 0), then the pair products;
+      // for AMX zero pairs up to its 32-key chunks.
       const int64_t np = (nb + 1) / 2;
       for (int64_t t = 0; t < np; ++t)
         for (int v = 0; v < NV; ++v) {
@@ -116,6 +186,22 @@ struct TileKernel {
                                           : _mm512_setzero_ps();
           _mm512_storeu_si512(ws.pp.ptr + t * BM + v * kLanes, pair_bf16(x, y));
         }
+#if defined(FASTATTN_AMX)
+      if constexpr (kAmx) {
+        const int64_t chunks = (nb + 31) / 32;
+        std::memset(ws.pp.ptr + np * BM, 0, sizeof(uint32_t) * size_t((chunks * 16 - np) * BM));
+        // V^T: keys along a row (row_stride 1), value columns col_stride apart.
+        const int64_t ldv = a.v.col_stride * 2;
+        const char* v0 = reinterpret_cast<const char*>(Vs + j0);
+        for (int64_t c = 0; c < ot_rows(); c += 32)
+          for (int p = 0; p < BM / QP; ++p)
+            amx::block_2x2<true>(reinterpret_cast<char*>(ws.ot.ptr + c * BM + p * QP), BM * 4,
+                                 16 * BM * 4, v0 + c * ldv, ldv, 16 * ldv, amx::kBytes,
+                                 reinterpret_cast<const char*>(ws.pp.ptr + p * QP), BM * 4,
+                                 16 * BM * 4, chunks);
+        return;
+      }
+#endif
       const char* v0 = reinterpret_cast<const char*>(Vs + (j0 / 2) * a.v.row_stride);
       for (int p = 0; p < BM / QP; ++p)
         for (int64_t c = 0; c < a.Ev; c += MR)
@@ -163,7 +249,7 @@ struct TileKernel {
         for (int v = 0; v < NV; ++v) {
           const V d = dist0 + T(v * kLanes);
           S::store(srow + v * kLanes, S::load(srow + v * kLanes) + (d < T(0) ? -d : d) *
-                                                                      ep.neg_slope2);
+                                                                      ep.neg_slope);
         }
       }
       if (user_mask) {
@@ -210,9 +296,9 @@ struct TileKernel {
       const V m_old = S::load(ws.m + v * kLanes);
       const V cm = S::load(ws.colmax + v * kLanes);
       const V m_new = m_old > cm ? m_old : cm;
-      // exp2(-inf - (-inf)) is NaN: a query with no key yet subtracts 0, giving weights of 0.
+      // exp(-inf - (-inf)) is NaN: a query with no key yet subtracts 0, giving weights of 0.
       const V m_use = m_new == S::splat(R::kNegInf) ? S::splat(T(0)) : m_new;
-      const V alpha = Exp2<T>::eval(m_old - m_use);
+      const V alpha = exp_minus<T>(m_old, m_use);
       S::store(ws.m + v * kLanes, m_new);
       S::store(ws.mu + v * kLanes, m_use);
       S::store(ws.alpha + v * kLanes, alpha);
@@ -231,7 +317,7 @@ struct TileKernel {
       V sum = S::splat(T(0));
       for (int64_t j = 0; j < nb; ++j) {
         T* s = ws.st.ptr + j * BM + v * kLanes;
-        const V p = Exp2<T>::eval(S::load(s) - mu);
+        const V p = exp_minus<T>(S::load(s), mu);
         S::store(s, p);
         sum += p;
       }
@@ -240,7 +326,6 @@ struct TileKernel {
   }
 
   void tile(Workspace& ws, int64_t b, int64_t qtile) const {
-    const int64_t Ev = a.Ev;
     const int64_t i0 = qtile * BM;
     const int64_t rows = min64(BM, a.L - i0);
     const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
@@ -260,7 +345,7 @@ struct TileKernel {
       ws.mu[i] = T(0);
       ws.l[i] = T(0);
     }
-    std::memset(ws.ot.ptr, 0, sizeof(T) * size_t(BM * Ev));
+    std::memset(ws.ot.ptr, 0, sizeof(T) * size_t(BM * ot_rows()));
 
     bool first = true;
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
@@ -278,8 +363,8 @@ struct TileKernel {
     finish(ws, ep, b, i0, rows, kb_begin, kb_end, K, m_off);
   }
 
-  // The tile's queries in panels: Q^T times scale * log2(e), so that scores come out in base 2,
-  // or (bfloat16) pairs of features as given, scaled after the product. Padding is zero.
+  // The tile's queries in panels: Q^T, or (bfloat16) pairs of features; the scale is applied to
+  // the products (see online_softmax.hpp). Padding is zero.
   void pack_queries(Workspace& ws, int64_t b, int64_t i0, int64_t rows) const {
     const int64_t E = a.E;
     const In* Q = static_cast<const In*>(a.q.data) + batch_offset(a, a.q, b, 1);
@@ -294,18 +379,17 @@ struct TileKernel {
                                  : 0u;
       }
     } else {
-      pack_queries_scaled(ws, Q, i0, rows);
+      pack_queries_plain(ws, Q, i0, rows);
     }
   }
 
-  void pack_queries_scaled(Workspace& ws, const T* Q, int64_t i0, int64_t rows) const {
+  void pack_queries_plain(Workspace& ws, const T* Q, int64_t i0, int64_t rows) const {
     const int64_t E = a.E;
-    const T c = T(a.scale * kLog2e);
     for (int64_t i = 0; i < BM; ++i) {
       T* dst = ws.qt.ptr + (i / QP) * E * QP + i % QP;
       if (i < rows) {
         const T* src = Q + (i0 + i) * a.q.row_stride;
-        for (int64_t e = 0; e < E; ++e) dst[e * QP] = src[e * a.q.col_stride] * c;
+        for (int64_t e = 0; e < E; ++e) dst[e * QP] = src[e * a.q.col_stride];
       } else {
         for (int64_t e = 0; e < E; ++e) dst[e * QP] = T(0);
       }
@@ -318,7 +402,8 @@ struct TileKernel {
     // Normalize once. A query with no key (l == 0) gives zeros; a NaN sum stays NaN.
     T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
     for (int64_t i = 0; i < rows; ++i) {
-      const T inv = ws.l[i] == T(0) ? T(0) : T(1) / ws.l[i];
+      // The sink updates the row's final (mu, l) in place, so write_weights sees it too.
+      const T inv = fold_sink(ep.sink, ws.mu[i], ws.l[i]);
       if (a.lse.data) write_lse(a, b, i0 + i, ws.mu[i], ws.l[i]);
       T* dst = out + (i0 + i) * a.out.row_stride;
       for (int64_t cc = 0; cc < Ev; ++cc) dst[cc * a.out.col_stride] = ws.ot.ptr[cc * BM + i] * inv;
@@ -347,7 +432,7 @@ struct TileKernel {
       for (int64_t j = 0; j < nk; ++j)
         for (int v = 0; v < NV; ++v) {
           T* s = ws.st.ptr + j * BM + v * kLanes;
-          const V p = Exp2<T>::eval(S::load(s) - S::load(ws.mu + v * kLanes));
+          const V p = exp_minus<T>(S::load(s), S::load(ws.mu + v * kLanes));
           S::store(s, p * S::load(ws.alpha + v * kLanes));
         }
       for (int64_t i = 0; i < rows; ++i)

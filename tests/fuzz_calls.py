@@ -239,6 +239,17 @@ def alibi_slopes(draw, s: Shapes):
 
 
 @st.composite
+def sinks(draw, s: Shapes):
+    if draw(st.booleans()):
+        return draw(st.sampled_from([OMIT, None]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    # from far below the scores (no effect) to far above (every weight near 0)
+    values = rng.standard_normal(_per_batch(draw, s)) * draw(st.sampled_from([0.5, 3.0, 30.0]))
+    dtype = draw(st.sampled_from(["float32", "float64", "float16", "int64"]))
+    return values.astype(_dtype(dtype))
+
+
+@st.composite
 def kv_lengths(draw, s: Shapes):
     if draw(st.booleans()):
         return draw(st.sampled_from([OMIT, None]))
@@ -284,6 +295,7 @@ ARGUMENTS: dict[str, Callable[[Shapes], st.SearchStrategy]] = {
     "kv_lengths": kv_lengths,
     "similarity": lambda s: _maybe(st.sampled_from(["dot", "cosine"]),
                                    st.sampled_from(["dott", None])),
+    "sinks": sinks,
 }
 
 

@@ -13,7 +13,7 @@ from hypothesis import given
 
 import fastattn
 from fastattn import reference
-from fastattn._validate import prepare_backward
+from fastattn._validate import prepare_backward, sum_to
 from layouts import assert_unchanged, copies
 from test_properties import problems
 from tolerances import HALF_EXTRA_ULPS, HALF_FORMATS, half_ulp, rule_for
@@ -84,7 +84,32 @@ def check_backward(q, k, v, dout_rng, **options):
         assert not np.any(err > tol_each), (
             f"{name}: max error {err.max():.3e}, allowed {tol:.3e} (baseline "
             f"{_max_abs(b[fin] - x[fin]):.3e}, max|exact| {_max_abs(x[fin]):.3e})")
+    assert len(got) == len(want) == 3 + (plan.sinks is not None)
+    if plan.sinks is not None:
+        _check_sinks(got[3], want[3], plan, d, eps * size)
     return got
+
+
+def _check_sinks(got, want, plan, dout, rel) -> None:
+    """dsinks = -sum_i p_i D_i: within rel times the magnitude of its terms, sum_i p_i |dO_i|.|O_i|
+    (the kernel's out and lse, in the compute dtype, give p_i and D_i), plus a rounding of its
+    own dtype."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.dtype)
+    with np.errstate(all="ignore"):
+        unit = reference._unit_plan(np.float64, plan)
+        out, _, lse = reference.attention_in(np.float64, unit)
+        sink = np.broadcast_to(plan.sinks.astype(np.float64), plan.batch)[..., None]
+        terms = np.exp(sink - lse) * (np.abs(dout.astype(np.float64)) * np.abs(out)).sum(-1)
+    mag = np.abs(sum_to(terms.sum(axis=-1), plan.sinks.shape, 1))
+    tol = 16 * rel * (mag + 1e-300) + np.finfo(np.float64).tiny
+    if np.dtype(got.dtype).name in HALF_FORMATS:
+        tol = tol + HALF_EXTRA_ULPS * half_ulp(want, got.dtype)
+    elif got.dtype != plan.dtype:
+        tol = tol + np.finfo(got.dtype).eps * np.abs(want.astype(np.float64))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    fin = np.isfinite(want)
+    err = np.abs(got[fin].astype(np.float64) - want[fin].astype(np.float64))
+    assert np.all(err <= tol[fin]), f"dsinks: error {err.max():.3e}, allowed {tol[fin].min():.3e}"
 
 
 def _term_magnitudes(plan, dout) -> tuple[float, float, float]:
@@ -151,9 +176,10 @@ _OPTION_CASES = {
     "alibi": dict(alibi_slopes=np.array([0.2, 0.7])),
     "kv_lengths": dict(kv_lengths=np.array([3, 6])),
     "cosine": dict(similarity="cosine"),
+    "sinks": dict(sinks=np.array([0.5, -1.0])),
     "gqa": dict(enable_gqa=True),
     "everything": dict(causal=True, mask="float", softcap=2.0, alibi_slopes=np.array([0.3, 0.1]),
-                       similarity="cosine", scale=0.8),
+                       similarity="cosine", scale=0.8, sinks=np.array([[0.2, 1.0], [-0.5, 0.0]])),
 }
 
 
@@ -171,6 +197,12 @@ def _small_problem(rng, options):
 
 
 @pytest.mark.parametrize("name", list(_OPTION_CASES))
+def test_kernel_matches_reference_per_option(rng, name):
+    q, k, v, options = _small_problem(rng, _OPTION_CASES[name])
+    check_backward(q, k, v, rng, **options)
+
+
+@pytest.mark.parametrize("name", list(_OPTION_CASES))
 def test_reference_matches_finite_differences(rng, name):
     # Central differences of sum(reference.attention * dout) with h = 1e-6: truncation ~h^2 and
     # rounding ~eps / h, 1e-9 or so; 1e-6 relative leaves room for curvature.
@@ -179,15 +211,21 @@ def test_reference_matches_finite_differences(rng, name):
     dout = rng.standard_normal(out.shape)
     grads = reference.attention_backward(q, k, v, out, lse, dout, **options)
     h = 1e-6
+    sinks = options.pop("sinks", None)
+    assert len(grads) == 3 + (sinks is not None)
+    args = [q, k, v] + ([] if sinks is None else [sinks])
+
+    def loss(*a):
+        extra = {} if sinks is None else {"sinks": a[3]}
+        return (reference.attention(*a[:3], **options, **extra) * dout).sum()
+
     for which, g in enumerate(grads):
-        args = [q, k, v]
         numeric = np.zeros_like(args[which])
         for idx in np.ndindex(numeric.shape):
             plus, minus = ([a.copy() for a in args] for _ in range(2))
             plus[which][idx] += h
             minus[which][idx] -= h
-            numeric[idx] = ((reference.attention(*plus, **options)
-                             - reference.attention(*minus, **options)) * dout).sum() / (2 * h)
+            numeric[idx] = (loss(*plus) - loss(*minus)) / (2 * h)
         assert np.allclose(g, numeric, rtol=1e-6, atol=1e-7), (which, np.abs(g - numeric).max())
 
 

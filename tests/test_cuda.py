@@ -481,6 +481,8 @@ def small_problems(draw):
         kwargs["kv_lengths"] = rng.integers(0, S + 1, batch)
     if draw(st.booleans()):
         kwargs["similarity"] = "cosine"
+    if draw(st.booleans()):
+        kwargs["sinks"] = rng.standard_normal(hq) * draw(st.sampled_from([0.5, 30.0]))
     return q, k, v, kwargs
 
 

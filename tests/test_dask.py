@@ -108,6 +108,8 @@ def test_any_chunking_matches_the_reference(client, pc):
     dict(), dict(causal=True), dict(causal=True, align="bottom_right"), dict(window=(9, 4)),
     dict(window=(20, None), causal=True, align="bottom_right"), dict(alibi_slopes=[0.3, 0.1, 1, 2]),
     dict(kv_lengths=[70, 13]), dict(softcap=3.0), dict(similarity="cosine", causal=True),
+    dict(sinks=[0.5, -1.0, 3.0, 20.0], return_weights=True),
+    dict(sinks=[[0.5], [2.0]], kv_lengths=[0, 13]),
 ], ids=str)
 def test_matches_the_in_memory_call(client, rng, kwargs):
     q = rng.standard_normal((2, 4, 50, 16)).astype(np.float32)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SCRIPTS = sorted(p for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+# The seed documents' walk-throughs; transformers_generate.py has its own test below.
+SCRIPTS = sorted(EXAMPLES.glob("seed*.py"))
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -134,3 +135,17 @@ def test_example_runs_without_matplotlib(script, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"heat map {script.stem}.png skipped: matplotlib is missing" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_transformers_example_agrees_with_sdpa(tmp_path):
+    pytest.importorskip("torch", reason="the example needs torch (fastattn[transformers])")
+    pytest.importorskip("transformers", reason="the example needs fastattn[transformers]")
+    result = subprocess.run([sys.executable, str(EXAMPLES / "transformers_generate.py")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "same greedy tokens as sdpa: yes" in result.stdout
+
+
+def test_every_script_is_tested():
+    tested = {p.name for p in SCRIPTS} | {"transformers_generate.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")} == tested

@@ -87,6 +87,36 @@ def test_bfloat16_tiles_run_natively(rng, L):
     np.testing.assert_array_equal(widened.astype(np.float32), want.astype(np.float32))
 
 
+@pytest.mark.skipif("amx" not in fastattn.available_isas(),
+                    reason="this CPU (or build) has no AMX path: an AMX CPU, or a test build with "
+                           "FASTATTN_AMX_EMULATE (.ci/amx_emulated.sh)")
+@pytest.mark.parametrize("shape", [(2, 3, 70, 257, 33, 24), (1, 2, 64, 64, 64, 64),
+                                   (2, 1, 130, 300, 80, 100), (1, 1, 5, 31, 128, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_amx_tiles(rng, shape):
+    # k padded to 32 features, v transposed and padded, the last rows of K from a zero-padded
+    # copy: every layout edge of the AMX products, with the options that touch the score block.
+    # Not the bits of the widened float32 path: the AMX tiles ran.
+    B, H, L, S, E, Ev = shape
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    q, k, v = (a.astype(bf16) for a in qkv(rng, (B, H), L, S, E, Ev, np.float32))
+    fastattn.set_isa("amx")
+    try:
+        assert fastattn._core.bfloat16_tiles() == "amx"
+        out = fastattn.attention(q, k, v)
+        assert_close_to_reference(out, q, k, v)
+        for kwargs in (dict(causal=True, return_lse=True), dict(return_weights=True),
+                       dict(mask=rng.random((L, S)) < 0.7, kv_lengths=[S // 2] * B),
+                       dict(softcap=3.0, alibi_slopes=rng.random(H), window=(40, 3))):
+            assert_close_to_reference(fastattn.attention(q, k, v, **kwargs), q, k, v, **kwargs)
+        gqa = fastattn.attention(np.concatenate([q, q], axis=1), k, v, enable_gqa=True)
+        assert_close_to_reference(gqa, np.concatenate([q, q], axis=1), k, v, enable_gqa=True)
+    finally:
+        fastattn.set_isa("")
+    widened = fastattn.attention(*(a.astype(np.float32) for a in (q, k, v))).astype(bf16)
+    assert not np.array_equal(out.astype(np.float32), widened.astype(np.float32))
+
+
 @pytest.mark.parametrize("dtype", HALVES, ids=str)
 def test_half_alibi_slopes(backend, rng, dtype):
     # Slopes take the 16-bit dtypes the inputs take, with the same meaning as their float32 values.

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import fastattn
 from fastattn import merge_attention
 from fastattn._api import run
+from fastattn._merge import add_sinks
 from fastattn._validate import prepare
 from layouts import assert_unchanged, copies
 from test_properties import problems
@@ -34,6 +35,7 @@ def split_attention(q, k, v, cuts, **kwargs):
     kwargs = dict(kwargs, return_lse=True, return_weights=False)
     kwargs.pop("align", None)
     mask, lengths = kwargs.pop("mask", None), kwargs.pop("kv_lengths", None)
+    kwargs.pop("sinks", None)  # joined once, after the merge: each part would count them
     outs, lses = [], []
     for s0, s1 in zip([0, *cuts], [*cuts, S]):
         part = prepare(
@@ -45,6 +47,8 @@ def split_attention(q, k, v, cuts, **kwargs):
         outs.append(out)
         lses.append(lse)
     out, lse = merge_attention(outs, lses)
+    if whole.sinks is not None:
+        out, lse = add_sinks(out, lse, whole.sinks)
     return out.astype(whole.out_dtype), lse.astype(whole.out_dtype)
 
 

@@ -131,6 +131,10 @@ def _variants(draw, rng, kwargs, batch, S):
         kwargs["alibi_slopes"] = rng.random(shape) * draw(st.sampled_from([0.01, 0.3, 2.0]))
     if draw(st.integers(0, 3)) == 0:
         kwargs["softcap"] = draw(st.sampled_from([0.3, 5.0, 50.0]))
+    if batch and draw(st.integers(0, 3)) == 0:
+        shape = draw(st.sampled_from([(batch[-1],), (1,), tuple(batch[-2:])]))
+        # from far below the scores (no effect) to far above (every weight near 0)
+        kwargs["sinks"] = rng.standard_normal(shape) * draw(st.sampled_from([0.5, 3.0, 30.0]))
     kwargs["return_lse"] = draw(st.booleans())
     if batch and draw(st.integers(0, 3)) == 0:
         n = draw(st.integers(0, len(batch)))

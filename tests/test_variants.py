@@ -107,6 +107,43 @@ def test_alibi_slopes_errors(backend, rng):
         backend(q, k, v, alibi_slopes=np.ones(3, complex))
 
 
+# --- attention sinks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (3, 17), (100, 257), (2, 2000)])
+@pytest.mark.parametrize("sinks_shape", [(3,), (2, 3), (1,)])
+def test_sinks(backend, rng, L, S, sinks_shape):
+    q, k, v = qkv(rng, (2, 3), L, S, 16, 8)
+    sinks = rng.standard_normal(sinks_shape) * 4
+    sinks.flat[0] = 30.0  # far above every score: weights near 0, exp2 must not overflow
+    out, lse = check(backend, q, k, v, sinks=sinks, causal=True, align="bottom_right",
+                     return_lse=True)
+    # A sink is one more key whose logit is the sink and whose value is 0.
+    keep = band(L, S, S - L, causal=True)
+    bias = np.broadcast_to(np.where(keep, 0.0, -np.inf), (2, 3, L, S))
+    sink_col = np.broadcast_to(np.broadcast_to(sinks, (2, 3))[..., None, None], (2, 3, L, 1))
+    k1 = np.concatenate([k, np.zeros((2, 3, 1, 16), k.dtype)], -2)
+    v1 = np.concatenate([v, np.zeros((2, 3, 1, 8), v.dtype)], -2)
+    assert_close_to_reference((out, lse), q, k1, v1, mask=np.concatenate([bias, sink_col], -1),
+                               return_lse=True)
+
+
+def test_sinks_row_with_no_key(backend, rng):
+    q, k, v = qkv(rng, (2, 3), 3, 40, 8, 4)
+    sinks = np.array([0.5, -1.0, 2.0])
+    out, lse = check(backend, q, k, v, sinks=sinks, kv_lengths=[0, 40], return_lse=True)
+    assert np.all(out[0] == 0)
+    np.testing.assert_array_equal(lse[0], np.broadcast_to(sinks[:, None], (3, 3)).astype(lse.dtype))
+
+
+def test_sinks_errors(backend, rng):
+    q, k, v = qkv(rng, (2, 3), 4, 5, 8, 4)
+    with pytest.raises(ValueError, match=r"sinks of shape \(4,\)"):
+        backend(q, k, v, sinks=np.ones(4))
+    with pytest.raises(TypeError, match="complex"):
+        backend(q, k, v, sinks=np.ones(3, complex))
+
+
 # --- softcap ------------------------------------------------------------------------------
 
 

@@ -27,6 +27,23 @@ from ._positional import positional_encoding  # noqa: E402
 
 __version__ = "0.1.0"
 
+# Submodules with heavy optional dependencies, imported on first attribute access (as NumPy and
+# SciPy do): `import fastattn` never imports dask, torch or transformers.
+_LAZY_SUBMODULES = frozenset(("dask", "torch", "transformers"))
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)
+
+
 __all__ = [
     "attention", "attention_backward", "reference", "active_isa", "available_isas", "set_isa",
     "__version__",

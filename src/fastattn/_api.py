@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
-from ._validate import Plan, gradient_dtype, prepare, prepare_backward
+from . import _core, _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
+from ._validate import Plan, gradient_dtype, prepare, prepare_backward, sinks_gradient
 
 _BACKENDS = ("auto", "cpu", "cuda")
 
@@ -18,7 +18,7 @@ def _on_device(*arrays) -> bool:
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
               return_weights=False, num_threads=None, align="top_left", window=None,
               alibi_slopes=None, softcap=None, return_lse=False, kv_lengths=None,
-              similarity="dot", backend="auto"):
+              similarity="dot", sinks=None, backend="auto"):
     """Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, by a fused C++ kernel.
 
     The semantics are those of PyTorch's ``scaled_dot_product_attention``. The kernel never
@@ -72,6 +72,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     similarity : {"dot", "cosine"}, default "dot"
         ``"cosine"`` scales query and key rows to unit length before the product (cosine
         similarity, as in the seed documents); ``scale`` still applies. A zero row stays zero.
+    sinks : array_like, shape (H,) or (B, H), optional
+        Attention sinks (gpt-oss): one logit per head that joins the softmax's denominator and
+        nothing else, ``weights_j = exp(s_j) / (exp(sink) + sum_i exp(s_i))``, so a row may
+        attend to "nothing". Broadcasts like ``alibi_slopes``; the lse includes it.
     backend : {"auto", "cpu", "cuda"}, default "auto"
         ``"auto"`` runs NumPy inputs on the CPU and inputs that live on a GPU (anything with
         ``__cuda_array_interface__``) on the GPU, returning device arrays for them. ``"cuda"`` on
@@ -113,10 +117,20 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     >>> bool(np.allclose(out, fastattn.reference.attention(q, k, v, causal=True), atol=1e-5))
     True
     """
+    # The common call (no option but causal, scale and num_threads; NumPy arrays of one native
+    # dtype and batch shape) is checked and run at C level; anything else, including every
+    # call that needs an error message, takes the general path below.
+    if (mask is None and not enable_gqa and not return_weights and not return_lse
+            and window is None and alibi_slopes is None and softcap is None and kv_lengths is None
+            and align == "top_left" and similarity == "dot" and sinks is None and backend != "cuda"
+            and backend in _BACKENDS):
+        out = _core.attention_plain(q, k, v, causal, scale, num_threads)
+        if out is not None:
+            return out
     kwargs = dict(mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa,
                   return_weights=return_weights, num_threads=num_threads, align=align,
                   window=window, alibi_slopes=alibi_slopes, softcap=softcap,
-                  return_lse=return_lse, kv_lengths=kv_lengths, similarity=similarity)
+                  return_lse=return_lse, kv_lengths=kv_lengths, similarity=similarity, sinks=sinks)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "cuda" or (backend == "auto" and _on_device(q, k, v, mask)):
@@ -133,7 +147,8 @@ def run(plan: Plan):
 
 def attention_backward(q, k, v, out, lse, dout, *, mask=None, causal=False, scale=None,
                        enable_gqa=False, num_threads=None, align="top_left", window=None,
-                       alibi_slopes=None, softcap=None, kv_lengths=None, similarity="dot"):
+                       alibi_slopes=None, softcap=None, kv_lengths=None, similarity="dot",
+                       sinks=None):
     """Gradients of :func:`attention` with respect to q, k and v, by a fused C++ kernel.
 
     The FlashAttention backward pass: the attention weights are recomputed block by block from
@@ -150,7 +165,7 @@ def attention_backward(q, k, v, out, lse, dout, *, mask=None, causal=False, scal
     dout : array_like, shape (..., L, Ev)
         The gradient of the loss with respect to ``out``.
     mask, causal, scale, enable_gqa, num_threads, align, window, alibi_slopes, softcap, \
-kv_lengths, similarity
+kv_lengths, similarity, sinks
         As for :func:`attention`, and the same as in the forward call.
 
     Returns
@@ -160,6 +175,9 @@ kv_lengths, similarity
         broadcast along batch axes, or serve several query heads (``enable_gqa``), their
         gradients are the sums over those uses, as autograd gives. A query with no key has
         zero gradients; keys that take part in no row have zero ``dk`` and ``dv``.
+    dsinks : ndarray
+        Only with ``sinks``: their gradient, of their shape, ``-sum_i exp(sink - lse_i) D_i``
+        with ``D_i = dout_i . out_i``, summed over the rows and batch entries each sink serves.
 
     Raises
     ------
@@ -191,6 +209,10 @@ kv_lengths, similarity
     plan, out, lse, dout = prepare_backward(
         q, k, v, out, lse, dout, mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa,
         num_threads=num_threads, align=align, window=window, alibi_slopes=alibi_slopes,
-        softcap=softcap, kv_lengths=kv_lengths, similarity=similarity)
+        softcap=softcap, kv_lengths=kv_lengths, similarity=similarity, sinks=sinks)
     dtypes = tuple(gradient_dtype(np.asarray(a).dtype, plan) for a in (q, k, v))
-    return _cpu.run_backward(plan, out, lse, dout, dtypes)
+    grads = _cpu.run_backward(plan, out, lse, dout, dtypes)
+    if sinks is None:
+        return grads
+    return grads + (sinks_gradient(plan, out, lse, dout).astype(
+        gradient_dtype(np.asarray(sinks).dtype, plan), copy=False),)

@@ -5,7 +5,8 @@ Nothing here checks NumPy semantics; ``fastattn._cpu`` prepares every argument.
 """
 
 from cpython.buffer cimport PyBUF_STRIDES, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdint cimport int64_t
+from libc.math cimport sqrt
+from libc.stdint cimport int64_t, uintptr_t
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
@@ -21,6 +22,7 @@ cdef extern from "attention.hpp" namespace "fastattn":
         kFloat16 "fastattn::Storage::kFloat16"
         kBFloat16 "fastattn::Storage::kBFloat16"
         kBFloat16Pairs "fastattn::Storage::kBFloat16Pairs"
+        kBFloat16Amx "fastattn::Storage::kBFloat16Amx"
 
     cdef enum class MaskKind "fastattn::MaskKind":
         kNone "fastattn::MaskKind::kNone"
@@ -44,7 +46,7 @@ cdef extern from "attention.hpp" namespace "fastattn":
         Operand mask
         int64_t band_lo, band_hi, offset
         double scale, softcap
-        Operand alibi, kv_lengths
+        Operand alibi, kv_lengths, sinks
         Operand out, weights, lse
         int num_threads
         Operand dout, dq, dk, dv
@@ -57,6 +59,8 @@ cdef extern from "attention.hpp" namespace "fastattn":
     void c_exp2_f32 "fastattn::exp2<float>"(const float* x, float* y, int64_t n) except + nogil
     void c_exp2_f64 "fastattn::exp2<double>"(const double* x, double* y, int64_t n) except + nogil
     string c_active_isa "fastattn::active_isa"() except +
+    string c_bfloat16_tiles "fastattn::bfloat16_tiles"() except +
+    string c_amx_status "fastattn::amx_status"() except +
     vector[string] c_available_isas "fastattn::available_isas"() except +
     void c_set_isa "fastattn::set_isa"(const string& name) except +
     cbool c_has_openmp "fastattn::has_openmp"()
@@ -92,19 +96,114 @@ cdef void _fill(Operand& op, object array, Py_ssize_t n_batch) except *:
         PyBuffer_Release(&view)
 
 
+import numpy as _np
+
 NO_BOUND = kNoBound
-RAN, WIDEN, PAIRS = 0, 1, 2  # what attention() did: see its docstring
+# NumPy's descriptors of builtin types are singletons: `a.dtype is _F32` is an identity test.
+_F32, _F64 = _np.dtype(_np.float32), _np.dtype(_np.float64)
+_ndarray, _empty = _np.ndarray, _np.empty
+
+
+cdef inline bint _plain_view(Py_buffer* view, Py_ssize_t itemsize):
+    # Element strides exist (no stride that splits an item) and the data is aligned to items.
+    cdef Py_ssize_t d
+    if <uintptr_t>view.buf % itemsize:
+        return False
+    for d in range(view.ndim):
+        if view.strides[d] % itemsize:
+            return False
+    return True
+
+
+cdef void _fill_view(Operand& op, Py_buffer* view, Py_ssize_t n_batch):
+    cdef Py_ssize_t d
+    op.data = view.buf
+    op.batch_strides.resize(n_batch)
+    for d in range(n_batch):
+        op.batch_strides[d] = 0 if view.shape[d] == 1 else view.strides[d] // view.itemsize
+    op.row_stride = 0 if view.shape[n_batch] == 1 else view.strides[n_batch] // view.itemsize
+    op.col_stride = 0 if view.shape[n_batch + 1] == 1 else view.strides[n_batch + 1] // view.itemsize
+
+
+def attention_plain(q, k, v, causal, scale, num_threads):
+    """The common call at C level: q, k and v NumPy arrays of one dtype (float32 or float64),
+    the same batch shape, no mask nor any other option. Returns the output, or None when the
+    call is not one of these (the caller then takes the general path, which checks and
+    explains everything): a tiny call spends more time in Python's checks than in the kernel.
+    """
+    if type(q) is not _ndarray or type(k) is not _ndarray or type(v) is not _ndarray:
+        return None
+    dtype = q.dtype
+    if (dtype is not _F32 and dtype is not _F64) or k.dtype is not dtype or v.dtype is not dtype:
+        return None
+    if causal is not True and causal is not False:
+        return None
+    if num_threads is not None and (type(num_threads) is not int or num_threads < 1):
+        return None
+    if scale is not None and type(scale) is not float:
+        return None
+    cdef Py_buffer bq, bk, bv
+    cdef Problem p
+    cdef Py_ssize_t d, nb, n_items = 1
+    PyObject_GetBuffer(q, &bq, PyBUF_STRIDES)
+    try:
+        PyObject_GetBuffer(k, &bk, PyBUF_STRIDES)
+        try:
+            PyObject_GetBuffer(v, &bv, PyBUF_STRIDES)
+            try:
+                nb = bq.ndim - 2
+                if nb < 0 or bk.ndim != bq.ndim or bv.ndim != bq.ndim:
+                    return None
+                for d in range(nb):
+                    if bk.shape[d] != bq.shape[d] or bv.shape[d] != bq.shape[d]:
+                        return None
+                    n_items *= bq.shape[d]
+                p.L, p.E = bq.shape[nb], bq.shape[nb + 1]
+                p.S, p.Ev = bk.shape[nb], bv.shape[nb + 1]
+                if bk.shape[nb + 1] != p.E or bv.shape[nb] != p.S:
+                    return None
+                if n_items == 0 or p.L == 0 or p.S == 0 or p.E == 0 or p.Ev == 0:
+                    return None  # empty problems: the general path
+                if not (_plain_view(&bq, bq.itemsize) and _plain_view(&bk, bq.itemsize)
+                        and _plain_view(&bv, bq.itemsize)):
+                    return None
+                out = _empty(q.shape[:nb] + (p.L, p.Ev), dtype)
+                p.dtype = DType.kFloat64 if dtype is _F64 else DType.kFloat32
+                p.storage = Storage.kSame
+                p.batch_shape.resize(nb)
+                for d in range(nb):
+                    p.batch_shape[d] = bq.shape[d]
+                _fill_view(p.q, &bq, nb)
+                _fill_view(p.k, &bk, nb)
+                _fill_view(p.v, &bv, nb)
+                _fill(p.out, out, nb)
+                p.mask_kind = MaskKind.kNone
+                p.band_lo = -kNoBound
+                p.band_hi = 0 if causal else kNoBound
+                p.scale = 1.0 / sqrt(<double>p.E) if scale is None else <double>scale
+                p.num_threads = 0 if num_threads is None else num_threads
+                with nogil:
+                    c_attention(p)
+                return out
+            finally:
+                PyBuffer_Release(&bv)
+        finally:
+            PyBuffer_Release(&bk)
+    finally:
+        PyBuffer_Release(&bq)
+RAN, WIDEN, PAIRS, AMX = 0, 1, 2, 3  # what attention() did: see its docstring
 
 
 cdef void _problem(Problem& p, bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
                    int64_t E, int64_t Ev, q, k, v, int mask_kind, mask, int64_t band_lo,
                    int64_t band_hi, int64_t offset, double scale, double softcap, alibi,
-                   kv_lengths, int64_t kv_group, out, weights, lse, int num_threads) except *:
+                   kv_lengths, int64_t kv_group, out, weights, lse, int num_threads,
+                   sinks) except *:
     # The arguments both passes share, in attention()'s order.
     cdef Py_ssize_t nb = len(batch_shape)
     p.dtype = DType.kFloat64 if double else DType.kFloat32
     p.storage = (Storage.kSame, Storage.kFloat16, Storage.kBFloat16,
-                 Storage.kBFloat16Pairs)[storage]
+                 Storage.kBFloat16Pairs, Storage.kBFloat16Amx)[storage]
     p.batch_shape = batch_shape
     p.L = L
     p.S = S
@@ -131,6 +230,8 @@ cdef void _problem(Problem& p, bint double, int storage, tuple batch_shape, int6
         _fill(p.alibi, alibi, nb)
     if kv_lengths is not None:
         _fill(p.kv_lengths, kv_lengths, nb)
+    if sinks is not None:
+        _fill(p.sinks, sinks, nb)
     _fill(p.out, out, nb)
     if weights is not None:
         _fill(p.weights, weights, nb)
@@ -142,27 +243,29 @@ cdef void _problem(Problem& p, bint double, int storage, tuple batch_shape, int6
 def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
               q, k, v, int mask_kind, mask, int64_t band_lo, int64_t band_hi, int64_t offset,
               double scale, double softcap, alibi, kv_lengths, int64_t kv_group, out, weights,
-              lse, int num_threads):
+              lse, int num_threads, sinks=None):
     """Runs the fused kernel on arrays whose dtype and shapes ``fastattn._validate`` checked.
 
     Each array broadcasts against ``batch_shape`` plus its own two matrix axes (per-entry
-    arrays: alibi, kv_lengths, and lse of shape (..., L, 1), carry them as trailing axes).
+    arrays: alibi, kv_lengths, sinks, and lse of shape (..., L, 1), carry them as trailing axes).
     ``band_lo``/``band_hi``: query i sees keys i + band_lo .. i + band_hi (``NO_BOUND``: open).
     ``storage``: 0 when q, k, v are in the compute dtype, 1 float16, 2 bfloat16, 3 bfloat16
-    pairs (k padded to an even E, v packed in pairs of keys). Returns ``RAN``; or, having run
-    nothing, ``WIDEN`` when the kernel does not read 16-bit storage for this problem (the caller
-    widens q, k and v and calls again with storage 0) or ``PAIRS`` when it reads bfloat16 as
-    pairs (the caller packs them and calls again with storage 3).
+    pairs (k padded to an even E, v packed in pairs of keys), 4 bfloat16 for AMX (q and k padded
+    to a multiple of 32 features, v as V^T padded to multiples of 32). Returns ``RAN``; or,
+    having run nothing, ``WIDEN`` when the kernel does not read 16-bit storage for this problem
+    (the caller widens q, k and v and calls again with storage 0), ``PAIRS`` when it reads
+    bfloat16 as pairs (the caller packs them and calls again with storage 3) or ``AMX`` (packs
+    them for AMX and calls again with storage 4).
     """
     cdef Problem p
     _problem(p, double, storage, batch_shape, L, S, E, Ev, q, k, v, mask_kind, mask, band_lo,
              band_hi, offset, scale, softcap, alibi, kv_lengths, kv_group, out, weights, lse,
-             num_threads)
+             num_threads, sinks)
     cdef int reads
     if storage in (1, 2):
         reads = c_reads_storage(p)
         if reads != 1:
-            return PAIRS if reads == 3 else WIDEN
+            return PAIRS if reads == 3 else AMX if reads == 4 else WIDEN
     with nogil:
         c_attention(p)
     return RAN
@@ -179,7 +282,7 @@ def attention_backward(bint double, tuple batch_shape, int64_t L, int64_t S, int
     cdef Py_ssize_t nb = len(batch_shape)
     _problem(p, double, 0, batch_shape, L, S, E, Ev, q, k, v, mask_kind, mask, band_lo,
              band_hi, offset, scale, softcap, alibi, kv_lengths, kv_group, out, None, lse,
-             num_threads)
+             num_threads, None)
     _fill(p.dout, dout, nb)
     _fill(p.dq, dq, nb)
     _fill(p.dk, dk, nb)
@@ -210,8 +313,19 @@ def exp2(x):
 
 
 def active_isa():
-    """The instruction set the kernel uses now: 'avx512bf16', 'avx512', 'avx2' or 'baseline'."""
+    """The instruction set the kernel uses now: 'amx', 'avx512bf16', 'avx512', 'avx2' or
+    'baseline'."""
     return c_active_isa().decode()
+
+
+def bfloat16_tiles():
+    """How bfloat16 tiles run now: 'amx', 'pairs' (vdpbf16ps) or 'float32' (widened once)."""
+    return c_bfloat16_tiles().decode()
+
+
+def amx_status():
+    """Whether the amx variant runs here, and if not why, in words."""
+    return c_amx_status().decode()
 
 
 def available_isas():

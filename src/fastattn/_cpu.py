@@ -44,6 +44,30 @@ def _bfloat16_pairs(q: np.ndarray, k: np.ndarray, v: np.ndarray):
     return q, k, np.ascontiguousarray(vp).view(np.uint32)[..., 0]
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _bfloat16_amx(q: np.ndarray, k: np.ndarray, v: np.ndarray):
+    """bfloat16 bits (uint16) laid out for the kernel's AMX tiles: q and k with E padded with
+    zero features to a multiple of 32 (a tile row), k contiguous along it (read in place when it
+    already is), and v transposed, ``vt[..., s, c]`` a view of a ``(..., Ev32, S32)`` array
+    whose rows (value columns) hold the keys contiguously, zero-padded to multiples of 32.
+    Broadcast batch axes stay broadcast.
+    """
+    E = q.shape[-1]
+    pad = _round_up(E, 32) - E
+    if pad:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (pad,), q.dtype)], axis=-1)
+        k = np.concatenate([k, np.zeros(k.shape[:-1] + (pad,), k.dtype)], axis=-1)
+    if k.strides[-1] != k.itemsize:
+        k = np.ascontiguousarray(k)
+    S, Ev = v.shape[-2:]
+    vt = np.zeros(v.shape[:-2] + (_round_up(Ev, 32), _round_up(S, 32)), v.dtype)
+    vt[..., :Ev, :S] = np.swapaxes(v, -1, -2)
+    return q, k, np.swapaxes(vt, -1, -2)
+
+
 def _trailing(a: np.ndarray | None) -> np.ndarray | None:
     """A per-batch-entry array with two unit matrix axes, as the kernel's operands have."""
     return None if a is None else a.reshape(a.shape + (1, 1))
@@ -86,7 +110,8 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     if plan.similarity == "cosine":  # normalized in the compute dtype: no 16-bit storage left
         q, k = _unit_rows(q.astype(plan.dtype)), _unit_rows(k.astype(plan.dtype))
         v = v.astype(plan.dtype, copy=False)
-    args = _problem(plan, q, k, v) + [out, weights, lse, plan.num_threads or 0]
+    args = _problem(plan, q, k, v) + [out, weights, lse, plan.num_threads or 0,
+                                      _trailing(plan.sinks)]
     storage = 0
     if q.dtype == k.dtype == v.dtype != plan.dtype:
         storage = _STORAGE[v.dtype.name]
@@ -99,6 +124,10 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         args[3] = E + E % 2
         args[5:8] = _bfloat16_pairs(args[5], args[6], args[7])
         _core.attention(False, 3, *args)
+    elif status == _core.AMX:
+        args[3] = _round_up(E, 32)
+        args[5:8] = _bfloat16_amx(args[5], args[6], args[7])
+        _core.attention(False, 4, *args)
     if lse is not None:
         lse = lse[..., 0]
     if plan.out_dtype != plan.dtype:

@@ -31,7 +31,7 @@ UNSUPPORTED: dict = {}
 # at its dataclass default (see ``_check_plan``).
 PLAN_FIELDS = set(
     "q k v mask dtype out_dtype batch L S E Ev kv_group causal scale return_weights num_threads "
-    "offset window alibi softcap return_lse kv_lengths similarity storage".split()
+    "offset window alibi softcap return_lse kv_lengths similarity storage sinks".split()
 )
 # dtypes the kernel reads and writes. bfloat16 (ml_dtypes) NumPy inputs are widened to float32
 # on the host and the result rounded back there; bfloat16 device arrays are not supported.
@@ -346,7 +346,10 @@ def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
         shapes.append(batch + (L,))
     if nb == 0 or L == 0 or S == 0:  # nothing to launch: empty, or rows with no key
         fills = [0] + [0] * plan.return_weights + [-np.inf] * plan.return_lse
-        return [cuda.to_device(np.full(s, f, out_dtype)) for s, f in zip(shapes, fills)]
+        results = [np.full(s, f, out_dtype) for s, f in zip(shapes, fills)]
+        if plan.return_lse and plan.sinks is not None:  # a row with no key: lse is the sink
+            results[-1][...] = plan.sinks[..., None]
+        return [cuda.to_device(r) for r in results]
 
     tiles = kernel.TILES[np.dtype(plan.dtype)]
     acc = tiles.dtype.type
@@ -378,6 +381,11 @@ def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
         if plan.alibi is None
         else (np.broadcast_to(plan.alibi, batch).reshape(-1).astype(acc))
     )
+    sinks = (
+        np.full(nb, -np.inf, acc)
+        if plan.sinks is None
+        else (np.broadcast_to(plan.sinks, batch).reshape(-1).astype(acc))
+    )
     lo, hi = plan.band()
     lo = -kernel.NO_BOUND if lo is None else max(lo, -kernel.NO_BOUND)
     hi = kernel.NO_BOUND if hi is None else min(hi, kernel.NO_BOUND)
@@ -398,6 +406,7 @@ def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
         lse,
         cuda.to_device(table),
         cuda.to_device(alibi),
+        cuda.to_device(sinks),
         L,
         S,
         E,

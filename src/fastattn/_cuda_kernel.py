@@ -77,6 +77,7 @@ def _make_kernel(tiles: _Tiles):
         lse,
         table,
         alibi,
+        sinks,
         L,
         S,
         E,
@@ -120,6 +121,7 @@ def _make_kernel(tiles: _Tiles):
         mo = table[bh, M_OFF]
         kv_len = table[bh, KV_LEN]
         slope = alibi[bh]
+        sink = sinks[bh]  # -inf: no sink
 
         # Keys some row of this tile can see: the band of its first and last rows.
         last = min(L, r0 + rows) - 1
@@ -248,10 +250,17 @@ def _make_kernel(tiles: _Tiles):
                             part += s[jj] * sV[jj, d]
                         o[d] += part
 
-            if live:
+            if live and not to_w:
                 # l == 0: no key took part, the output is 0 (never NaN); a NaN l stays NaN.
+                factor = ZERO if l_i == ZERO else ONE / l_i
+                if sink != NEG_INF:  # joins the denominator once, after the last key
+                    m2 = sink if l_i == ZERO or sink > m_i else m_i
+                    alpha = ZERO if l_i == ZERO else math.exp(m_i - m2)
+                    l_i = l_i * alpha + math.exp(sink - m2)
+                    m_i = m2
+                    factor = alpha / l_i
                 for d in range(nv):
-                    out[row * Ev + dv0 + d] = ZERO if l_i == ZERO else o[d] / l_i
+                    out[row * Ev + dv0 + d] = o[d] * factor
                 if want_lse and sweep == passes - 1:
                     lse[row] = NEG_INF if l_i == ZERO else m_i + math.log(l_i)
 
@@ -294,6 +303,7 @@ def signatures():
                 arr(dt),
                 arr(dt),
                 arr(i64, 2),
+                arr(acc),
                 arr(acc),
                 *[i64] * 16,
                 acc,

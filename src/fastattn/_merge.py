@@ -109,3 +109,17 @@ def merge_attention(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndar
         with np.errstate(divide="ignore"):
             lse = np.where(empty, -np.inf, shift + np.log(np.where(empty, 1, total)))
     return out.astype(result, copy=False), lse.astype(result, copy=False)
+
+
+def add_sinks(out: np.ndarray, lse: np.ndarray, sinks) -> tuple[np.ndarray, np.ndarray]:
+    """(out, lse) over all keys, with attention sinks (one logit per batch entry, broadcast
+    against ``lse``'s leading axes) joined to each row's denominator once.
+
+    Partial results must be computed and merged without the sinks, or each part would count
+    them; this is the one place they enter (fastattn.dask, after its merge tree).
+    """
+    sinks = np.asarray(sinks, lse.dtype)[..., None]
+    total = np.logaddexp(lse, sinks)
+    with np.errstate(invalid="ignore"):  # -inf - -inf: a row with no key and no sink
+        share = np.where(lse == -np.inf, 0, np.exp(lse - total))
+    return out * share[..., None].astype(out.dtype), total

@@ -46,6 +46,7 @@ class Plan:
     kv_lengths: np.ndarray | None = None  # int64, broadcastable to ``batch``
     similarity: str = "dot"
     storage: np.dtype | None = None  # None: the same as dtype
+    sinks: np.ndarray | None = None  # sink logits in ``dtype``, broadcastable to ``batch``
 
     def band(self) -> tuple[int | None, int | None]:
         """(lo, hi): query i sees keys i + lo <= j <= i + hi (None: unbounded), from the
@@ -173,6 +174,7 @@ def prepare(
     return_lse=False,
     kv_lengths=None,
     similarity="dot",
+    sinks=None,
     diagonal_offset=None,
 ) -> Plan:
     """Checks the arguments of ``attention`` and resolves broadcasting and dtypes."""
@@ -264,9 +266,12 @@ def prepare(
         offset = S - L if align == "bottom_right" else 0
     else:  # internal: a block of a larger problem keeps that problem's diagonal
         offset = int(diagonal_offset)
-    shapes = _shapes(q=q, k=k, v=v) if alibi_slopes is not None or kv_lengths is not None else ""
+    shapes = (_shapes(q=q, k=k, v=v)
+              if alibi_slopes is not None or kv_lengths is not None or sinks is not None else "")
     if alibi_slopes is not None:
         alibi_slopes = _per_batch("alibi_slopes", alibi_slopes, batch, "fiub", dtype, shapes)
+    if sinks is not None:
+        sinks = _per_batch("sinks", sinks, batch, "fiub", dtype, shapes)
     if kv_lengths is not None:
         lengths = np.asarray(kv_lengths)
         if lengths.dtype.kind not in "iu":
@@ -311,6 +316,7 @@ def prepare(
         kv_lengths=kv_lengths,
         similarity=similarity,
         storage=storage,
+        sinks=sinks,
     )
 
 
@@ -357,3 +363,16 @@ def gradient_dtype(dtype: np.dtype, plan: Plan) -> np.dtype:
     """The dtype of an input's gradient: the input's own when it is a float (16-bit ones
     included), else the compute dtype (integer and bool inputs compute in float64)."""
     return dtype if dtype.kind == "f" or is_bfloat16(dtype) else plan.out_dtype
+
+
+def sinks_gradient(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray) -> np.ndarray:
+    """The gradient of the sink logits, of their shape: a sink only joins each row's
+    denominator, so d out_i / d sink = -p_i out_i with p_i = exp(sink - lse_i) its weight, and
+    the gradient is -sum_i p_i (dout_i . out_i), summed over the entries that share the sink.
+    ``out``, ``lse`` and ``dout`` as the forward returned them (lse includes the sink)."""
+    assert plan.sinks is not None
+    sink = np.broadcast_to(plan.sinks.astype(np.float64), plan.batch)[..., None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = np.exp(sink - lse.astype(np.float64))  # sink -inf (none): 0
+    d = np.einsum("...e,...e->...", dout.astype(np.float64), out.astype(np.float64))
+    return sum_to(-(p * d).sum(axis=-1), plan.sinks.shape, 1)

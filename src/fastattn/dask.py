@@ -25,7 +25,7 @@ except ImportError as e:
     raise ImportError("fastattn.dask needs Dask: pip install 'fastattn[dask]'") from e
 
 from ._api import run
-from ._merge import merge_attention
+from ._merge import add_sinks, merge_attention
 from ._validate import Plan, _check_dtype, compute_dtypes, prepare
 
 __all__ = ["attention"]
@@ -34,7 +34,7 @@ __all__ = ["attention"]
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
               return_weights=False, num_threads=None, align="top_left", window=None,
               alibi_slopes=None, softcap=None, return_lse=False, kv_lengths=None,
-              similarity="dot", backend="auto", split_every=8):
+              similarity="dot", sinks=None, backend="auto", split_every=8):
     """:func:`fastattn.attention` over Dask arrays, lazily, with the kernel run on each chunk.
 
     Takes the arguments of :func:`fastattn.attention`, with the same meaning, and returns Dask
@@ -56,8 +56,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     mask : dask.array.Array or array_like, optional
         Broadcastable to ``(..., L, S)``, as for :func:`fastattn.attention`; its axes are
         chunked along with the scores' (size-1 axes stay broadcast).
-    alibi_slopes, kv_lengths : array_like, optional
+    alibi_slopes, kv_lengths, sinks : array_like, optional
         Small per-batch arrays, taken as NumPy (a Dask array is computed) and sliced per block.
+        The partial results never see ``sinks``: the sink joins each row's merged result once.
     split_every : int, default 8
         Fan-in of the merge tree: how many partial results one merge task combines.
     causal, scale, enable_gqa, return_weights, num_threads, align, window, softcap, return_lse, \
@@ -123,13 +124,13 @@ similarity
                              "compute_chunk_sizes() first")
     opts = dict(causal=causal, scale=scale, enable_gqa=enable_gqa, return_weights=return_weights,
                 num_threads=num_threads, align=align, window=window, alibi_slopes=alibi_slopes,
-                softcap=softcap, kv_lengths=kv_lengths, similarity=similarity)
+                softcap=softcap, kv_lengths=kv_lengths, similarity=similarity, sinks=sinks)
     plan, dtype, out_dtype = _check(q, k, v, mask, opts)
     blocks = _Blocks.align(q, k, v, mask, plan)
     name = tokenize(q.name, k.name, v.name, blocks.mask_token, dtype, split_every,
                     {key: val for key, val in opts.items() if key not in ("alibi_slopes",
-                                                                         "kv_lengths")},
-                    plan.alibi, plan.kv_lengths)
+                                                                         "kv_lengths", "sinks")},
+                    plan.alibi, plan.kv_lengths, plan.sinks)
     task_opts = dict(causal=plan.causal, scale=plan.scale, enable_gqa=enable_gqa,
                      return_weights=plan.return_weights, num_threads=num_threads,
                      window=window, softcap=softcap, similarity=similarity)
@@ -292,8 +293,8 @@ def _key_blocks_in_band(plan: Plan, l0: int, l1: int, key_starts) -> list[int]:
 
 
 def _build(blocks: _Blocks, plan, dtype, out_dtype, task_opts, split_every, return_lse, token):
-    names = {part: f"fastattn-{part}-{token}" for part in ("partial", "merge", "out", "weights",
-                                                           "lse")}
+    names = {part: f"fastattn-{part}-{token}" for part in ("partial", "merge", "sink", "out",
+                                                           "weights", "lse")}
     layers: dict[str, dict[tuple, tuple]] = {part: {} for part in names}
     q_starts, k_starts = _starts(blocks.q.chunks[-2]), _starts(blocks.k.chunks[-2])
     b_starts = [_starts(c) for c in blocks.batch_chunks]
@@ -304,6 +305,7 @@ def _build(blocks: _Blocks, plan, dtype, out_dtype, task_opts, split_every, retu
         b_shape = tuple(e - s for s, e in b_ranges)
         alibi = _per_block(plan.alibi, b_ranges)
         lengths = _per_block(plan.kv_lengths, b_ranges)
+        sinks = _per_block(plan.sinks, b_ranges)
         longest = None if lengths is None else int(lengths.max(initial=0))
         for i, (l0, l1) in enumerate(zip(q_starts, q_starts[1:])):
             parts = {}
@@ -320,6 +322,10 @@ def _build(blocks: _Blocks, plan, dtype, out_dtype, task_opts, split_every, retu
                     parts[j] = key
             root = _merge_tree(layers["merge"], names["merge"], (*b, i), list(parts.values()),
                                split_every, b_shape + (l1 - l0, plan.Ev), dtype)
+            if sinks is not None:  # once per row, after the merge: partials must not count it
+                sink_key = (names["sink"], *b, i)
+                layers["sink"][sink_key] = (_add_sink, root, sinks)
+                root = sink_key
             # keys bound to names first: mypy reads x[(a, *b)] as 3.11's x[a, *b]
             out_key = (names["out"], *b, i, 0)
             layers["out"][out_key] = (_first, root, out_dtype)
@@ -375,12 +381,12 @@ def _graph(operands, names, layers) -> HighLevelGraph:
     graph = HighLevelGraph.merge(*(x.dask for x in operands))
     all_layers, deps = dict(graph.layers), dict(graph.dependencies)
     inputs = set().union(*(x.__dask_layers__() for x in operands))
+    merged = {names["partial"], names["merge"]} | ({names["sink"]} if layers["sink"] else set())
     needs = {"partial": inputs, "merge": {names["partial"]},
-             "out": {names["partial"], names["merge"]},
-             "lse": {names["partial"], names["merge"]},
-             "weights": {names["partial"], names["merge"]}}
+             "sink": {names["partial"], names["merge"]},
+             "out": merged, "lse": merged, "weights": merged}
     for part, layer in layers.items():
-        if not layer and part in ("weights", "lse"):
+        if not layer and part in ("weights", "lse", "sink"):
             continue  # not asked for
         all_layers[names[part]] = layer
         deps[names[part]] = set(needs[part])
@@ -406,6 +412,10 @@ def _partial(q, k, v, mask, alibi, lengths, s0, offset, *, dtype, opts):
 
 def _merge_parts(*parts):
     return merge_attention([p[0] for p in parts], [p[-1] for p in parts])
+
+
+def _add_sink(result, sinks):
+    return add_sinks(result[0], result[-1], sinks)
 
 
 def _no_keys(out_shape, dtype):

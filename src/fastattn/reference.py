@@ -92,9 +92,15 @@ def attention_in(dtype, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     if plan.kv_group > 1:
         v = np.repeat(v, plan.kv_group, axis=-3)
     m = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+    sink = None
+    if plan.sinks is not None:  # one more logit per row that joins the denominator only
+        sink = plan.sinks.astype(dtype)[..., None, None]
+        m = np.maximum(m, sink)  # broadcasts: the scores may not span every batch axis yet
     m = np.where(m == -np.inf, 0, m)  # a row with no key left: all weights 0, output 0
     weights = np.exp(scores - m)
     total = weights.sum(axis=-1, keepdims=True)
+    if sink is not None:
+        total = total + np.exp(sink - m)
     with np.errstate(divide="ignore"):
         lse = (m + np.log(total))[..., 0]  # -inf for a row with no key
     weights = weights / np.where(total == 0, 1, total)
@@ -125,8 +131,27 @@ def attention_backward(q, k, v, out, lse, dout, **kwargs):
     kwargs.pop("backend", None)
     plan, _, _, dout = prepare_backward(q, k, v, out, lse, dout, **kwargs)
     dq, dk, dv = gradients_in(np.float64, plan, dout)
-    return tuple(g.astype(gradient_dtype(np.asarray(a).dtype, plan), copy=False)
-                 for g, a in zip((dq, dk, dv), (q, k, v)))
+    grads = tuple(g.astype(gradient_dtype(np.asarray(a).dtype, plan), copy=False)
+                  for g, a in zip((dq, dk, dv), (q, k, v)))
+    if plan.sinks is None:
+        return grads
+    # The sink's weight in row i is exp(sink - lse_i); d out_i / d sink = -weight * out_i.
+    unit = _unit_plan(np.float64, plan)
+    out_ref, _, lse_ref = attention_in(np.float64, unit)
+    sink = np.broadcast_to(plan.sinks.astype(np.float64), plan.batch)[..., None]
+    with np.errstate(invalid="ignore"):
+        weight = np.exp(sink - lse_ref)
+    d = (dout.astype(np.float64) * out_ref).sum(axis=-1)
+    dsinks = sum_to(-(weight * d).sum(axis=-1), plan.sinks.shape, 1)
+    return grads + (dsinks.astype(gradient_dtype(np.asarray(kwargs["sinks"]).dtype, plan)),)
+
+
+def _unit_plan(dtype, plan: Plan) -> Plan:
+    """The plan with cosine similarity's unit rows in place of q and k (as given otherwise)."""
+    if plan.similarity != "cosine":
+        return plan
+    return replace(plan, q=_unit_rows(plan.q.astype(dtype)), k=_unit_rows(plan.k.astype(dtype)),
+                   similarity="dot")
 
 
 def gradients_in(dtype, plan: Plan, dout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

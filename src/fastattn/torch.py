@@ -1,0 +1,289 @@
+"""fastattn on PyTorch tensors, as the custom operator ``torch.ops.fastattn.attention``.
+
+``import fastattn.torch`` imports torch; ``import fastattn`` never does. CPU tensors reach the
+C++ kernel without copies (``Tensor.numpy()`` shares memory; bfloat16 through a view of its
+bits), any strides, and the results come back as tensors over the kernel's own output arrays.
+
+The operator always returns ``(out, lse, weights)``: the log-sum-exp is what a backward pass
+needs (``torch.library.register_autograd`` can be wired to this schema unchanged), and costs the
+kernel one number per query row. :func:`attention` returns what :func:`fastattn.attention`
+returns for the same flags.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _core, _cpu
+from ._api import attention as _np_attention
+from ._validate import _window, prepare
+
+__all__ = ["attention"]
+
+_BACKWARD_MISSING = (
+    "fastattn.torch.attention has no backward pass yet (fastattn.attention_backward, issue 13): "
+    "call it under torch.no_grad() or torch.inference_mode(), or detach the inputs"
+)
+
+
+def _bfloat16() -> np.dtype:
+    import ml_dtypes  # only where bfloat16 tensors are used
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# Built at import, outside any fake-tensor mode (where a tensor cannot answer .numpy()).
+_NUMPY_DTYPES = {t: torch.empty(0, dtype=t).numpy().dtype for t in (
+    torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+    torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a torch dtype (bfloat16: ml_dtypes'); TypeError naming it if none."""
+    if dtype == torch.bfloat16:
+        return _bfloat16()
+    if dtype not in _NUMPY_DTYPES:
+        raise TypeError(f"fastattn does not take tensors of dtype {dtype}")
+    return _NUMPY_DTYPES[dtype]
+
+
+_TORCH_DTYPES = {d: t for t, d in _NUMPY_DTYPES.items()}
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.bfloat16 if dtype.kind == "V" else _TORCH_DTYPES[dtype]
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor: same memory, same strides."""
+    if t.requires_grad:  # .numpy() refuses those; the op itself never records a graph
+        t = t.detach()
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits, then ml_dtypes' type
+        return t.view(torch.int16).numpy().view(_bfloat16())
+    return t.numpy()
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    if a.dtype.kind == "V":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _options(mask, causal, scale, enable_gqa, num_threads, align, window_left, window_right,
+             alibi_slopes, softcap, kv_lengths, similarity, sinks) -> dict[str, Any]:
+    return dict(mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa,
+                num_threads=num_threads, align=align, window=(window_left, window_right),
+                alibi_slopes=alibi_slopes, softcap=softcap, kv_lengths=kv_lengths,
+                similarity=similarity, sinks=sinks)
+
+
+_TENSOR_OPTIONS = ("mask", "alibi_slopes", "kv_lengths", "sinks")
+_PLAIN_DTYPES = frozenset((torch.float32, torch.float64))  # what _core.attention_plain takes
+
+
+def _run_cpu(q, k, v, opts: dict, return_weights: bool, return_lse: bool):
+    """(out, lse or None, weights or None) as NumPy arrays over CPU tensors' memory: out and
+    weights in the output dtype, lse in the compute dtype (float32 for 16-bit inputs, as a
+    backward pass wants it)."""
+    for name in _TENSOR_OPTIONS:
+        if opts[name] is not None:
+            opts[name] = _to_numpy(opts[name])
+    plan = prepare(_to_numpy(q), _to_numpy(k), _to_numpy(v), **opts,
+                   return_weights=return_weights, return_lse=return_lse)
+    out_dtype, plan.out_dtype = plan.out_dtype, plan.dtype
+    out, weights, lse = _cpu.run(plan)
+    if out_dtype != plan.dtype:
+        out = out.astype(out_dtype)
+        weights = None if weights is None else weights.astype(out_dtype)
+    return out, lse, weights
+
+
+@torch.library.custom_op("fastattn::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    num_threads: int | None,
+    align: str,
+    window_left: int | None,
+    window_right: int | None,
+    alibi_slopes: torch.Tensor | None,
+    softcap: float | None,
+    kv_lengths: torch.Tensor | None,
+    similarity: str,
+    sinks: torch.Tensor | None,
+    return_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, weights): lse in the compute dtype, weights empty unless ``return_weights``."""
+    opts = _options(mask, causal, scale, enable_gqa, num_threads, align, window_left,
+                    window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks)
+    if q.device.type != "cpu":
+        return _on_gpu(q, k, v, opts, return_weights)
+    out, lse, weights = _run_cpu(q, k, v, opts, return_weights, True)
+    return (_from_numpy(out), _from_numpy(lse),
+            torch.empty(0, dtype=_torch_dtype(out.dtype)) if weights is None
+            else _from_numpy(weights))
+
+
+def _on_gpu(q, k, v, opts, return_weights):
+    """CUDA tensors on fastattn's Numba CUDA kernel (the ``cuda`` extra), in place."""
+    if q.device.type != "cuda":
+        raise ValueError(f"fastattn.torch takes CPU or CUDA tensors, got device {q.device}")
+    results = _np_attention(q, k, v, **opts, return_weights=return_weights, return_lse=True,
+                            backend="cuda")  # ImportError saying what to install without it
+    out, lse = (torch.as_tensor(r, device=q.device) for r in (results[0], results[-1]))
+    weights = (torch.as_tensor(results[1], device=q.device) if return_weights
+               else out.new_empty(0))
+    compute = torch.float64 if out.dtype == torch.float64 else torch.float32
+    return out, lse.to(compute), weights
+
+
+def _hint(n) -> int:
+    """A size as an int; a symbolic one (dynamic shapes) by its hint, adding no guard, so a
+    compiled graph is not specialized to one sequence length."""
+    if isinstance(n, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(n))
+    return int(n)
+
+
+@_attention_op.register_fake
+def _(q, k, v, mask, causal, scale, enable_gqa, num_threads, align, window_left, window_right,
+      alibi_slopes, softcap, kv_lengths, similarity, sinks, return_weights):
+    # prepare on zero-stride stand-ins: every check and shape rule of the real call, no data
+    # (as fastattn.dask does for its graphs); the sizes out are taken from the symbolic shapes.
+    def stand_in(t):
+        if t is None:
+            return None
+        return np.broadcast_to(np.zeros((), _numpy_dtype(t.dtype)), tuple(map(_hint, t.shape)))
+
+    opts = _options(stand_in(mask), causal, scale, enable_gqa, num_threads, align, window_left,
+                    window_right, stand_in(alibi_slopes), softcap, stand_in(kv_lengths),
+                    similarity, stand_in(sinks))
+    plan = prepare(stand_in(q), stand_in(k), stand_in(v), **opts, return_weights=return_weights)
+    # Each batch axis from an operand that has it at full size (q first: under GQA the heads)
+    batch = []
+    for i, size in enumerate(plan.batch):
+        for t in (q, k, v):
+            j = t.dim() - 2 - len(plan.batch) + i
+            if j >= 0 and _hint(t.shape[j]) == size:
+                batch.append(t.shape[j])
+                break
+        else:
+            batch.append(size)
+    L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
+    out = q.new_empty((*batch, L, Ev), dtype=_torch_dtype(plan.out_dtype))
+    lse = q.new_empty((*batch, L), dtype=_torch_dtype(plan.dtype))
+    weights = q.new_empty((*batch, L, S) if return_weights else (0,), dtype=out.dtype)
+    return out, lse, weights
+
+
+def _no_backward(ctx, *grads):
+    raise NotImplementedError(_BACKWARD_MISSING)
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+# Until issue 13's backward exists, a graph through the op fails at backward with a clear error;
+# that issue replaces this registration, and the schema above stays as it is.
+_attention_op.register_autograd(_no_backward, setup_context=_setup_context)
+
+
+def _real(name: str, x) -> float | None:
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {x!r}")
+    return float(x)
+
+
+def _tensor(x) -> torch.Tensor | None:
+    """Array-likes (NumPy arrays, lists) for the op's tensor arguments."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
+              return_weights=False, num_threads=None, align="top_left", window=None,
+              alibi_slopes=None, softcap=None, return_lse=False, kv_lengths=None,
+              similarity="dot", sinks=None):
+    """:func:`fastattn.attention` on PyTorch tensors, through the custom op ``fastattn::attention``.
+
+    Takes every argument of :func:`fastattn.attention` with the same meaning (``mask``,
+    ``alibi_slopes``, ``kv_lengths`` and ``sinks`` as tensors or array-likes) and returns what it
+    returns, as tensors: ``out`` in the inputs' dtype (float32, float64, float16, bfloat16; the
+    16-bit ones computed in float32), ``lse`` in the compute dtype (float32 for 16-bit inputs).
+    CPU tensors are read and written without copies, in any strides; CUDA tensors run on
+    fastattn's CUDA kernel (``pip install "fastattn[cuda]"``). ``torch.compile`` (also with
+    ``fullgraph=True``) and ``torch.export`` trace through it as one operator.
+
+    Raises
+    ------
+    NotImplementedError
+        An input requires grad while grad mode is on: the backward pass does not exist yet.
+    ValueError, TypeError
+        As :func:`fastattn.attention`.
+
+    Examples
+    --------
+    >>> import torch, fastattn.torch
+    >>> q = k = v = torch.randn(2, 4, 16, 8)
+    >>> fastattn.torch.attention(q, k, v, causal=True).shape
+    torch.Size([2, 4, 16, 8])
+    """
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+            and isinstance(v, torch.Tensor)):
+        raise TypeError("fastattn.torch.attention takes torch tensors q, k and v; got "
+                        f"{type(q).__name__}, {type(k).__name__}, {type(v).__name__} "
+                        "(fastattn.attention takes NumPy arrays)")
+    left, right = (None, None) if window is None else _window(window)
+    if not (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None):
+        mask, alibi_slopes, kv_lengths, sinks = (
+            _tensor(mask), _tensor(alibi_slopes), _tensor(kv_lengths), _tensor(sinks))
+    if torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+            or any(t is not None and t.requires_grad for t in (mask, alibi_slopes, sinks))):
+        raise NotImplementedError(_BACKWARD_MISSING)
+    if scale is not None or softcap is not None:
+        scale, softcap = _real("scale", scale), _real("softcap", softcap)
+    if (type(q) is type(k) is type(v) is torch.Tensor and q.is_cpu
+            and not torch.compiler.is_compiling()):
+        # Eager CPU calls skip the dispatcher (~10 us) and convert only what they return; the
+        # op's own function runs, so the two paths cannot differ.
+        if (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None
+                and softcap is None and left is None and right is None and not enable_gqa
+                and not return_weights and not return_lse and align == "top_left"
+                and similarity == "dot" and q.dtype in _PLAIN_DTYPES and not q.requires_grad
+                and not k.requires_grad and not v.requires_grad):
+            # the common call, as fastattn.attention takes it: checked and run at C level
+            plain = _core.attention_plain(q.numpy(), k.numpy(), v.numpy(), bool(causal), scale,
+                                          num_threads)
+            if plain is not None:
+                return torch.from_numpy(plain)
+        opts = _options(mask, causal, scale, enable_gqa, num_threads, align, left, right,
+                        alibi_slopes, softcap, kv_lengths, similarity, sinks)
+        out, lse, weights = _run_cpu(q, k, v, opts, return_weights, return_lse)
+        out = _from_numpy(out)
+        if not (return_weights or return_lse):
+            return out
+        lse = None if lse is None else _from_numpy(lse)
+        weights = None if weights is None else _from_numpy(weights)
+    else:
+        out, lse, weights = _attention_op(q, k, v, mask, bool(causal), scale, bool(enable_gqa),
+                                          num_threads, align, left, right, alibi_slopes,
+                                          softcap, kv_lengths, similarity, sinks,
+                                          bool(return_weights))
+    results = [out] + [weights] * bool(return_weights) + [lse] * bool(return_lse)
+    return out if len(results) == 1 else tuple(results)
