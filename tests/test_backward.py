@@ -99,9 +99,12 @@ def _check_sinks(got, want, plan, dout, rel) -> None:
         unit = reference._unit_plan(np.float64, plan)
         out, _, lse = reference.attention_in(np.float64, unit)
         sink = np.broadcast_to(plan.sinks.astype(np.float64), plan.batch)[..., None]
-        terms = np.exp(sink - lse) * (np.abs(dout.astype(np.float64)) * np.abs(out)).sum(-1)
-    mag = np.abs(sum_to(terms.sum(axis=-1), plan.sinks.shape, 1))
+        p, adout = np.exp(sink - lse), np.abs(dout.astype(np.float64))
+        mag = np.abs(sum_to((p * (adout * np.abs(out)).sum(-1)).sum(-1), plan.sinks.shape, 1))
     tol = 16 * rel * (mag + 1e-300) + np.finfo(np.float64).tiny
+    if np.dtype(plan.out_dtype).name in HALF_FORMATS:  # D = rowsum(dO * O), O rounded (<= 1 ulp)
+        ulps = (p * (adout * half_ulp(out, plan.out_dtype)).sum(-1)).sum(-1)
+        tol = tol + np.abs(sum_to(ulps, plan.sinks.shape, 1))
     if np.dtype(got.dtype).name in HALF_FORMATS:
         tol = tol + HALF_EXTRA_ULPS * half_ulp(want, got.dtype)
     elif got.dtype != plan.dtype:

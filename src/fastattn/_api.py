@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core, _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
-from ._validate import Plan, gradient_dtype, prepare, prepare_backward, sinks_gradient
+from ._validate import Plan, gradient_dtype, prepare, prepare_backward
 
 _BACKENDS = ("auto", "cpu", "cuda")
 
@@ -211,8 +211,6 @@ kv_lengths, similarity, sinks
         num_threads=num_threads, align=align, window=window, alibi_slopes=alibi_slopes,
         softcap=softcap, kv_lengths=kv_lengths, similarity=similarity, sinks=sinks)
     dtypes = tuple(gradient_dtype(np.asarray(a).dtype, plan) for a in (q, k, v))
-    grads = _cpu.run_backward(plan, out, lse, dout, dtypes)
-    if sinks is None:
-        return grads
-    return grads + (sinks_gradient(plan, out, lse, dout).astype(
-        gradient_dtype(np.asarray(sinks).dtype, plan), copy=False),)
+    if sinks is not None:
+        dtypes += (gradient_dtype(np.asarray(sinks).dtype, plan),)
+    return _cpu.run_backward(plan, out, lse, dout, dtypes)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._validate import Plan, sum_to
+from ._validate import Plan, sinks_gradient, sum_to
 
 # 16-bit storage codes of the compiled kernel (fastattn::Storage).
 _STORAGE = {"float16": 1, "bfloat16": 2}
@@ -137,9 +137,10 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
 
 
 def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
-                 dtypes: tuple[np.dtype, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dq, dk, dv) of a prepared plan for the upstream gradient ``dout``, given the forward's
-    ``out`` and ``lse`` (all three in the compute dtype), in ``dtypes`` (q's, k's and v's)."""
+                 dtypes: tuple[np.dtype, ...]) -> tuple[np.ndarray, ...]:
+    """(dq, dk, dv), and dsinks when the plan has sinks, for the upstream gradient ``dout``,
+    given the forward's ``out`` and ``lse`` (all three in the compute dtype), in ``dtypes``
+    (q's, k's, v's and the sinks')."""
     q, k, v = (a.astype(plan.dtype, copy=False) for a in (plan.q, plan.k, plan.v))
     if plan.similarity == "cosine":  # the kernel's gradients are those of the unit rows
         (q, q_norm), (k, k_norm) = _unit_rows_and_norms(q), _unit_rows_and_norms(k)
@@ -167,5 +168,7 @@ def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
     if plan.similarity == "cosine":  # through x / |x|: remove the part along the unit row
         dq = (dq - q * np.einsum("...e,...e->...", q, dq)[..., None]) / q_norm
         dk = (dk - k * np.einsum("...e,...e->...", k, dk)[..., None]) / k_norm
-    return dq.astype(dtypes[0], copy=False), dk.astype(dtypes[1], copy=False), dv.astype(
-        dtypes[2], copy=False)
+    grads = [dq, dk, dv]
+    if plan.sinks is not None:  # from the lse used above: recomputed in float32 for 16 bits
+        grads.append(sinks_gradient(plan, out, lse, dout))
+    return tuple(g.astype(d, copy=False) for g, d in zip(grads, dtypes))
