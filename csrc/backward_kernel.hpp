@@ -62,7 +62,9 @@ struct BackwardKernel {
     Buffer<T> dot;                // dO^T, per tile: Ev x BM
     Buffer<T> dor;                // dO, a row per query: L_pad x Ev_pad
     Buffer<T> dlt;                // D = rowsum(dO * O), then lse: 2 x L_pad
-    Buffer<T> dqt;                // dQ^T of the item: E x L_pad
+    // dQ^T of the item, per query tile: E x BM (rows BM apart, not L_pad: rows a power of two
+    // of kilobytes apart would share the L1 cache's sets)
+    Buffer<T> dqt;
     Buffer<T> dpt;                // dP^T of one block: BN x BM
     Buffer<T> zt;                 // softcap: the block's scores before capping, BN x BM
     Buffer<T> dk, dv;             // the key block's gradients: BN x E_pad, BN x Ev_pad
@@ -164,8 +166,8 @@ struct BackwardKernel {
       }
     product<true>(nb, E_pad / QP, st, BM, 1, ws.qr.ptr + i0 * E_pad, E_pad, rows, ws.dk.ptr,
                   E_pad);
-    product<true>(a.E, panels, K, a.k.col_stride, a.k.row_stride, st, BM, nb, ws.dqt.ptr + i0,
-                  L_pad);
+    product<true>(a.E, panels, K, a.k.col_stride, a.k.row_stride, st, BM, nb,
+                  ws.dqt.ptr + qtile * a.E * BM, BM);
   }
 
   // Query tiles [first, last) that see some key of [j0, j0 + nb): the band read from the keys'
@@ -222,7 +224,8 @@ struct BackwardKernel {
     }
     const T sc = T(a.scale);
     for (int64_t i = 0; i < a.L; ++i)
-      for (int64_t e = 0; e < a.E; ++e) dQ[i * rs + e * cs] = ws.dqt.ptr[e * L_pad + i] * sc;
+      for (int64_t e = 0; e < a.E; ++e)
+        dQ[i * rs + e * cs] = ws.dqt.ptr[(i / BM) * a.E * BM + e * BM + i % BM] * sc;
   }
 
   // Sums the chunks' dQ of each entry into dq, a row of queries per item.
