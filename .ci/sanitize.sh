@@ -59,14 +59,15 @@ export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-sanitize}
 export FASTATTN_FUZZ_EXAMPLES=${FASTATTN_FUZZ_EXAMPLES:-60}
 
 # Every test file that runs the kernel, each test on every dispatch path (the backend fixture
-# runs each instruction set this CPU has): 16-bit storage, variants, merges and layers included.
+# runs each instruction set this CPU has): 16-bit storage, variants, merges, layers and the
+# backward pass included.
 # Not here: the memory-bound test (marked slow: 1 GiB inputs), the resident-memory test
 # (tests/test_leaks.py: ASan keeps freed memory in quarantine, ~250 MB, on purpose), Dask (a
 # cluster of worker processes), the examples and plots (no kernel path the others miss).
 tests=(tests/test_contract.py tests/test_edge_cases.py tests/test_errors.py
        tests/test_properties.py tests/test_variants.py tests/test_low_precision.py
        tests/test_isa.py tests/test_exp2.py tests/test_threads.py tests/test_merge.py
-       tests/test_layers.py tests/test_fuzz.py)
+       tests/test_layers.py tests/test_fuzz.py tests/test_backward.py)
 status=0
 # --capture=sys: pytest captures what Python writes, not file descriptor 2, so a sanitizer's
 # report reaches the log even when it kills the process mid-test.

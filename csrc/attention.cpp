@@ -16,6 +16,7 @@ namespace fastattn {
 #define FASTATTN_DECLARE_VARIANT(ns)                      \
   namespace ns {                                           \
   KernelStatus run_attention(const KernelArgs& args);      \
+  KernelStatus run_backward(const KernelArgs& args);       \
   int reads_storage(const KernelArgs& args);               \
   template <class T>                                       \
   void exp2_array(const T* x, T* y, int64_t n);            \
@@ -43,6 +44,7 @@ namespace {
 #define FASTATTN_VARIANT(ns)                                                                \
   struct Variant_##ns {                                                                     \
     KernelStatus run(const KernelArgs& a) const { return ns::run_attention(a); }            \
+    KernelStatus backward(const KernelArgs& a) const { return ns::run_backward(a); }        \
     int reads_storage(const KernelArgs& a) const { return ns::reads_storage(a); }           \
     template <class T>                                                                      \
     int exp2(const T* x, T* y, int64_t n) const {                                           \
@@ -203,6 +205,20 @@ void attention(const Problem& p) {
   if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
   require(status != KernelStatus::kBadStorage,
           "16-bit storage is read only where reads_storage says so");
+}
+
+void attention_backward(const Problem& p) {
+  KernelArgs a = make_args(p);
+  const size_t nd = p.batch_shape.size();
+  require(p.storage == Storage::kSame, "the backward pass reads q, k and v in the compute dtype");
+  require(p.weights.data == nullptr, "the backward pass writes no weights");
+  copy_view(p.lse, nd, "lse", a.lse, true);
+  copy_view(p.dout, nd, "dout", a.dout, true);
+  copy_view(p.dq, nd, "dq", a.dq, true);
+  copy_view(p.dk, nd, "dk", a.dk, true);
+  copy_view(p.dv, nd, "dv", a.dv, true);
+  const KernelStatus status = on_selected_isa([&](auto variant) { return variant.backward(a); });
+  if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
 }
 
 template <class T>

@@ -70,10 +70,20 @@ struct Problem {
   Operand lse;      // written when data != nullptr: (batch..., L), natural log, -inf if no key
 
   int num_threads = 0;  // 0: OpenMP's default (OMP_NUM_THREADS, threadpoolctl)
+
+  // The backward pass only: out and lse (given, as the forward wrote them) and dout are read;
+  // dq (batch..., L, E), dk (batch..., S, E) and dv (batch..., S, Ev) are written per batch entry
+  // of the broadcast batch shape (the caller sums broadcast and grouped entries), and must be
+  // zero on entry (rows of keys and queries that take no part are not written).
+  Operand dout, dq, dk, dv;
 };
 
 // Runs the fused kernel; throws std::invalid_argument for an inconsistent problem.
 void attention(const Problem& p);
+
+// The gradients dq, dk, dv of attention(p) for the upstream gradient p.dout, from the forward's
+// p.out and p.lse (both required). q, k and v in p.dtype (storage kSame); no weights.
+void attention_backward(const Problem& p);
 
 // How the kernel reads this problem's q, k and v given in 16-bit storage p.storage: 0 it does
 // not (the caller widens them to float32 first), 1 as given, 3 as kBFloat16Pairs, 4 as

@@ -26,6 +26,7 @@ struct KernelArgs {
   int64_t batch_count = 1;
   int64_t L = 0, S = 0, E = 0, Ev = 0;
   StridedView q, k, v, mask, out, weights, lse, alibi, kv_lengths, sinks;
+  StridedView dout, dq, dk, dv;  // the backward pass: dout read (with out, lse), the rest written
   int64_t kv_group = 1;
   int mask_kind = 0;  // 0 none, 1 bool bytes, 2 additive in dtype
   int64_t band_lo = 0, band_hi = 0;  // query i sees keys i + band_lo .. i + band_hi

@@ -1,5 +1,6 @@
 // One copy of the kernel, compiled once per instruction set by CMakeLists.txt with
 // FASTATTN_ISA_NS (its namespace) and FASTATTN_VBYTES (its vector width) defined.
+#include "backward_kernel.hpp"
 #include "kernel_args.hpp"
 #include "row_kernel.hpp"
 #include "tile_kernel.hpp"
@@ -47,6 +48,12 @@ KernelStatus run_attention(const KernelArgs& args) {
 #endif
   if (args.storage != 0) return KernelStatus::kBadStorage;  // not one reads_storage offers
   return args.dtype == 0 ? run_typed<float>(args) : run_typed<double>(args);
+}
+
+// The backward pass computes in float32 or float64 only: the caller widens 16-bit inputs.
+KernelStatus run_backward(const KernelArgs& args) {
+  if (args.storage != 0) return KernelStatus::kBadStorage;
+  return args.dtype == 0 ? BackwardKernel<float>(args).run() : BackwardKernel<double>(args).run();
 }
 
 // The softmax's exp2 on an array, so tests can hold it to its error bound on every path.

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent("""
-    import resource, numpy as np, fastattn
+    import resource, sys, numpy as np, fastattn
 
     def peak():  # bytes; VmHWM can be reset, ru_maxrss (KiB on Linux) cannot
         try:
@@ -22,14 +22,23 @@ SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 4, 16384, 64), dtype=np.float32) for _ in range(3))
     fastattn.attention(q[..., :64, :], k[..., :64, :], v[..., :64, :], num_threads=2)  # warm up
+    backward = sys.argv[1] == "backward"
+    if backward:  # the forward's results, then only the backward pass is measured
+        out, lse = fastattn.attention(q, k, v, num_threads=2, return_lse=True)
+        fastattn.attention_backward(q[..., :64, :], k[..., :64, :], v[..., :64, :],
+                                    out[..., :64, :], lse[..., :64], out[..., :64, :])
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak to the current RSS
     except OSError:
         pass
     before = peak()
-    out = fastattn.attention(q, k, v, num_threads=2)
-    print(peak() - before, out.nbytes)
+    if backward:
+        grads = fastattn.attention_backward(q, k, v, out, lse, out, num_threads=2)
+        print(peak() - before, sum(g.nbytes for g in grads))
+    else:
+        out = fastattn.attention(q, k, v, num_threads=2)
+        print(peak() - before, out.nbytes)
 """)
 
 
@@ -37,10 +46,23 @@ SCRIPT = textwrap.dedent("""
 def test_peak_memory_growth():
     # One float32 score matrix of one head is 16384^2 * 4 B = 1 GiB; the output is 16 MiB.
     env = {k: v for k, v in os.environ.items() if k != "FASTATTN_ISA"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=300)
+    res = subprocess.run([sys.executable, "-c", SCRIPT, "forward"], capture_output=True,
+                         text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     growth, out_bytes = map(int, res.stdout.split())
     # "Well under 200 MB" over the inputs: the output plus per-thread packed K/V and tiles.
     assert growth < 100 * 2**20, f"peak RSS grew by {growth / 2**20:.1f} MiB"
     assert growth >= out_bytes * 0.9  # the measurement does see the output being written
+
+
+@pytest.mark.slow
+def test_backward_peak_memory_growth():
+    # The backward pass recomputes the weights block by block: no 1 GiB score matrix of a head,
+    # only dq, dk, dv (48 MiB) and per-thread packed queries and dQ (~5 L E floats, 20 MiB).
+    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_ISA"}
+    res = subprocess.run([sys.executable, "-c", SCRIPT, "backward"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    growth, grad_bytes = map(int, res.stdout.split())
+    assert growth < 300 * 2**20, f"peak RSS grew by {growth / 2**20:.1f} MiB"
+    assert growth >= grad_bytes * 0.9  # the measurement does see the gradients being written

@@ -1,5 +1,6 @@
-// Test driver for the C++ core on its own, with no Python: runs fastattn::attention over assorted
-// problems on every instruction set this CPU has and checks each against a naive loop in double.
+// Test driver for the C++ core on its own, with no Python: runs fastattn::attention (and, where it
+// wrote lse, fastattn::attention_backward) over assorted problems on every instruction set this
+// CPU has and checks each against a naive loop in double.
 // .ci/leaks.sh runs it under valgrind and under AddressSanitizer + LeakSanitizer, where it must
 // report no error and no leak; it exits non-zero on any wrong result.
 //
@@ -7,7 +8,8 @@
 // (broadcast with stride 0), strided, transposed and negative-stride operands, outputs written
 // through strides (every byte around them must stay untouched), grouped-query heads, bool and
 // additive masks (broadcast), causal and sliding-window bands with either alignment, softcap,
-// ALiBi, kv_lengths, weights and log-sum-exp outputs, 1, 2 or default threads; and the
+// ALiBi, kv_lengths, weights and log-sum-exp outputs, gradients (dq, dk, dv written through
+// strides), 1, 2 or default threads; and the
 // inconsistent problems the core must refuse with std::invalid_argument. (16-bit storage is left
 // to the Python tests: the core reads it only after the caller has negotiated reads_storage.)
 #include <algorithm>
@@ -157,6 +159,19 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   auto weights = make_tensor<T>(rng, with(c.batch, {c.L, c.S}), false, sentinel);
   auto lse = make_tensor<T>(rng, with(c.batch, {c.L}), false, sentinel);
   const auto q0 = q.buf, k0 = k.buf, v0 = v.buf;
+  // The backward pass runs where the forward wrote lse: gradients of the full batch shape,
+  // zero on entry, against the naive loop's (accumulated in double, with the magnitudes of
+  // their terms for the tolerance).
+  auto dout = make_tensor<T>(rng, with(c.batch, {c.L, c.Ev}), true, sentinel);
+  fill(dout, [&] { return T(normal(rng)); });
+  auto dq = make_tensor<T>(rng, with(c.batch, {c.L, c.E}), false, sentinel);
+  auto dk = make_tensor<T>(rng, with(c.batch, {c.S, c.E}), false, sentinel);
+  auto dv = make_tensor<T>(rng, with(c.batch, {c.S, c.Ev}), false, sentinel);
+  for (auto* t : {&dq, &dk, &dv}) fill(*t, [] { return T(0); });
+  const size_t n_entries = size_t(numel(c.batch));
+  std::vector<double> gq(n_entries * size_t(c.L * c.E)), mq(gq.size());
+  std::vector<double> gk(n_entries * size_t(c.S * c.E)), mk(gk.size());
+  std::vector<double> gv(n_entries * size_t(c.S * c.Ev)), mv(gv.size());
 
   Problem p;
   p.dtype = sizeof(T) == 8 ? fastattn::DType::kFloat64 : fastattn::DType::kFloat32;
@@ -182,6 +197,12 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   if (c.lse) p.lse = view(lse, nb);
   p.num_threads = c.threads;
   fastattn::attention(p);
+  if (c.lse) {
+    Problem pb = p;
+    pb.weights = Operand();
+    pb.dout = view(dout, nb), pb.dq = view(dq, nb), pb.dk = view(dk, nb), pb.dv = view(dv, nb);
+    fastattn::attention_backward(pb);
+  }
 
   // The naive loop, in double: not long double, which valgrind computes as double anyway (and
   // whose infinities it mangles); double's error is far below the float64 tolerance's 16 eps.
@@ -199,11 +220,12 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   };
   const int64_t S = c.S;
   const size_t n_keys = static_cast<size_t>(S);
-  std::vector<LD> s(n_keys), w(n_keys), terms(n_keys);
+  std::vector<LD> s(n_keys), w(n_keys), terms(n_keys), z(n_keys), dp(n_keys);
   auto at = [](const auto& t, int64_t off, int64_t i, int64_t j) {  // matrix element (i, j)
     const size_t n = t.shape.size();
     return LD(t.buf[size_t(off + i * t.strides[n - 2] + j * t.strides[n - 1])]);
   };
+  LD gtol = 0;
   for_each_index(with(c.batch, {c.L}), [&](const Shape& qi) {
     Shape bi(qi.begin(), qi.end() - 1), kvb = bi;
     if (nb) kvb.back() /= c.group;
@@ -222,6 +244,7 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
         mag += std::fabs(a * b);
       }
       LD x = dot * LD(p.scale);
+      z[size_t(j)] = x;
       terms[size_t(j)] = mag * LD(p.scale);
       if (c.softcap) x = LD(p.softcap) * std::tanh(x / LD(p.softcap));
       bool keep = j >= i + p.band_lo && j <= i + p.band_hi && j < keys;
@@ -253,7 +276,52 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
       for (int64_t j = 0; j < S; ++j)
         check("weights", at(weights, ow, i, j), w[size_t(j)], tol, with(bi, {i, j}));
     if (c.lse) check("lse", lse.at(qi), total > 0 ? m + std::log(total) : -INFINITY, tol, qi);
+    if (!c.lse) return;
+    // The gradient's terms: dS_j = w_j (dP_j - D) (1 - tanh^2 under softcap) * scale.
+    int64_t b = 0;
+    for (size_t d = 0; d < nb; ++d) b = b * c.batch[d] + bi[d];
+    const int64_t od = dout.index(with(bi, {0, 0}));
+    LD D = 0, Dabs = 0;
+    for (int64_t j = 0; j < S; ++j) {
+      dp[size_t(j)] = 0;
+      for (int64_t e = 0; e < c.Ev; ++e) dp[size_t(j)] += at(dout, od, i, e) * at(v, ov, j, e);
+      if (w[size_t(j)] != 0) D += w[size_t(j)] * dp[size_t(j)];
+      Dabs += w[size_t(j)] * std::fabs(dp[size_t(j)]);
+    }
+    for (int64_t j = 0; j < S; ++j) {
+      const LD wj = w[size_t(j)];
+      if (wj == 0) continue;  // a key of weight 0 contributes nothing, as in the reference
+      LD d = LD(p.scale), t = 0;
+      if (c.softcap) t = std::tanh(z[size_t(j)] / LD(p.softcap)), d *= 1 - t * t;
+      const LD ds = wj * (dp[size_t(j)] - D) * d, dsm = wj * (std::fabs(dp[size_t(j)]) + Dabs) *
+                                                      std::fabs(d);
+      for (int64_t e = 0; e < c.E; ++e) {
+        const size_t iq = size_t((b * c.L + i) * c.E + e), ik = size_t((b * S + j) * c.E + e);
+        gq[iq] += ds * at(k, ok, j, e), mq[iq] += dsm * std::fabs(at(k, ok, j, e));
+        gk[ik] += ds * at(q, oq, i, e), mk[ik] += dsm * std::fabs(at(q, oq, i, e));
+      }
+      for (int64_t e = 0; e < c.Ev; ++e) {
+        const size_t iv = size_t((b * S + j) * c.Ev + e);
+        gv[iv] += wj * at(dout, od, i, e), mv[iv] += wj * std::fabs(at(dout, od, i, e));
+      }
+    }
+    gtol = std::max(gtol, tol);
   });
+  if (c.lse) {
+    // Each gradient sums terms over keys or queries, each term's weight rounded as in the forward.
+    const LD t = gtol * std::sqrt(LD(c.L + 1));
+    auto check_grad = [&](const char* what, const Tensor<T>& g, const std::vector<double>& want,
+                          const std::vector<double>& mag) {
+      size_t n = 0;
+      for_each_index(g.shape, [&](const Shape& idx) {
+        check(what, g.at(idx), want[n], t * (mag[n] + 1e-30), idx);
+        ++n;
+      });
+    };
+    check_grad("dq", dq, gq, mq);
+    check_grad("dk", dk, gk, mk);
+    check_grad("dv", dv, gv, mv);
+  }
 
   // Inputs untouched; outputs written exactly on their elements (the sentinel elsewhere).
   if (q.buf != q0 || k.buf != k0 || v.buf != v0) error += " an input was modified";
@@ -270,6 +338,9 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   only_view(out, true, "out");
   only_view(weights, c.weights, "weights");
   only_view(lse, c.lse, "lse");
+  only_view(dq, true, "dq");  // zeroed on their elements before the backward pass, if any
+  only_view(dk, true, "dk");
+  only_view(dv, true, "dv");
 
   ++stats.problems;
   if (!error.empty()) {

@@ -17,7 +17,7 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "10000"
 
 from . import reference  # noqa: E402
-from ._api import attention  # noqa: E402
+from ._api import attention, attention_backward  # noqa: E402
 from ._attention_layer import MultiHeadAttention  # noqa: E402
 from ._core import active_isa, available_isas, set_isa  # noqa: E402
 from ._layers import multi_head_attention, self_attention  # noqa: E402
@@ -45,7 +45,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "attention", "reference", "active_isa", "available_isas", "set_isa", "__version__",
+    "attention", "attention_backward", "reference", "active_isa", "available_isas", "set_isa",
+    "__version__",
     "self_attention", "multi_head_attention", "MultiHeadAttention", "positional_encoding",
     "plot_attention", "merge_attention",
 ]

@@ -1036,6 +1036,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--plot", metavar="FILE.png",
                    help="also plot time against L=S (256..4096) for (1,8,L,L,64), log-log")
     p.add_argument("--markdown", action="store_true", help="print the table in Markdown")
+    p.add_argument("--backward", action="store_true",
+                   help="instead: the training table, forward + backward against PyTorch's "
+                        "SDPA + autograd.grad, and our backward against our forward")
     p.add_argument("--e2e", action="store_true",
                    help="instead, a whole Llama-shaped model (random weights, 4096-token "
                         "prompt, 64 decoded tokens), fastattn against transformers' sdpa, "
@@ -1074,6 +1077,12 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --plot needs matplotlib, which is not installed "
                   "(pip install matplotlib, or pip install 'fastattn[bench]')", file=sys.stderr)
             return 2
+    if args.backward:
+        from ._bench_backward import train_table
+
+        rows = train_table(args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS),
+                           2 if args.quick else 3, args.threads)
+        return 0 if all(r.get("correct", True) for r in rows) else 1
     report = benchmark(args.cases, rounds=args.rounds, quick=args.quick, threads=args.threads,
                        markdown=args.markdown)
     if args.json:

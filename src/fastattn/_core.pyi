@@ -38,6 +38,34 @@ def attention(
     num_threads: int,
     sinks: npt.NDArray[np.floating] | None = None,
 ) -> int: ...
+def attention_backward(
+    double: bool,
+    batch_shape: tuple[int, ...],
+    L: int,
+    S: int,
+    E: int,
+    Ev: int,
+    q: npt.NDArray[np.floating],
+    k: npt.NDArray[np.floating],
+    v: npt.NDArray[np.floating],
+    mask_kind: int,
+    mask: npt.NDArray[np.generic] | None,
+    band_lo: int,
+    band_hi: int,
+    offset: int,
+    scale: float,
+    softcap: float,
+    alibi: npt.NDArray[np.floating] | None,
+    kv_lengths: npt.NDArray[np.int64] | None,
+    kv_group: int,
+    out: npt.NDArray[np.floating],
+    lse: npt.NDArray[np.floating],
+    num_threads: int,
+    dout: npt.NDArray[np.floating],
+    dq: npt.NDArray[np.floating],
+    dk: npt.NDArray[np.floating],
+    dv: npt.NDArray[np.floating],
+) -> None: ...
 def attention_plain(
     q: object, k: object, v: object, causal: object, scale: object, num_threads: object
 ) -> npt.NDArray[np.floating] | None: ...

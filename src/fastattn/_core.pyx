@@ -49,10 +49,12 @@ cdef extern from "attention.hpp" namespace "fastattn":
         Operand alibi, kv_lengths, sinks
         Operand out, weights, lse
         int num_threads
+        Operand dout, dq, dk, dv
 
     const int64_t kNoBound "fastattn::kNoBound"
 
     void c_attention "fastattn::attention"(const Problem& p) except + nogil
+    void c_attention_backward "fastattn::attention_backward"(const Problem& p) except + nogil
     int c_reads_storage "fastattn::reads_storage"(const Problem& p) except +
     void c_exp2_f32 "fastattn::exp2<float>"(const float* x, float* y, int64_t n) except + nogil
     void c_exp2_f64 "fastattn::exp2<double>"(const double* x, double* y, int64_t n) except + nogil
@@ -192,24 +194,12 @@ def attention_plain(q, k, v, causal, scale, num_threads):
 RAN, WIDEN, PAIRS, AMX = 0, 1, 2, 3  # what attention() did: see its docstring
 
 
-def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
-              q, k, v, int mask_kind, mask, int64_t band_lo, int64_t band_hi, int64_t offset,
-              double scale, double softcap, alibi, kv_lengths, int64_t kv_group, out, weights,
-              lse, int num_threads, sinks=None):
-    """Runs the fused kernel on arrays whose dtype and shapes ``fastattn._validate`` checked.
-
-    Each array broadcasts against ``batch_shape`` plus its own two matrix axes (per-entry
-    arrays: alibi, kv_lengths, sinks, and lse of shape (..., L, 1), carry them as trailing axes).
-    ``band_lo``/``band_hi``: query i sees keys i + band_lo .. i + band_hi (``NO_BOUND``: open).
-    ``storage``: 0 when q, k, v are in the compute dtype, 1 float16, 2 bfloat16, 3 bfloat16
-    pairs (k padded to an even E, v packed in pairs of keys), 4 bfloat16 for AMX (q and k padded
-    to a multiple of 32 features, v as V^T padded to multiples of 32). Returns ``RAN``; or,
-    having run nothing, ``WIDEN`` when the kernel does not read 16-bit storage for this problem
-    (the caller widens q, k and v and calls again with storage 0), ``PAIRS`` when it reads
-    bfloat16 as pairs (the caller packs them and calls again with storage 3) or ``AMX`` (packs
-    them for AMX and calls again with storage 4).
-    """
-    cdef Problem p
+cdef void _problem(Problem& p, bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
+                   int64_t E, int64_t Ev, q, k, v, int mask_kind, mask, int64_t band_lo,
+                   int64_t band_hi, int64_t offset, double scale, double softcap, alibi,
+                   kv_lengths, int64_t kv_group, out, weights, lse, int num_threads,
+                   sinks) except *:
+    # The arguments both passes share, in attention()'s order.
     cdef Py_ssize_t nb = len(batch_shape)
     p.dtype = DType.kFloat64 if double else DType.kFloat32
     p.storage = (Storage.kSame, Storage.kFloat16, Storage.kBFloat16,
@@ -248,6 +238,29 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
     if lse is not None:
         _fill(p.lse, lse, nb)
     p.num_threads = num_threads
+
+
+def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
+              q, k, v, int mask_kind, mask, int64_t band_lo, int64_t band_hi, int64_t offset,
+              double scale, double softcap, alibi, kv_lengths, int64_t kv_group, out, weights,
+              lse, int num_threads, sinks=None):
+    """Runs the fused kernel on arrays whose dtype and shapes ``fastattn._validate`` checked.
+
+    Each array broadcasts against ``batch_shape`` plus its own two matrix axes (per-entry
+    arrays: alibi, kv_lengths, sinks, and lse of shape (..., L, 1), carry them as trailing axes).
+    ``band_lo``/``band_hi``: query i sees keys i + band_lo .. i + band_hi (``NO_BOUND``: open).
+    ``storage``: 0 when q, k, v are in the compute dtype, 1 float16, 2 bfloat16, 3 bfloat16
+    pairs (k padded to an even E, v packed in pairs of keys), 4 bfloat16 for AMX (q and k padded
+    to a multiple of 32 features, v as V^T padded to multiples of 32). Returns ``RAN``; or,
+    having run nothing, ``WIDEN`` when the kernel does not read 16-bit storage for this problem
+    (the caller widens q, k and v and calls again with storage 0), ``PAIRS`` when it reads
+    bfloat16 as pairs (the caller packs them and calls again with storage 3) or ``AMX`` (packs
+    them for AMX and calls again with storage 4).
+    """
+    cdef Problem p
+    _problem(p, double, storage, batch_shape, L, S, E, Ev, q, k, v, mask_kind, mask, band_lo,
+             band_hi, offset, scale, softcap, alibi, kv_lengths, kv_group, out, weights, lse,
+             num_threads, sinks)
     cdef int reads
     if storage in (1, 2):
         reads = c_reads_storage(p)
@@ -256,6 +269,26 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
     with nogil:
         c_attention(p)
     return RAN
+
+
+def attention_backward(bint double, tuple batch_shape, int64_t L, int64_t S, int64_t E,
+                       int64_t Ev, q, k, v, int mask_kind, mask, int64_t band_lo, int64_t band_hi,
+                       int64_t offset, double scale, double softcap, alibi, kv_lengths,
+                       int64_t kv_group, out, lse, int num_threads, dout, dq, dk, dv):
+    """The fused backward pass: writes dq, dk, dv (zeroed, of the full batch shape, in the
+    compute dtype) for the upstream gradient ``dout``, from the forward's ``out`` and ``lse``
+    ((..., L, 1)). The other arguments are attention()'s, q, k and v in the compute dtype."""
+    cdef Problem p
+    cdef Py_ssize_t nb = len(batch_shape)
+    _problem(p, double, 0, batch_shape, L, S, E, Ev, q, k, v, mask_kind, mask, band_lo,
+             band_hi, offset, scale, softcap, alibi, kv_lengths, kv_group, out, None, lse,
+             num_threads, None)
+    _fill(p.dout, dout, nb)
+    _fill(p.dq, dq, nb)
+    _fill(p.dk, dk, nb)
+    _fill(p.dv, dv, nb)
+    with nogil:
+        c_attention_backward(p)
 
 
 def exp2(x):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 from . import _core
-from ._validate import Plan
+from ._validate import Plan, sinks_gradient, sum_to
 
 # 16-bit storage codes of the compiled kernel (fastattn::Storage).
 _STORAGE = {"float16": 1, "bfloat16": 2}
@@ -15,8 +16,14 @@ _STORAGE = {"float16": 1, "bfloat16": 2}
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (norms taken in float64); zero rows stay zero."""
+    return _unit_rows_and_norms(x)[0]
+
+
+def _unit_rows_and_norms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unit rows, norms (..., 1)), norms in float64 and 1 for a zero row (which stays zero)."""
     norm = np.sqrt(np.einsum("...e,...e->...", x, x, dtype=np.float64))[..., None]
-    return (x / np.where(norm == 0, 1, norm)).astype(x.dtype, copy=False)
+    norm = np.where(norm == 0, 1, norm)
+    return (x / norm).astype(x.dtype, copy=False), norm
 
 
 def _bfloat16_pairs(q: np.ndarray, k: np.ndarray, v: np.ndarray):
@@ -66,25 +73,17 @@ def _trailing(a: np.ndarray | None) -> np.ndarray | None:
     return None if a is None else a.reshape(a.shape + (1, 1))
 
 
-def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(output, weights or None, lse or None) for a prepared plan, in the plan's output dtype."""
-    L, S, E, Ev = plan.L, plan.S, plan.E, plan.Ev
-    out = np.empty(plan.batch + (L, Ev), plan.dtype)
-    weights = np.empty(plan.batch + (L, S), plan.dtype) if plan.return_weights else None
-    lse = np.empty(plan.batch + (L, 1), plan.dtype) if plan.return_lse else None
-    q, k, v = plan.q, plan.k, plan.v
-    if plan.similarity == "cosine":  # normalized in the compute dtype: no 16-bit storage left
-        q, k = _unit_rows(q.astype(plan.dtype)), _unit_rows(k.astype(plan.dtype))
-        v = v.astype(plan.dtype, copy=False)
+def _problem(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> list[Any]:
+    """The kernel arguments both passes share, batch shape to kv_group (see _core.attention)."""
     mask = plan.mask
     mask_kind = 0 if mask is None else (1 if mask.dtype == np.bool_ else 2)
     lo, hi = plan.band()
-    args: list[Any] = [
+    return [
         plan.batch,
-        L,
-        S,
-        E,
-        Ev,
+        plan.L,
+        plan.S,
+        plan.E,
+        plan.Ev,
         q,
         k,
         v,
@@ -98,12 +97,21 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         _trailing(plan.alibi),
         _trailing(plan.kv_lengths),
         plan.kv_group,
-        out,
-        weights,
-        lse,
-        plan.num_threads or 0,
-        _trailing(plan.sinks),
     ]
+
+
+def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(output, weights or None, lse or None) for a prepared plan, in the plan's output dtype."""
+    L, S, E, Ev = plan.L, plan.S, plan.E, plan.Ev
+    out = np.empty(plan.batch + (L, Ev), plan.dtype)
+    weights = np.empty(plan.batch + (L, S), plan.dtype) if plan.return_weights else None
+    lse = np.empty(plan.batch + (L, 1), plan.dtype) if plan.return_lse else None
+    q, k, v = plan.q, plan.k, plan.v
+    if plan.similarity == "cosine":  # normalized in the compute dtype: no 16-bit storage left
+        q, k = _unit_rows(q.astype(plan.dtype)), _unit_rows(k.astype(plan.dtype))
+        v = v.astype(plan.dtype, copy=False)
+    args = _problem(plan, q, k, v) + [out, weights, lse, plan.num_threads or 0,
+                                      _trailing(plan.sinks)]
     storage = 0
     if q.dtype == k.dtype == v.dtype != plan.dtype:
         storage = _STORAGE[v.dtype.name]
@@ -126,3 +134,41 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         out = out.astype(plan.out_dtype)
         weights, lse = (None if a is None else a.astype(plan.out_dtype) for a in (weights, lse))
     return out, weights, lse
+
+
+def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
+                 dtypes: tuple[np.dtype, ...]) -> tuple[np.ndarray, ...]:
+    """(dq, dk, dv), and dsinks when the plan has sinks, for the upstream gradient ``dout``,
+    given the forward's ``out`` and ``lse`` (all three in the compute dtype), in ``dtypes``
+    (q's, k's, v's and the sinks')."""
+    q, k, v = (a.astype(plan.dtype, copy=False) for a in (plan.q, plan.k, plan.v))
+    if plan.similarity == "cosine":  # the kernel's gradients are those of the unit rows
+        (q, q_norm), (k, k_norm) = _unit_rows_and_norms(q), _unit_rows_and_norms(k)
+    if plan.out_dtype != plan.dtype:
+        # A 16-bit lse is too coarse to recompute the weights from (bfloat16 rounds an lse of 8
+        # by up to 0.016, every weight of the row by 1.6%): lse again, in float32, by the
+        # forward kernel on the inputs as stored with no value column (Ev = 0: scores and
+        # softmax only, half a forward). The 16-bit out serves D = rowsum(dO * O), whose
+        # rounding is that of the gradients returned.
+        qs, ks = (q, k) if plan.similarity == "cosine" else (plan.q, plan.k)
+        scores_only = dataclasses.replace(
+            plan, q=qs, k=ks, v=plan.v[..., :0] if ks.dtype == plan.v.dtype else v[..., :0],
+            Ev=0, similarity="dot", return_lse=True, return_weights=False,
+            out_dtype=plan.dtype)
+        fresh = run(scores_only)[2]
+        assert fresh is not None  # return_lse
+        lse = fresh
+    dq = np.zeros(plan.batch + (plan.L, plan.E), plan.dtype)
+    dk = np.zeros(plan.batch + (plan.S, plan.E), plan.dtype)
+    dv = np.zeros(plan.batch + (plan.S, plan.Ev), plan.dtype)
+    args = _problem(plan, q, k, v) + [out, lse[..., None], plan.num_threads or 0, dout, dq, dk, dv]
+    _core.attention_backward(plan.dtype == np.float64, *args)
+    dq = sum_to(dq, q.shape, 1)
+    dk, dv = sum_to(dk, k.shape, plan.kv_group), sum_to(dv, v.shape, plan.kv_group)
+    if plan.similarity == "cosine":  # through x / |x|: remove the part along the unit row
+        dq = (dq - q * np.einsum("...e,...e->...", q, dq)[..., None]) / q_norm
+        dk = (dk - k * np.einsum("...e,...e->...", k, dk)[..., None]) / k_norm
+    grads = [dq, dk, dv]
+    if plan.sinks is not None:  # from the lse used above: recomputed in float32 for 16 bits
+        grads.append(sinks_gradient(plan, out, lse, dout))
+    return tuple(g.astype(d, copy=False) for g, d in zip(grads, dtypes))

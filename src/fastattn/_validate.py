@@ -318,3 +318,61 @@ def prepare(
         storage=storage,
         sinks=sinks,
     )
+
+
+def _float_operand(name: str, a, shape: tuple, dtype: np.dtype, shapes: str) -> np.ndarray:
+    a = np.asarray(a)
+    if not (a.dtype.kind == "f" and a.dtype.itemsize <= 8) and not is_bfloat16(a.dtype):
+        raise TypeError(f"{name} has dtype {a.dtype}; it must be a float array")
+    if a.shape != shape:
+        raise ValueError(f"{name} of shape {tuple(a.shape)} does not match the forward's {name} "
+                         f"shape {shape} of {shapes}")
+    return _as_kernel_array(a, dtype)
+
+
+def prepare_backward(q, k, v, out, lse, dout, **kwargs):
+    """``prepare`` for ``attention_backward``: the forward's checks, then those of ``out`` and
+    ``lse`` (as ``attention(..., return_lse=True)`` returned them) and ``dout``, all three in
+    the compute dtype. Returns ``(plan, out, lse, dout)``."""
+    plan = prepare(q, k, v, **kwargs)
+    shapes = _shapes(q=plan.q, k=plan.k, v=plan.v)
+    rows = plan.batch + (plan.L,)
+    out = _float_operand("out", out, rows + (plan.Ev,), plan.dtype, shapes)
+    lse = _float_operand("lse", lse, rows, plan.dtype, shapes)
+    dout = _float_operand("dout", dout, rows + (plan.Ev,), plan.dtype, shapes)
+    return plan, out, lse, dout
+
+
+def sum_to(grad: np.ndarray, shape: tuple, kv_group: int) -> np.ndarray:
+    """``grad`` of the broadcast batch shape summed to an operand's own ``shape``: over the
+    batch axes it broadcast along, and over each group of query heads that shared one kv head
+    (``kv_group``, last batch axis), as autograd sums them."""
+    if kv_group > 1 and len(shape) >= 3 and shape[-3] != 1:
+        g = grad.shape
+        grad = grad.reshape(g[:-3] + (g[-3] // kv_group, kv_group) + g[-2:]).sum(axis=-3)
+    lead = grad.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
+                                      if n == 1 and grad.shape[lead + i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes)
+        grad = grad.reshape(shape)
+    return grad
+
+
+def gradient_dtype(dtype: np.dtype, plan: Plan) -> np.dtype:
+    """The dtype of an input's gradient: the input's own when it is a float (16-bit ones
+    included), else the compute dtype (integer and bool inputs compute in float64)."""
+    return dtype if dtype.kind == "f" or is_bfloat16(dtype) else plan.out_dtype
+
+
+def sinks_gradient(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray) -> np.ndarray:
+    """The gradient of the sink logits, of their shape: a sink only joins each row's
+    denominator, so d out_i / d sink = -p_i out_i with p_i = exp(sink - lse_i) its weight, and
+    the gradient is -sum_i p_i (dout_i . out_i), summed over the entries that share the sink.
+    ``out``, ``lse`` and ``dout`` as the forward returned them (lse includes the sink)."""
+    assert plan.sinks is not None
+    sink = np.broadcast_to(plan.sinks.astype(np.float64), plan.batch)[..., None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = np.exp(sink - lse.astype(np.float64))  # sink -inf (none): 0
+    d = np.einsum("...e,...e->...", dout.astype(np.float64), out.astype(np.float64))
+    return sum_to(-(p * d).sum(axis=-1), plan.sinks.shape, 1)

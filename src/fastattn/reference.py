@@ -7,9 +7,11 @@ Every backend is tested against this module. It takes the same arguments as
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from ._validate import Plan, prepare
+from ._validate import Plan, gradient_dtype, prepare, prepare_backward, sum_to
 
 
 def attention(q, k, v, **kwargs):
@@ -105,3 +107,95 @@ def attention_in(dtype, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     out = weights @ v
     return (np.broadcast_to(out, full + (plan.Ev,)), np.broadcast_to(weights, full + (plan.S,)),
             np.broadcast_to(lse, full))
+
+
+def attention_backward(q, k, v, out, lse, dout, **kwargs):
+    """Reference gradient of :func:`attention`; the contract of :func:`fastattn.attention_backward`.
+
+    The textbook formula in float64 with the full ``L x S`` matrices: ``P`` recomputed from the
+    scores, ``dV = Pᵀ dO``, ``dP = dO Vᵀ``, ``dS = P (dP - rowsum(P dP))`` (a key whose weight is 0
+    contributes nothing, even where ``dP`` is infinite), the softcap's ``1 - tanh²``, then
+    ``dQ = dS K · scale`` and ``dK = dSᵀ Q · scale``, and the cosine normalisation's chain rule.
+    ``out`` and ``lse`` are checked, not used: the reference recomputes everything from q, k, v.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastattn import reference
+    >>> q = k = v = np.eye(2)
+    >>> out, lse = reference.attention(q, k, v, return_lse=True)
+    >>> dq, dk, dv = reference.attention_backward(q, k, v, out, lse, np.ones((2, 2)))
+    >>> dv.tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+    """
+    kwargs.pop("backend", None)
+    plan, _, _, dout = prepare_backward(q, k, v, out, lse, dout, **kwargs)
+    dq, dk, dv = gradients_in(np.float64, plan, dout)
+    grads = tuple(g.astype(gradient_dtype(np.asarray(a).dtype, plan), copy=False)
+                  for g, a in zip((dq, dk, dv), (q, k, v)))
+    if plan.sinks is None:
+        return grads
+    # The sink's weight in row i is exp(sink - lse_i); d out_i / d sink = -weight * out_i.
+    unit = _unit_plan(np.float64, plan)
+    out_ref, _, lse_ref = attention_in(np.float64, unit)
+    sink = np.broadcast_to(plan.sinks.astype(np.float64), plan.batch)[..., None]
+    with np.errstate(invalid="ignore"):
+        weight = np.exp(sink - lse_ref)
+    d = (dout.astype(np.float64) * out_ref).sum(axis=-1)
+    dsinks = sum_to(-(weight * d).sum(axis=-1), plan.sinks.shape, 1)
+    return grads + (dsinks.astype(gradient_dtype(np.asarray(kwargs["sinks"]).dtype, plan)),)
+
+
+def _unit_plan(dtype, plan: Plan) -> Plan:
+    """The plan with cosine similarity's unit rows in place of q and k (as given otherwise)."""
+    if plan.similarity != "cosine":
+        return plan
+    return replace(plan, q=_unit_rows(plan.q.astype(dtype)), k=_unit_rows(plan.k.astype(dtype)),
+                   similarity="dot")
+
+
+def gradients_in(dtype, plan: Plan, dout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dq, dk, dv) of a prepared plan in ``dtype``, summed to the shapes of its q, k and v.
+
+    Tests use it, like :func:`attention_in`, to measure a plain evaluation in the compute dtype.
+    """
+    shapes = (plan.q.shape, plan.k.shape, plan.v.shape)
+    if 0 in plan.batch:
+        return np.zeros(shapes[0], dtype), np.zeros(shapes[1], dtype), np.zeros(shapes[2], dtype)
+    q, k = plan.q.astype(dtype), plan.k.astype(dtype)
+    qn, kn = np.ones(q.shape[:-1] + (1,), dtype), np.ones(k.shape[:-1] + (1,), dtype)
+    if plan.similarity == "cosine":  # gradients with respect to the unit rows, then the chain rule
+        qn, kn = (np.sqrt((x * x).sum(axis=-1, keepdims=True)) for x in (q, k))
+        qn, kn = np.where(qn == 0, 1, qn), np.where(kn == 0, 1, kn)
+        q, k = q / qn, k / kn
+    unit = replace(plan, q=q, k=k, similarity="dot")
+    weights = attention_in(dtype, unit)[1]
+    dout = dout.astype(dtype)
+    kh, vh = k, plan.v.astype(dtype)
+    if plan.kv_group > 1:
+        kh, vh = (np.repeat(x, plan.kv_group, axis=-3) for x in (kh, vh))
+    dp = dout @ np.swapaxes(vh, -1, -2)
+    ds = weights * (dp - (weights * dp).sum(axis=-1, keepdims=True))
+    ds = np.where(weights == 0, 0, ds)
+    if plan.softcap is not None:  # d/dz c tanh(z / c) = 1 - tanh²(z / c)
+        z = (q @ np.swapaxes(kh, -1, -2)) * np.asarray(plan.scale, dtype)
+        ds = ds * (1 - np.tanh(z / np.asarray(plan.softcap, dtype)) ** 2)
+    ds = ds * np.asarray(plan.scale, dtype)
+    dq = ds @ kh
+    dk = np.swapaxes(ds, -1, -2) @ np.broadcast_to(q, plan.batch + q.shape[-2:])
+    dv = np.swapaxes(weights, -1, -2) @ dout
+    if plan.similarity == "cosine":
+        dq = _unit_rows_backward(np.broadcast_to(q, dq.shape),
+                                 np.broadcast_to(qn, dq.shape[:-1] + (1,)), dq)
+        kb = np.repeat(k, plan.kv_group, axis=-3) if plan.kv_group > 1 else k
+        knb = np.repeat(kn, plan.kv_group, axis=-3) if plan.kv_group > 1 else kn
+        dk = _unit_rows_backward(np.broadcast_to(kb, dk.shape),
+                                 np.broadcast_to(knb, dk.shape[:-1] + (1,)), dk)
+    return (sum_to(dq, shapes[0], 1), sum_to(dk, shapes[1], plan.kv_group),
+            sum_to(dv, shapes[2], plan.kv_group))
+
+
+def _unit_rows_backward(unit, norm, grad):
+    """Gradient through ``x / |x|`` given the unit rows, the norms (1 for a zero row, where the
+    normalisation is the identity) and the gradient with respect to the unit rows."""
+    return (grad - unit * (unit * grad).sum(axis=-1, keepdims=True)) / norm
