@@ -108,15 +108,17 @@ def _max_finite(a) -> float:
 
 def _score_bound(plan) -> float:
     """A bound of the magnitudes a score reaches while the kernel computes it (inf for a
-    non-finite scale or ALiBi slope): of |scale| sum_e |q_e k_e|, not of the final score, since
+    non-finite scale or ALiBi slope): of sum_e |q_e k_e|, before and after the scale multiplies
+    it (the kernel, as the textbook formula, forms q . k first), not of the final score, since
     partial sums can exceed it."""
     alibi = plan.alibi
     if not math.isfinite(plan.scale) or (alibi is not None and not np.isfinite(alibi).all()):
         return math.inf
+    scale = max(abs(plan.scale), 1.0)
     if plan.similarity == "cosine":  # unit rows: |q . k| <= 1
-        qk = abs(plan.scale)
+        qk = scale
     else:
-        qk = abs(plan.scale) * max(plan.E, 1) * _max_finite(plan.q) * _max_finite(plan.k)
+        qk = scale * max(plan.E, 1) * _max_finite(plan.q) * _max_finite(plan.k)
     mask = plan.mask if plan.mask is not None and plan.mask.dtype != np.bool_ else None
     distance = plan.L + plan.S + abs(plan.offset)
     return qk + _max_finite(mask) + _max_finite(alibi) * distance
