@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core, _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
-from ._validate import Plan, gradient_dtype, prepare, prepare_backward
+from ._validate import Plan, gradient_dtype, is_half, prepare, prepare_backward
 
 _BACKENDS = ("auto", "cpu", "cuda")
 
@@ -206,6 +206,8 @@ kv_lengths, similarity, sinks
     >>> all(np.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip((dq, dk, dv), ref))
     True
     """
+    # A float32 lse of 16-bit inputs (what fastattn.torch's forward returns) is used as given.
+    lse_exact = not is_half(np.asarray(lse).dtype)
     plan, out, lse, dout = prepare_backward(
         q, k, v, out, lse, dout, mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa,
         num_threads=num_threads, align=align, window=window, alibi_slopes=alibi_slopes,
@@ -213,4 +215,4 @@ kv_lengths, similarity, sinks
     dtypes = tuple(gradient_dtype(np.asarray(a).dtype, plan) for a in (q, k, v))
     if sinks is not None:
         dtypes += (gradient_dtype(np.asarray(sinks).dtype, plan),)
-    return _cpu.run_backward(plan, out, lse, dout, dtypes)
+    return _cpu.run_backward(plan, out, lse, dout, dtypes, recompute_lse=not lse_exact)

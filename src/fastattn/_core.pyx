@@ -167,30 +167,85 @@ def attention_plain(q, k, v, causal, scale, num_threads):
                 if not (_plain_view(&bq, bq.itemsize) and _plain_view(&bk, bq.itemsize)
                         and _plain_view(&bv, bq.itemsize)):
                     return None
-                out = _empty(q.shape[:nb] + (p.L, p.Ev), dtype)
-                p.dtype = DType.kFloat64 if dtype is _F64 else DType.kFloat32
-                p.storage = Storage.kSame
                 p.batch_shape.resize(nb)
                 for d in range(nb):
                     p.batch_shape[d] = bq.shape[d]
                 _fill_view(p.q, &bq, nb)
                 _fill_view(p.k, &bk, nb)
                 _fill_view(p.v, &bv, nb)
-                _fill(p.out, out, nb)
-                p.mask_kind = MaskKind.kNone
-                p.band_lo = -kNoBound
-                p.band_hi = 0 if causal else kNoBound
-                p.scale = 1.0 / sqrt(<double>p.E) if scale is None else <double>scale
-                p.num_threads = 0 if num_threads is None else num_threads
-                with nogil:
-                    c_attention(p)
-                return out
+                return _run_plain(p, q.shape[:nb], dtype, causal, scale, num_threads)
             finally:
                 PyBuffer_Release(&bv)
         finally:
             PyBuffer_Release(&bk)
     finally:
         PyBuffer_Release(&bq)
+
+
+cdef object _run_plain(Problem& p, tuple batch, dtype, causal, scale, num_threads):
+    # The rest of a checked common call: the output, the options, the kernel without the GIL.
+    out = _empty(batch + (p.L, p.Ev), dtype)
+    p.dtype = DType.kFloat64 if dtype is _F64 else DType.kFloat32
+    p.storage = Storage.kSame
+    _fill(p.out, out, len(batch))
+    p.mask_kind = MaskKind.kNone
+    p.band_lo = -kNoBound
+    p.band_hi = 0 if causal else kNoBound
+    p.scale = 1.0 / sqrt(<double>p.E) if scale is None else <double>scale
+    p.num_threads = 0 if num_threads is None else num_threads
+    with nogil:
+        c_attention(p)
+    return out
+
+
+cdef bint _fill_tensor(Operand& op, t, Py_ssize_t itemsize, shape, Py_ssize_t nb) except -1:
+    # A tensor's address and element strides (size-1 axes broadcast: stride 0), from its
+    # data_ptr() and stride(); False when the address is not aligned to its items.
+    cdef uintptr_t ptr = t.data_ptr()
+    cdef tuple strides = t.stride()
+    cdef Py_ssize_t d
+    if ptr % itemsize:
+        return False
+    op.data = <const void*>ptr
+    op.batch_strides.resize(nb)
+    for d in range(nb):
+        op.batch_strides[d] = 0 if shape[d] == 1 else strides[d]
+    op.row_stride = 0 if shape[nb] == 1 else strides[nb]
+    op.col_stride = 0 if shape[nb + 1] == 1 else strides[nb + 1]
+    return True
+
+
+def attention_plain_tensors(q, k, v, causal, scale, num_threads, f32, f64):
+    """attention_plain for CPU tensors (their dtypes f32 and f64, e.g. torch.float32 and
+    torch.float64; the caller checked that they are plain CPU tensors needing no gradient):
+    read through data_ptr() and stride(), never converted. Returns the output as a NumPy array,
+    or None (the caller then takes the general path)."""
+    tdtype = q.dtype
+    if (tdtype is not f32 and tdtype is not f64) or k.dtype is not tdtype or v.dtype is not tdtype:
+        return None
+    if causal is not True and causal is not False:
+        return None
+    if num_threads is not None and (type(num_threads) is not int or num_threads < 1):
+        return None
+    if scale is not None and type(scale) is not float:
+        return None
+    cdef tuple sq = tuple(q.shape), sk = tuple(k.shape), sv = tuple(v.shape)
+    cdef Py_ssize_t nd = len(sq), nb = nd - 2, d, itemsize = 8 if tdtype is f64 else 4
+    cdef Problem p
+    if nb < 0 or len(sk) != nd or len(sv) != nd or sq[:nb] != sk[:nb] or sq[:nb] != sv[:nb]:
+        return None
+    p.L, p.E, p.S, p.Ev = sq[nb], sq[nb + 1], sk[nb], sv[nb + 1]
+    if sk[nb + 1] != p.E or sv[nb] != p.S or p.L == 0 or p.S == 0 or p.E == 0 or p.Ev == 0:
+        return None
+    p.batch_shape.resize(nb)
+    for d in range(nb):
+        if sq[d] == 0:
+            return None  # empty problems: the general path
+        p.batch_shape[d] = sq[d]
+    if not (_fill_tensor(p.q, q, itemsize, sq, nb) and _fill_tensor(p.k, k, itemsize, sk, nb)
+            and _fill_tensor(p.v, v, itemsize, sv, nb)):
+        return None
+    return _run_plain(p, sq[:nb], _F64 if tdtype is f64 else _F32, causal, scale, num_threads)
 RAN, WIDEN, PAIRS, AMX = 0, 1, 2, 3  # what attention() did: see its docstring
 
 

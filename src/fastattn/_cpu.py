@@ -137,14 +137,16 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
 
 
 def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
-                 dtypes: tuple[np.dtype, ...]) -> tuple[np.ndarray, ...]:
+                 dtypes: tuple[np.dtype, ...], recompute_lse: bool = True
+                 ) -> tuple[np.ndarray, ...]:
     """(dq, dk, dv), and dsinks when the plan has sinks, for the upstream gradient ``dout``,
     given the forward's ``out`` and ``lse`` (all three in the compute dtype), in ``dtypes``
-    (q's, k's, v's and the sinks')."""
+    (q's, k's, v's and the sinks'). ``recompute_lse=False``: the lse of 16-bit inputs was given
+    in float32 and is used as it is."""
     q, k, v = (a.astype(plan.dtype, copy=False) for a in (plan.q, plan.k, plan.v))
     if plan.similarity == "cosine":  # the kernel's gradients are those of the unit rows
         (q, q_norm), (k, k_norm) = _unit_rows_and_norms(q), _unit_rows_and_norms(k)
-    if plan.out_dtype != plan.dtype:
+    if plan.out_dtype != plan.dtype and recompute_lse:
         # A 16-bit lse is too coarse to recompute the weights from (bfloat16 rounds an lse of 8
         # by up to 0.016, every weight of the row by 1.6%): lse again, in float32, by the
         # forward kernel on the inputs as stored with no value column (Ev = 0: scores and

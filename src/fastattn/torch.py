@@ -83,7 +83,6 @@ def _options(mask, causal, scale, enable_gqa, num_threads, align, window_left, w
 
 
 _TENSOR_OPTIONS = ("mask", "alibi_slopes", "kv_lengths", "sinks")
-_PLAIN_DTYPES = frozenset((torch.float32, torch.float64))  # what _core.attention_plain takes
 
 
 def _run_cpu(q, k, v, opts: dict, return_weights: bool, return_lse: bool):
@@ -318,6 +317,22 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     >>> fastattn.torch.attention(q, k, v, causal=True).shape
     torch.Size([2, 4, 16, 8])
     """
+    if (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None
+            and softcap is None and window is None and not enable_gqa and not return_weights
+            and not return_lse and align == "top_left" and similarity == "dot"
+            and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and not torch.compiler.is_compiling()  # (first: what follows does not trace)
+            and q.is_cpu and k.is_cpu and v.is_cpu
+            and not (q.is_neg() or k.is_neg() or v.is_neg())  # a lazily negated view
+            and not (torch.is_grad_enabled()
+                     and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        # The common call, as fastattn.attention takes it: checked and run at C level, the
+        # tensors read through data_ptr() and stride() (a 5 us call spent 1.6 us in .numpy()
+        # views and 1.5 us in this function's general checks); None: the general path below.
+        plain = _core.attention_plain_tensors(q, k, v, causal, scale, num_threads,
+                                              torch.float32, torch.float64)
+        if plain is not None:
+            return torch.from_numpy(plain)
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
             and isinstance(v, torch.Tensor)):
         raise TypeError("fastattn.torch.attention takes torch tensors q, k and v; got "
@@ -339,16 +354,6 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
             and not torch.compiler.is_compiling()):
         # Eager CPU calls skip the dispatcher (~10 us) and convert only what they return; the
         # op's own function runs, so the two paths cannot differ.
-        if (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None
-                and softcap is None and left is None and right is None and not enable_gqa
-                and not return_weights and not return_lse and align == "top_left"
-                and similarity == "dot" and q.dtype in _PLAIN_DTYPES and not q.requires_grad
-                and not k.requires_grad and not v.requires_grad):
-            # the common call, as fastattn.attention takes it: checked and run at C level
-            plain = _core.attention_plain(q.numpy(), k.numpy(), v.numpy(), bool(causal), scale,
-                                          num_threads)
-            if plain is not None:
-                return torch.from_numpy(plain)
         opts = _options(mask, causal, scale, enable_gqa, num_threads, align, left, right,
                         alibi_slopes, softcap, kv_lengths, similarity, sinks)
         out, lse, weights = _run_cpu(q, k, v, opts, return_weights, return_lse)
