@@ -9,8 +9,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="fastattn.torch needs torch (fastattn[torch])")
 pytest.importorskip("ml_dtypes", reason="bfloat16 tensors are viewed as ml_dtypes' bfloat16")
 
-import fastattn.torch as ft  # noqa: E402
 from torch.nn.functional import scaled_dot_product_attention as sdpa  # noqa: E402
+
+import fastattn.torch as ft  # noqa: E402
 
 # Options whose gradients the backward kernel carries (masks and kv_lengths are constants).
 GRAD_OPTIONS = [
