@@ -100,8 +100,36 @@ def _problem(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> list[An
     ]
 
 
+def _grouped_queries(plan: Plan) -> Plan | None:
+    """Under grouped-query attention, the same problem with the query heads that share a kv head
+    as rows of one batch entry (``(..., Hkv, group * L, E)``), where nothing tells those rows
+    apart: no mask, ALiBi, sink or per-head kv_lengths, and a band that hides no key from any
+    row. Each kv head's K and V are then read once for all its query heads, not once per head:
+    a decode step (L = 1) of a model with 4 query heads per kv head read them 4 times."""
+    g, batch = plan.kv_group, plan.batch
+    if (g == 1 or plan.return_weights or plan.mask is not None or plan.alibi is not None
+            or plan.sinks is not None or plan.q.shape[:-2] != batch or 0 in batch
+            or plan.L == 0):
+        return None
+    lengths = plan.kv_lengths
+    if lengths is not None and lengths.ndim == len(batch) and lengths.shape[-1] != 1:
+        return None
+    lo, hi = plan.band()
+    if (lo is not None and lo > -(plan.L - 1)) or (hi is not None and hi < plan.S - 1):
+        return None
+    grouped = batch[:-1] + (batch[-1] // g,)
+    return dataclasses.replace(
+        plan, q=plan.q.reshape(grouped + (g * plan.L, plan.E)), batch=grouped, L=g * plan.L,
+        kv_group=1, causal=False, window=(None, None), offset=0)
+
+
 def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(output, weights or None, lse or None) for a prepared plan, in the plan's output dtype."""
+    grouped = _grouped_queries(plan)
+    if grouped is not None:
+        out, _, lse = run(grouped)
+        return (out.reshape(plan.batch + (plan.L, plan.Ev)), None,
+                None if lse is None else lse.reshape(plan.batch + (plan.L,)))
     L, S, E, Ev = plan.L, plan.S, plan.E, plan.Ev
     out = np.empty(plan.batch + (L, Ev), plan.dtype)
     weights = np.empty(plan.batch + (L, S), plan.dtype) if plan.return_weights else None
