@@ -26,6 +26,9 @@ def _general(q, k, v, **kwargs):
                                     {"causal": True, "scale": 2.0, "num_threads": 2}])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 8), (2, 3, 70, 50, 16), (5, 3, 7), (9, 4)])
 def test_plain_path_equals_general_path(backend, rng, dtype, kwargs, shape):
+    if not backend.name.startswith("cpu-"):
+        pytest.skip("the C-level path of the common call is the CPU backend's; the GPU backend "
+                    "answers the contract suites")
     *batch, L, E = shape
     q = rng.standard_normal(shape).astype(dtype)
     k = rng.standard_normal((*batch, L + 3, E)).astype(dtype)

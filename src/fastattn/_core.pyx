@@ -229,18 +229,20 @@ def attention_plain_tensors(q, k, v, causal, scale, num_threads, f32, f64):
         return None
     if scale is not None and type(scale) is not float:
         return None
-    cdef tuple sq = tuple(q.shape), sk = tuple(k.shape), sv = tuple(v.shape)
+    # torch.Size is a tuple; indexed, not sliced (a slice of it is a new Size, slow to build)
+    cdef tuple sq = tuple(q.shape)
+    sk, sv = k.shape, v.shape
     cdef Py_ssize_t nd = len(sq), nb = nd - 2, d, itemsize = 8 if tdtype is f64 else 4
     cdef Problem p
-    if nb < 0 or len(sk) != nd or len(sv) != nd or sq[:nb] != sk[:nb] or sq[:nb] != sv[:nb]:
+    if nb < 0 or len(sk) != nd or len(sv) != nd:
         return None
     p.L, p.E, p.S, p.Ev = sq[nb], sq[nb + 1], sk[nb], sv[nb + 1]
     if sk[nb + 1] != p.E or sv[nb] != p.S or p.L == 0 or p.S == 0 or p.E == 0 or p.Ev == 0:
         return None
     p.batch_shape.resize(nb)
     for d in range(nb):
-        if sq[d] == 0:
-            return None  # empty problems: the general path
+        if sq[d] == 0 or sk[d] != sq[d] or sv[d] != sq[d]:
+            return None  # broadcasting and empty problems: the general path
         p.batch_shape[d] = sq[d]
     if not (_fill_tensor(p.q, q, itemsize, sq, nb) and _fill_tensor(p.k, k, itemsize, sk, nb)
             and _fill_tensor(p.v, v, itemsize, sv, nb)):

@@ -83,6 +83,9 @@ def _options(mask, causal, scale, enable_gqa, num_threads, align, window_left, w
 
 
 _TENSOR_OPTIONS = ("mask", "alibi_slopes", "kv_lengths", "sinks")
+# Module-level names for the common call's checks: each torch.X lookup costs ~40 ns of a 4 us call.
+_Tensor, _F32, _F64 = torch.Tensor, torch.float32, torch.float64
+_is_compiling, _grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
 
 
 def _run_cpu(q, k, v, opts: dict, return_weights: bool, return_lse: bool):
@@ -320,17 +323,16 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     if (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None
             and softcap is None and window is None and not enable_gqa and not return_weights
             and not return_lse and align == "top_left" and similarity == "dot"
-            and type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
-            and not torch.compiler.is_compiling()  # (first: what follows does not trace)
+            and type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
+            and not _is_compiling()  # (first: what follows does not trace)
             and q.is_cpu and k.is_cpu and v.is_cpu
             and not (q.is_neg() or k.is_neg() or v.is_neg())  # a lazily negated view
-            and not (torch.is_grad_enabled()
+            and not (_grad_enabled()
                      and (q.requires_grad or k.requires_grad or v.requires_grad))):
         # The common call, as fastattn.attention takes it: checked and run at C level, the
         # tensors read through data_ptr() and stride() (a 5 us call spent 1.6 us in .numpy()
         # views and 1.5 us in this function's general checks); None: the general path below.
-        plain = _core.attention_plain_tensors(q, k, v, causal, scale, num_threads,
-                                              torch.float32, torch.float64)
+        plain = _core.attention_plain_tensors(q, k, v, causal, scale, num_threads, _F32, _F64)
         if plain is not None:
             return torch.from_numpy(plain)
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
