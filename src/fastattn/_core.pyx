@@ -134,13 +134,7 @@ def attention_plain(q, k, v, causal, scale, num_threads):
     if type(q) is not _ndarray or type(k) is not _ndarray or type(v) is not _ndarray:
         return None
     dtype = q.dtype
-    if (dtype is not _F32 and dtype is not _F64) or k.dtype is not dtype or v.dtype is not dtype:
-        return None
-    if causal is not True and causal is not False:
-        return None
-    if num_threads is not None and (type(num_threads) is not int or num_threads < 1):
-        return None
-    if scale is not None and type(scale) is not float:
+    if not _plain_call(q, k, v, causal, scale, num_threads, _F32, _F64):
         return None
     cdef Py_buffer bq, bk, bv
     cdef Problem p
@@ -182,6 +176,19 @@ def attention_plain(q, k, v, causal, scale, num_threads):
         PyBuffer_Release(&bq)
 
 
+cdef inline bint _plain_call(q, k, v, causal, scale, num_threads, f32, f64):
+    # Whether the arguments are those of the common call: q, k and v of one dtype, f32 or f64,
+    # and options of exactly the types the general path would turn them into.
+    dtype = q.dtype
+    if (dtype is not f32 and dtype is not f64) or k.dtype is not dtype or v.dtype is not dtype:
+        return False
+    if causal is not True and causal is not False:
+        return False
+    if num_threads is not None and (type(num_threads) is not int or num_threads < 1):
+        return False
+    return scale is None or type(scale) is float
+
+
 cdef object _run_plain(Problem& p, tuple batch, dtype, causal, scale, num_threads):
     # The rest of a checked common call: the output, the options, the kernel without the GIL.
     out = _empty(batch + (p.L, p.Ev), dtype)
@@ -220,15 +227,9 @@ def attention_plain_tensors(q, k, v, causal, scale, num_threads, f32, f64):
     torch.float64; the caller checked that they are plain CPU tensors needing no gradient):
     read through data_ptr() and stride(), never converted. Returns the output as a NumPy array,
     or None (the caller then takes the general path)."""
+    if not _plain_call(q, k, v, causal, scale, num_threads, f32, f64):
+        return None
     tdtype = q.dtype
-    if (tdtype is not f32 and tdtype is not f64) or k.dtype is not tdtype or v.dtype is not tdtype:
-        return None
-    if causal is not True and causal is not False:
-        return None
-    if num_threads is not None and (type(num_threads) is not int or num_threads < 1):
-        return None
-    if scale is not None and type(scale) is not float:
-        return None
     # torch.Size is a tuple; indexed, not sliced (a slice of it is a new Size, slow to build)
     cdef tuple sq = tuple(q.shape)
     sk, sv = k.shape, v.shape
