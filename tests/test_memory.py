@@ -42,14 +42,20 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _peak_growth(mode: str, timeout: int) -> tuple[int, int]:
+    """(peak RSS growth, bytes of the results) of SCRIPT's `mode` run in a fresh process."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_ISA"}
+    res = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True,
+                         env=env, timeout=timeout)
+    assert res.returncode == 0, res.stderr
+    growth, result_bytes = map(int, res.stdout.split())
+    return growth, result_bytes
+
+
 @pytest.mark.slow
 def test_peak_memory_growth():
     # One float32 score matrix of one head is 16384^2 * 4 B = 1 GiB; the output is 16 MiB.
-    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_ISA"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT, "forward"], capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr
-    growth, out_bytes = map(int, res.stdout.split())
+    growth, out_bytes = _peak_growth("forward", 300)
     # "Well under 200 MB" over the inputs: the output plus per-thread packed K/V and tiles.
     assert growth < 100 * 2**20, f"peak RSS grew by {growth / 2**20:.1f} MiB"
     assert growth >= out_bytes * 0.9  # the measurement does see the output being written
@@ -59,10 +65,6 @@ def test_peak_memory_growth():
 def test_backward_peak_memory_growth():
     # The backward pass recomputes the weights block by block: no 1 GiB score matrix of a head,
     # only dq, dk, dv (48 MiB) and per-thread packed queries and dQ (~5 L E floats, 20 MiB).
-    env = {k: v for k, v in os.environ.items() if k != "FASTATTN_ISA"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT, "backward"], capture_output=True,
-                         text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr
-    growth, grad_bytes = map(int, res.stdout.split())
+    growth, grad_bytes = _peak_growth("backward", 600)
     assert growth < 300 * 2**20, f"peak RSS grew by {growth / 2**20:.1f} MiB"
     assert growth >= grad_bytes * 0.9  # the measurement does see the gradients being written

@@ -88,13 +88,18 @@ _Tensor, _F32, _F64 = torch.Tensor, torch.float32, torch.float64
 _is_compiling, _grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
 
 
+def _numpy_options(opts: dict) -> None:
+    """The tensor options of ``opts`` (mask, alibi_slopes, kv_lengths, sinks) as NumPy views."""
+    for name in _TENSOR_OPTIONS:
+        if opts[name] is not None:
+            opts[name] = _to_numpy(opts[name])
+
+
 def _run_cpu(q, k, v, opts: dict, return_weights: bool, return_lse: bool):
     """(out, lse or None, weights or None) as NumPy arrays over CPU tensors' memory: out and
     weights in the output dtype, lse in the compute dtype (float32 for 16-bit inputs, as a
     backward pass wants it)."""
-    for name in _TENSOR_OPTIONS:
-        if opts[name] is not None:
-            opts[name] = _to_numpy(opts[name])
+    _numpy_options(opts)
     plan = prepare(_to_numpy(q), _to_numpy(k), _to_numpy(v), **opts,
                    return_weights=return_weights, return_lse=return_lse)
     out_dtype, plan.out_dtype = plan.out_dtype, plan.dtype
@@ -220,9 +225,7 @@ def _attention_backward_op(
 
     opts = _options(mask, causal, scale, enable_gqa, num_threads, align, window_left,
                     window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks)
-    for name in _TENSOR_OPTIONS:
-        if opts[name] is not None:
-            opts[name] = _to_numpy(opts[name])
+    _numpy_options(opts)
     grads = attention_backward(*(_to_numpy(t) for t in (q, k, v, out, lse, dout)), **opts)
     # Contiguous, as the fake implementation says (the kernel's sums over broadcast axes can
     # come back in other layouts).
