@@ -205,7 +205,8 @@ struct TileKernel {
       const char* v0 = reinterpret_cast<const char*>(Vs + (j0 / 2) * a.v.row_stride);
       for (int p = 0; p < BM / QP; ++p)
         for (int64_t c = 0; c < a.Ev; c += MR)
-          gemm_bf16_rows<true>(int(min64(MR, a.Ev - c)), v0 + c * 4, 4, a.v.row_stride * 4,
+          gemm_bf16_rows<true>(int(min64(MR, a.Ev - c)), v0 + c * a.v.col_stride * 4,
+                               a.v.col_stride * 4, a.v.row_stride * 4,
                                ws.pp.ptr + p * QP, BM, np, ws.ot.ptr + c * BM + p * QP, BM,
                                nullptr, 1.0f);
       return;

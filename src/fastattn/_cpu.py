@@ -40,7 +40,9 @@ def _bfloat16_pairs(q: np.ndarray, k: np.ndarray, v: np.ndarray):
     # Pairs by integer ops along whole rows: a copy through a (..., S/2, Ev, 2) transpose took
     # 3 ms of a 17 ms (4, 8, 1024, 1024, 64) call, these 0.3 ms.
     lo, hi = v[..., 0::2, :], v[..., 1::2, :]
-    vp = lo.astype(np.uint32)  # (..., (S + 1) // 2, Ev): an odd last key pairs with zero
+    # (..., (S + 1) // 2, Ev), an odd last key paired with zero; C order whatever v's layout
+    # (the kernel reads a pair row by row)
+    vp = lo.astype(np.uint32, order="C")
     vp[..., : hi.shape[-2], :] |= hi.astype(np.uint32) << 16
     return q, k, vp
 
