@@ -18,6 +18,7 @@ namespace fastattn {
   KernelStatus run_attention(const KernelArgs& args);      \
   KernelStatus run_backward(const KernelArgs& args);       \
   int reads_storage(const KernelArgs& args);               \
+  int backward_reads_storage(const KernelArgs& args);      \
   template <class T>                                       \
   void exp2_array(const T* x, T* y, int64_t n);            \
   extern template void exp2_array<float>(const float*, float*, int64_t); \
@@ -46,6 +47,7 @@ namespace {
     KernelStatus run(const KernelArgs& a) const { return ns::run_attention(a); }            \
     KernelStatus backward(const KernelArgs& a) const { return ns::run_backward(a); }        \
     int reads_storage(const KernelArgs& a) const { return ns::reads_storage(a); }           \
+    int backward_reads(const KernelArgs& a) const { return ns::backward_reads_storage(a); } \
     template <class T>                                                                      \
     int exp2(const T* x, T* y, int64_t n) const {                                           \
       ns::exp2_array<T>(x, y, n);                                                           \
@@ -207,11 +209,20 @@ void attention(const Problem& p) {
           "16-bit storage is read only where reads_storage says so");
 }
 
+int backward_reads_storage(const Problem& p) {
+  const KernelArgs a = make_args(p);
+  return on_selected_isa([&](auto variant) { return variant.backward_reads(a); });
+}
+
 void attention_backward(const Problem& p) {
   KernelArgs a = make_args(p);
   const size_t nd = p.batch_shape.size();
-  require(p.storage == Storage::kSame, "the backward pass reads q, k and v in the compute dtype");
+  require(p.storage == Storage::kSame || p.storage == Storage::kBFloat16,
+          "the backward pass reads q, k and v in the compute dtype or as bfloat16");
   require(p.weights.data == nullptr, "the backward pass writes no weights");
+  require(!p.grads_bf16 || p.storage == Storage::kBFloat16,
+          "bfloat16 gradients come only from bfloat16 storage");
+  a.grads_bf16 = p.grads_bf16;
   copy_view(p.lse, nd, "lse", a.lse, true);
   copy_view(p.dout, nd, "dout", a.dout, true);
   copy_view(p.dq, nd, "dq", a.dq, true);
@@ -219,6 +230,8 @@ void attention_backward(const Problem& p) {
   copy_view(p.dv, nd, "dv", a.dv, true);
   const KernelStatus status = on_selected_isa([&](auto variant) { return variant.backward(a); });
   if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
+  require(status != KernelStatus::kBadStorage,
+          "the backward pass reads 16-bit storage only where backward_reads_storage says so");
 }
 
 template <class T>

@@ -76,14 +76,23 @@ struct Problem {
   // of the broadcast batch shape (the caller sums broadcast and grouped entries), and must be
   // zero on entry (rows of keys and queries that take no part are not written).
   Operand dout, dq, dk, dv;
+  // The backward pass of bfloat16 storage (kBFloat16, where backward_reads_storage says so):
+  // q, k, v, out and dout are bfloat16 (lse in float32), and dq, dk, dv are written as bfloat16
+  // when grads_bf16, else in float32.
+  bool grads_bf16 = false;
 };
 
 // Runs the fused kernel; throws std::invalid_argument for an inconsistent problem.
 void attention(const Problem& p);
 
 // The gradients dq, dk, dv of attention(p) for the upstream gradient p.dout, from the forward's
-// p.out and p.lse (both required). q, k and v in p.dtype (storage kSame); no weights.
+// p.out and p.lse (both required). q, k, v, out and dout in p.dtype (storage kSame), or in
+// bfloat16 (kBFloat16) where backward_reads_storage(p) is 1; no weights.
 void attention_backward(const Problem& p);
+
+// 1 when the backward pass reads p's 16-bit storage as given (bfloat16 pairs on AVX512-BF16),
+// 0 when the caller widens q, k, v, out and dout to float32 first.
+int backward_reads_storage(const Problem& p);
 
 // How the kernel reads this problem's q, k and v given in 16-bit storage p.storage: 0 it does
 // not (the caller widens them to float32 first), 1 as given, 3 as kBFloat16Pairs, 4 as

@@ -15,10 +15,19 @@
 // blocks), whose queries (Q^T, Q, dO^T, dO, D, lse) are packed once per item and whose dQ^T
 // accumulates in the item's own buffer; the dK and dV of a key block are the item's alone. So no
 // two threads write the same memory, and per thread the scratch is O((L + BN) * (E + Ev)).
+//
+// bfloat16 (AVX512-BF16, In = BFloat16): the same five products as vdpbf16ps dot products of
+// bfloat16 pairs (gemm_bf16), accumulated in float32, as the forward's pairs tiles run. Every
+// operand comes as pairs along its product's sum: Q^T and dO^T as feature pairs per tile, Q and
+// dO as query pairs, K and V rows as feature pairs, K^T as key pairs (the last three per key
+// block); P^T and dS^T are rounded to bfloat16 rows (pairs of queries) for dV and dK, and dS^T
+// to key pairs for dQ^T, as FlashAttention rounds P and dS to the inputs' type for its products.
+// The softmax, dS and D stay in float32. The scale is applied to dK and dQ once, at the end.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernel_common.hpp"
 #include "micro_kernels.hpp"
@@ -27,8 +36,9 @@
 namespace fastattn {
 namespace FASTATTN_ISA_NS {
 
-template <class T>
+template <class T, class In = T>
 struct BackwardKernel {
+  static constexpr bool kPairs = !std::is_same_v<In, T>;  // bfloat16 pairs (see above)
   using Tile = TileKernel<T>;
   using M = Micro<T>;
   using S = Simd<T>;
@@ -53,7 +63,10 @@ struct BackwardKernel {
         n_qtiles((args.L + BM - 1) / BM),
         L_pad(n_qtiles * BM),
         E_pad(round_up(args.E, QP)),
-        Ev_pad(round_up(args.Ev, QP)) {}
+        Ev_pad(round_up(args.Ev, QP)),
+        E2((args.E + 1) / 2),
+        Ev2((args.Ev + 1) / 2) {}
+  const int64_t E2, Ev2;  // pairs of features (pairs mode): an odd last one pairs with zero
 
   struct Workspace {
     typename Tile::Workspace tw;  // tw.st: S^T, then P^T, then dS^T of one block (BN x BM)
@@ -68,15 +81,31 @@ struct BackwardKernel {
     Buffer<T> dpt;                // dP^T of one block: BN x BM
     Buffer<T> zt;                 // softcap: the block's scores before capping, BN x BM
     Buffer<T> dk, dv;             // the key block's gradients: BN x E_pad, BN x Ev_pad
+    // Pairs mode, in place of qt, qr, dot and dor (as bfloat16 pairs, low half first):
+    Buffer<uint32_t> qp;   // Q^T, feature pairs per tile: E2 x BM
+    Buffer<uint32_t> qq;   // Q, query pairs: L_pad / 2 x E_pad
+    Buffer<uint32_t> dop;  // dO^T, feature pairs per tile: Ev2 x BM
+    Buffer<uint32_t> doq;  // dO, query pairs: L_pad / 2 x Ev_pad
+    Buffer<uint32_t> kr;   // the key block's K rows, feature pairs: BN x E2
+    Buffer<uint32_t> kp;   // its K^T, key pairs: BN / 2 x E
+    Buffer<uint32_t> vr;   // its V rows, feature pairs: BN x Ev2
+    Buffer<uint16_t> pb;   // P^T, then dS^T, rounded to bfloat16: BN x BM
+    Buffer<uint32_t> dsp;  // dS^T, key pairs: BN / 2 x BM
   };
 
   bool allocate(Workspace& ws) const {
     const int64_t blk = int64_t(BN) * BM;
-    return ws.tw.st.reserve(blk) && ws.qt.reserve(L_pad * a.E) && ws.qr.reserve(L_pad * E_pad) &&
-           ws.dot.reserve(L_pad * a.Ev) && ws.dor.reserve(L_pad * Ev_pad) &&
-           ws.dlt.reserve(2 * L_pad) && ws.dqt.reserve(a.E * L_pad) && ws.dpt.reserve(blk) &&
-           ws.zt.reserve(a.softcap > 0 ? blk : 0) && ws.dk.reserve(BN * E_pad) &&
-           ws.dv.reserve(BN * Ev_pad);
+    const bool common = ws.tw.st.reserve(blk) && ws.dlt.reserve(2 * L_pad) &&
+                        ws.dqt.reserve(a.E * L_pad) && ws.dpt.reserve(blk) &&
+                        ws.zt.reserve(a.softcap > 0 ? blk : 0) && ws.dk.reserve(BN * E_pad) &&
+                        ws.dv.reserve(BN * Ev_pad);
+    if (kPairs)
+      return common && ws.qp.reserve(L_pad * E2) && ws.qq.reserve(L_pad / 2 * E_pad) &&
+             ws.dop.reserve(L_pad * Ev2) && ws.doq.reserve(L_pad / 2 * Ev_pad) &&
+             ws.kr.reserve(BN * E2) && ws.kp.reserve(BN / 2 * a.E) && ws.vr.reserve(BN * Ev2) &&
+             ws.pb.reserve(blk) && ws.dsp.reserve(blk / 2);
+    return common && ws.qt.reserve(L_pad * a.E) && ws.qr.reserve(L_pad * E_pad) &&
+           ws.dot.reserve(L_pad * a.Ev) && ws.dor.reserve(L_pad * Ev_pad);
   }
 
   // C (+)= A B over `rows` rows of C and `panels` panels of QP columns: A(r, t) = A[r * ars +
@@ -91,6 +120,21 @@ struct BackwardKernel {
                                            B + p * QP, ldb, n, C + r * ldc + p * QP, ldc,
                                            nullptr, mul);
   }
+
+#if defined(__AVX512BF16__)
+  // product on bfloat16 pairs: A(r, t) the pair at byte offset r * ars + t * acs, B rows of
+  // ldb pairs, n pairs; C in float32 (times mul, then added when kAccumulate).
+  template <bool kAccumulate>
+  static void product_pairs(int64_t rows, int64_t panels, const void* A, int64_t ars,
+                            int64_t acs, const uint32_t* B, int64_t ldb, int64_t n, float* C,
+                            int64_t ldc, float mul = 1.0f) {
+    const char* a0 = static_cast<const char*>(A);
+    for (int64_t p = 0; p < panels; ++p)
+      for (int64_t r = 0; r < rows; r += MR)
+        gemm_bf16_rows<kAccumulate>(int(min64(MR, rows - r)), a0 + r * ars, ars, acs,
+                                    B + p * QP, ldb, n, C + r * ldc + p * QP, ldc, nullptr, mul);
+  }
+#endif
 
   // x (the entry's L rows of cols, at x[i * rs + c * cs]) into a transposed block per query
   // tile (cols x BM, times mul_t) and into rows (L_pad x pad, times mul_r), zero-padded.
@@ -107,68 +151,216 @@ struct BackwardKernel {
     }
   }
 
+  // Pairs of bfloat16 bits, low half first. Two rows, elementwise: out[c] = x0[c] | x1[c] << 16
+  // (x1 null: high halves zero); contiguous rows (cs == 1) in a loop the compiler vectorizes.
+  static void pair_rows(const In* x0, const In* x1, int64_t cs, int64_t cols, uint32_t* out) {
+    if constexpr (kPairs) {
+      if (!x1) {
+        for (int64_t c = 0; c < cols; ++c) out[c] = x0[c * cs].bits;
+      } else if (cs == 1) {
+        for (int64_t c = 0; c < cols; ++c)
+          out[c] = uint32_t(x0[c].bits) | uint32_t(x1[c].bits) << 16;
+      } else {
+        for (int64_t c = 0; c < cols; ++c)
+          out[c] = uint32_t(x0[c * cs].bits) | uint32_t(x1[c * cs].bits) << 16;
+      }
+    }
+  }
+
+  // One row's neighbours: out[t * os] = x[2t] | x[2t + 1] << 16 for t < (cols + 1) / 2 (an odd
+  // last one with zero).
+  static void pair_features(const In* x, int64_t cs, int64_t cols, uint32_t* out, int64_t os) {
+    if constexpr (kPairs) {
+      const int64_t n = cols / 2;
+      for (int64_t t = 0; t < n; ++t)
+        out[t * os] = uint32_t(x[2 * t * cs].bits) | uint32_t(x[(2 * t + 1) * cs].bits) << 16;
+      if (cols % 2) out[n * os] = x[(cols - 1) * cs].bits;
+    }
+  }
+
+  // pack for pairs: x as feature pairs per query tile ((cols + 1) / 2 x BM) and as query pairs
+  // (L_pad / 2 x pad), zero-padded.
+  void pack_pairs(const In* x, int64_t rs, int64_t cs, int64_t cols, int64_t pad, uint32_t* xt,
+                  uint32_t* xq) const {
+    const int64_t c2 = (cols + 1) / 2;
+    std::memset(xt, 0, sizeof(uint32_t) * size_t(L_pad * c2));
+    std::memset(xq, 0, sizeof(uint32_t) * size_t(L_pad / 2 * pad));
+    for (int64_t i = 0; i < a.L; ++i)
+      pair_features(x + i * rs, cs, cols, xt + (i / BM) * c2 * BM + i % BM, BM);
+    for (int64_t i = 0; i < a.L; i += 2)
+      pair_rows(x + i * rs, i + 1 < a.L ? x + (i + 1) * rs : nullptr, cs, cols, xq + i / 2 * pad);
+  }
+
   // The item's queries, packed once: Q, dO, D and lse (+inf on padding, giving P = 0).
   void pack_queries(Workspace& ws, int64_t b) const {
-    const T* Q = static_cast<const T*>(a.q.data) + batch_offset(a, a.q, b, 1);
-    const T* dO = static_cast<const T*>(a.dout.data) + batch_offset(a, a.dout, b, 1);
-    const T* O = static_cast<const T*>(a.out.data) + batch_offset(a, a.out, b, 1);
+    const In* Q = static_cast<const In*>(a.q.data) + batch_offset(a, a.q, b, 1);
+    const In* dO = static_cast<const In*>(a.dout.data) + batch_offset(a, a.dout, b, 1);
+    const In* O = static_cast<const In*>(a.out.data) + batch_offset(a, a.out, b, 1);
     const T* lse = static_cast<const T*>(a.lse.data) + batch_offset(a, a.lse, b, 1);
-    // Q^T as given, the scores' scale applied in their product as the forward does (scores
-    // rounded once, in natural units); Q rows times scale for dK = dS^T (Q scale).
-    pack(Q, a.q.row_stride, a.q.col_stride, a.E, E_pad, T(1), T(a.scale), ws.qt.ptr, ws.qr.ptr);
-    pack(dO, a.dout.row_stride, a.dout.col_stride, a.Ev, Ev_pad, T(1), T(1), ws.dot.ptr,
-         ws.dor.ptr);
+    if constexpr (kPairs) {
+      pack_pairs(Q, a.q.row_stride, a.q.col_stride, a.E, E_pad, ws.qp.ptr, ws.qq.ptr);
+      pack_pairs(dO, a.dout.row_stride, a.dout.col_stride, a.Ev, Ev_pad, ws.dop.ptr, ws.doq.ptr);
+    } else {
+      // Q^T as given, the scores' scale applied in their product as the forward does (scores
+      // rounded once, in natural units); Q rows times scale for dK = dS^T (Q scale).
+      pack(Q, a.q.row_stride, a.q.col_stride, a.E, E_pad, T(1), T(a.scale), ws.qt.ptr,
+           ws.qr.ptr);
+      pack(dO, a.dout.row_stride, a.dout.col_stride, a.Ev, Ev_pad, T(1), T(1), ws.dot.ptr,
+           ws.dor.ptr);
+    }
     T* D = ws.dlt.ptr;
     T* lse_use = ws.dlt.ptr + L_pad;
+#if defined(__AVX512BF16__)
+    if constexpr (kPairs) rowsum_pairs(ws, O, D);
+#endif
     for (int64_t i = 0; i < L_pad; ++i) {
-      T d = T(0);
-      if (i < a.L)
-        for (int64_t c = 0; c < a.Ev; ++c)
-          d += ws.dor.ptr[i * Ev_pad + c] * O[i * a.out.row_stride + c * a.out.col_stride];
-      D[i] = d;
+      if constexpr (!kPairs) {
+        // dO as packed (contiguous), not through its strides: so read, D's last bit came out
+        // different for a Fortran-ordered dO (test_strided_out_lse_and_dout).
+        T d = T(0);
+        if (i < a.L)
+          for (int64_t c = 0; c < a.Ev; ++c)
+            d += ws.dor.ptr[i * Ev_pad + c] * O[i * a.out.row_stride + c * a.out.col_stride];
+        D[i] = d;
+      }
       // A row with no key (lse -inf) subtracts 0 from scores that are all -inf: P = 0, not NaN.
       const T l = i < a.L ? lse[i * a.lse.row_stride] : R::kNegInf;
       lse_use[i] = i >= a.L ? -R::kNegInf : l == R::kNegInf ? T(0) : l;
     }
   }
 
-  // One key block against one query tile: P, dP, dS, and the four accumulations.
-  void block(Workspace& ws, const EntryParams<T>& ep, const T* K, const T* Vs, int64_t m_off,
-             int64_t i0, int64_t j0, int64_t nb, bool user_mask) const {
-    const int64_t rows = min64(BM, a.L - i0), qtile = i0 / BM, panels = BM / QP;
-    T* st = ws.tw.st.ptr;
-    product<false>(nb, panels, K, a.k.row_stride, a.k.col_stride, ws.qt.ptr + qtile * BM * a.E,
-                   BM, a.E, st, BM, T(a.scale));
-    if (a.softcap > 0) std::memcpy(ws.zt.ptr, st, sizeof(T) * size_t(nb * BM));
+#if defined(__AVX512BF16__)
+  // D = rowsum(dO * O) in pairs mode, 16 rows along the lanes, each lane summing its row in
+  // column order: dO from its feature pairs per tile, O widened as it is read.
+  void rowsum_pairs(const Workspace& ws, const In* O, float* D) const {
+    const int64_t rs = a.out.row_stride, cs = a.out.col_stride;
+    for (int64_t i0 = 0; i0 < L_pad; i0 += kLanes) {
+      const uint32_t* dp = ws.dop.ptr + (i0 / BM) * Ev2 * BM + i0 % BM;
+      const int64_t n = min64(kLanes, a.L - i0);  // rows past L (n <= 0: all) keep o = 0
+      alignas(64) float o[kLanes] = {};
+      __m512 d = _mm512_setzero_ps();
+      for (int64_t c = 0; c < a.Ev; ++c) {
+        for (int64_t r = 0; r < n; ++r) o[r] = to_float<float>(O[(i0 + r) * rs + c * cs]);
+        const __m512i u = _mm512_loadu_si512(dp + (c / 2) * BM);
+        const __m512i h = c % 2 ? _mm512_and_si512(u, _mm512_set1_epi32(int(0xffff0000u)))
+                                : _mm512_slli_epi32(u, 16);
+        d = _mm512_fmadd_ps(_mm512_castsi512_ps(h), _mm512_load_ps(o), d);
+      }
+      _mm512_storeu_ps(D + i0, d);
+    }
+  }
+#endif
+
+  // Pairs mode, per key block: K rows and V rows as feature pairs, K^T as key pairs.
+  void pack_keys(Workspace& ws, const In* K, const In* Vs, int64_t nb) const {
+    const int64_t krs = a.k.row_stride, kcs = a.k.col_stride;
+    for (int64_t j = 0; j < nb; ++j) {
+      pair_features(K + j * krs, kcs, a.E, ws.kr.ptr + j * E2, 1);
+      pair_features(Vs + j * a.v.row_stride, a.v.col_stride, a.Ev, ws.vr.ptr + j * Ev2, 1);
+    }
+    for (int64_t j = 0; j < nb; j += 2)
+      pair_rows(K + j * krs, j + 1 < nb ? K + (j + 1) * krs : nullptr, kcs, a.E,
+                ws.kp.ptr + j / 2 * a.E);
+  }
+
+  // S^T of one block (in ws.tw.st, times the scale) to its logits: the pre-cap scores kept for
+  // dS's softcap factor, then the forward's masking.
+  void logits(Workspace& ws, const EntryParams<T>& ep, int64_t m_off, int64_t i0, int64_t rows,
+              int64_t j0, int64_t nb, bool user_mask) const {
+    if (a.softcap > 0) std::memcpy(ws.zt.ptr, ws.tw.st.ptr, sizeof(T) * size_t(nb * BM));
     if (tile.needs_mask(i0, rows, j0, nb, user_mask))
       tile.mask_block(ws.tw, ep, i0, rows, j0, nb, m_off, user_mask);
-    const T* lse = ws.dlt.ptr + L_pad + i0;
-    for (int64_t j = 0; j < nb; ++j)
-      for (int v = 0; v < BM; v += kLanes)
-        S::store(st + j * BM + v, exp_minus<T>(S::load(st + j * BM + v), S::load(lse + v)));
-    product<true>(nb, Ev_pad / QP, st, BM, 1, ws.dor.ptr + i0 * Ev_pad, Ev_pad, rows, ws.dv.ptr,
-                  Ev_pad);
-    product<false>(nb, panels, Vs, a.v.row_stride, a.v.col_stride, ws.dot.ptr + qtile * BM * a.Ev,
-                   BM, a.Ev, ws.dpt.ptr, BM);
-    const T* D = ws.dlt.ptr + i0;
-    const T cap = T(a.softcap);
+  }
+
+  // dS^T's vector v of key row j: P (dP - D), times the softcap's 1 - tanh^2.
+  V ds_at(const Workspace& ws, const T* D, int64_t j, int v) const {
+    const V p = S::load(ws.tw.st.ptr + j * BM + v);
+    // A key of weight 0 contributes nothing, even where dP is infinite (0 * inf is NaN).
+    V ds = p != S::splat(T(0)) ? p * (S::load(ws.dpt.ptr + j * BM + v) - S::load(D + v))
+                               : S::splat(T(0));
+    if (a.softcap > 0) {
+      const V t = Tanh<T>::eval(S::load(ws.zt.ptr + j * BM + v) / T(a.softcap));
+      ds *= T(1) - t * t;
+    }
+    return ds;
+  }
+
+  // One key block against one query tile: P, dP, dS, and the four accumulations.
+  void block(Workspace& ws, const EntryParams<T>& ep, const In* K, const In* Vs, int64_t m_off,
+             int64_t i0, int64_t j0, int64_t nb, bool user_mask) const {
+#if defined(__AVX512BF16__)
+    if constexpr (kPairs) {
+      block_pairs(ws, ep, m_off, i0, j0, nb, user_mask);
+      return;
+    }
+#endif
+    if constexpr (!kPairs) {
+      const int64_t rows = min64(BM, a.L - i0), qtile = i0 / BM, panels = BM / QP;
+      T* st = ws.tw.st.ptr;
+      product<false>(nb, panels, K, a.k.row_stride, a.k.col_stride,
+                     ws.qt.ptr + qtile * BM * a.E, BM, a.E, st, BM, T(a.scale));
+      logits(ws, ep, m_off, i0, rows, j0, nb, user_mask);
+      const T* lse = ws.dlt.ptr + L_pad + i0;
+      for (int64_t j = 0; j < nb; ++j)
+        for (int v = 0; v < BM; v += kLanes)
+          S::store(st + j * BM + v, exp_minus<T>(S::load(st + j * BM + v), S::load(lse + v)));
+      product<true>(nb, Ev_pad / QP, st, BM, 1, ws.dor.ptr + i0 * Ev_pad, Ev_pad, rows,
+                    ws.dv.ptr, Ev_pad);
+      product<false>(nb, panels, Vs, a.v.row_stride, a.v.col_stride,
+                     ws.dot.ptr + qtile * BM * a.Ev, BM, a.Ev, ws.dpt.ptr, BM);
+      const T* D = ws.dlt.ptr + i0;
+      for (int64_t j = 0; j < nb; ++j)
+        for (int v = 0; v < BM; v += kLanes) S::store(st + j * BM + v, ds_at(ws, D, j, v));
+      product<true>(nb, E_pad / QP, st, BM, 1, ws.qr.ptr + i0 * E_pad, E_pad, rows, ws.dk.ptr,
+                    E_pad);
+      product<true>(a.E, panels, K, a.k.col_stride, a.k.row_stride, st, BM, nb,
+                    ws.dqt.ptr + qtile * a.E * BM, BM);
+    }
+  }
+
+#if defined(__AVX512BF16__)
+  // block on bfloat16 pairs (the operands packed by pack_queries and pack_keys). Queries past L
+  // and keys past nb are zero pairs, so the sums run over whole pairs.
+  void block_pairs(Workspace& ws, const EntryParams<T>& ep, int64_t m_off, int64_t i0,
+                   int64_t j0, int64_t nb, bool user_mask) const {
+    const int64_t rows = min64(BM, a.L - i0), qtile = i0 / BM, panels = BM / QP;
+    const int64_t qpairs = (rows + 1) / 2, kpairs = (nb + 1) / 2;
+    float* st = ws.tw.st.ptr;
+    uint16_t* pb = ws.pb.ptr;
+    product_pairs<false>(nb, panels, ws.kr.ptr, E2 * 4, 4, ws.qp.ptr + qtile * E2 * BM, BM, E2,
+                         st, BM, float(a.scale));
+    logits(ws, ep, m_off, i0, rows, j0, nb, user_mask);
+    const float* lse = ws.dlt.ptr + L_pad + i0;
     for (int64_t j = 0; j < nb; ++j)
       for (int v = 0; v < BM; v += kLanes) {
-        const V p = S::load(st + j * BM + v);
-        // A key of weight 0 contributes nothing, even where dP is infinite (0 * inf is NaN).
-        V ds = p != S::splat(T(0)) ? p * (S::load(ws.dpt.ptr + j * BM + v) - S::load(D + v))
-                                   : S::splat(T(0));
-        if (a.softcap > 0) {
-          const V t = Tanh<T>::eval(S::load(ws.zt.ptr + j * BM + v) / cap);
-          ds *= T(1) - t * t;
-        }
-        S::store(st + j * BM + v, ds);
+        const V p = exp_minus<T>(S::load(st + j * BM + v), S::load(lse + v));
+        S::store(st + j * BM + v, p);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j * BM + v),
+                            (__m256i)_mm512_cvtneps_pbh(__m512(p)));
       }
-    product<true>(nb, E_pad / QP, st, BM, 1, ws.qr.ptr + i0 * E_pad, E_pad, rows, ws.dk.ptr,
-                  E_pad);
-    product<true>(a.E, panels, K, a.k.col_stride, a.k.row_stride, st, BM, nb,
-                  ws.dqt.ptr + qtile * a.E * BM, BM);
+    // dV += P^T dO: P^T's bfloat16 rows read as pairs of queries.
+    product_pairs<true>(nb, Ev_pad / QP, pb, BM * 2, 4, ws.doq.ptr + i0 / 2 * Ev_pad, Ev_pad,
+                        qpairs, ws.dv.ptr, Ev_pad);
+    product_pairs<false>(nb, panels, ws.vr.ptr, Ev2 * 4, 4, ws.dop.ptr + qtile * Ev2 * BM, BM,
+                         Ev2, ws.dpt.ptr, BM);
+    // dS^T, rounded once: bfloat16 rows for dK, key pairs for dQ^T.
+    const float* D = ws.dlt.ptr + i0;
+    for (int64_t j = 0; j < nb; j += 2)
+      for (int v = 0; v < BM; v += kLanes) {
+        const V d0 = ds_at(ws, D, j, v);
+        const V d1 = j + 1 < nb ? ds_at(ws, D, j + 1, v) : S::splat(0.0f);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j * BM + v),
+                            (__m256i)_mm512_cvtneps_pbh(__m512(d0)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + (j + 1) * BM + v),
+                            (__m256i)_mm512_cvtneps_pbh(__m512(d1)));
+        _mm512_storeu_si512(ws.dsp.ptr + j / 2 * BM + v, pair_bf16(__m512(d0), __m512(d1)));
+      }
+    product_pairs<true>(nb, E_pad / QP, pb, BM * 2, 4, ws.qq.ptr + i0 / 2 * E_pad, E_pad, qpairs,
+                        ws.dk.ptr, E_pad);
+    product_pairs<true>(a.E, panels, ws.kp.ptr, 4, a.E * 4, ws.dsp.ptr, BM, kpairs,
+                        ws.dqt.ptr + qtile * a.E * BM, BM);
   }
+#endif
 
   // Query tiles [first, last) that see some key of [j0, j0 + nb): the band read from the keys'
   // side (query i sees key j when j - band_hi <= i <= j - band_lo).
@@ -178,17 +370,40 @@ struct BackwardKernel {
     last = hi > lo ? (hi - 1) / BM + 1 : first;
   }
 
+  // Writes rows x cols of a gradient, element (r, c) = src(r, c), at g's element off: as T,
+  // or (grads_bf16) as bfloat16 rounded to nearest even.
+  template <class Src>
+  void write(const StridedView& g, int64_t off, int64_t rows, int64_t cols, Src src) const {
+    const int64_t rs = g.row_stride, cs = g.col_stride;
+    if constexpr (kPairs) {
+      if (a.grads_bf16) {
+        uint16_t* d = static_cast<uint16_t*>(const_cast<void*>(g.data)) + off;
+        for (int64_t r = 0; r < rows; ++r) {
+          if (cs == 1)  // a loop the compiler vectorizes
+            for (int64_t c = 0; c < cols; ++c) d[r * rs + c] = bfloat16_bits(src(r, c));
+          else
+            for (int64_t c = 0; c < cols; ++c) d[r * rs + c * cs] = bfloat16_bits(src(r, c));
+        }
+        return;
+      }
+    }
+    T* d = static_cast<T*>(const_cast<void*>(g.data)) + off;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) d[r * rs + c * cs] = src(r, c);
+  }
+
   void item(Workspace& ws, int64_t b, int64_t chunk) const {
-    const T* K = static_cast<const T*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
-    const T* Vs = static_cast<const T*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
+    const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
+    const In* Vs = static_cast<const In*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
     const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
     const EntryParams<T> ep = entry_params<T>(a, b);
     const int64_t kb_live = (ep.keys + BN - 1) / BN;  // keys >= kv_lengths[b] keep dK = dV = 0
     if (kb_live == 0 && n_chunks == 1) return;  // dq stays zero
     pack_queries(ws, b);
     std::memset(ws.dqt.ptr, 0, sizeof(T) * size_t(a.E * L_pad));
-    T* dK = static_cast<T*>(const_cast<void*>(a.dk.data)) + batch_offset(a, a.dk, b, 1);
-    T* dV = static_cast<T*>(const_cast<void*>(a.dv.data)) + batch_offset(a, a.dv, b, 1);
+    const int64_t dk_off = batch_offset(a, a.dk, b, 1), dv_off = batch_offset(a, a.dv, b, 1);
+    // dK = dS^T (Q scale): pairs mode applies the scale here, once per key.
+    const T dk_mul = kPairs ? T(a.scale) : T(1);
     // Chunk c takes key blocks c, c + n_chunks, ...: under a causal band later blocks see fewer
     // queries, so interleaving gives the chunks equal work.
     for (int64_t kb = chunk; kb < kb_live; kb += n_chunks) {
@@ -200,32 +415,32 @@ struct BackwardKernel {
       std::memset(ws.dv.ptr, 0, sizeof(T) * size_t(nb * Ev_pad));
       int64_t qt_first, qt_last;
       query_tiles(j0, nb, qt_first, qt_last);
+      const In* Kb = K + j0 * a.k.row_stride;
+      const In* Vb = Vs + j0 * a.v.row_stride;
+      if constexpr (kPairs)
+        if (qt_last > qt_first) pack_keys(ws, Kb, Vb, nb);
       for (int64_t qt = qt_first; qt < qt_last; ++qt)
-        block(ws, ep, K + j0 * a.k.row_stride, Vs + j0 * a.v.row_stride, m_off, qt * BM, j0, nb,
-              user_mask);
-      for (int64_t j = 0; j < nb; ++j) {
-        for (int64_t e = 0; e < a.E; ++e)
-          dK[(j0 + j) * a.dk.row_stride + e * a.dk.col_stride] = ws.dk.ptr[j * E_pad + e];
-        for (int64_t c = 0; c < a.Ev; ++c)
-          dV[(j0 + j) * a.dv.row_stride + c * a.dv.col_stride] = ws.dv.ptr[j * Ev_pad + c];
-      }
+        block(ws, ep, Kb, Vb, m_off, qt * BM, j0, nb, user_mask);
+      const T* dk = ws.dk.ptr;
+      const T* dv = ws.dv.ptr;
+      write(a.dk, dk_off + j0 * a.dk.row_stride, nb, a.E,
+            [&](int64_t j, int64_t e) { return dk[j * E_pad + e] * dk_mul; });
+      write(a.dv, dv_off + j0 * a.dv.row_stride, nb, a.Ev,
+            [&](int64_t j, int64_t c) { return dv[j * Ev_pad + c]; });
     }
     // dQ = scale * (dS K): the scale is applied once here rather than to every block.
-    T* dQ;
-    int64_t rs, cs;
-    if (n_chunks == 1) {
-      dQ = static_cast<T*>(const_cast<void*>(a.dq.data)) + batch_offset(a, a.dq, b, 1);
-      rs = a.dq.row_stride;
-      cs = a.dq.col_stride;
-    } else {
-      dQ = partial + (b * n_chunks + chunk) * a.L * a.E;
-      rs = a.E;
-      cs = 1;
-    }
     const T sc = T(a.scale);
-    for (int64_t i = 0; i < a.L; ++i)
-      for (int64_t e = 0; e < a.E; ++e)
-        dQ[i * rs + e * cs] = ws.dqt.ptr[(i / BM) * a.E * BM + e * BM + i % BM] * sc;
+    const T* dqt = ws.dqt.ptr;
+    const auto dq = [&](int64_t i, int64_t e) {
+      return dqt[(i / BM) * a.E * BM + e * BM + i % BM] * sc;
+    };
+    if (n_chunks == 1) {
+      write(a.dq, batch_offset(a, a.dq, b, 1), a.L, a.E, dq);
+    } else {
+      T* part = partial + (b * n_chunks + chunk) * a.L * a.E;
+      for (int64_t i = 0; i < a.L; ++i)
+        for (int64_t e = 0; e < a.E; ++e) part[i * a.E + e] = dq(i, e);
+    }
   }
 
   // Sums the chunks' dQ of each entry into dq, a row of queries per item.
@@ -234,14 +449,13 @@ struct BackwardKernel {
         threads, a.batch_count * a.L, [](int&) { return true; },
         [&](int&, int64_t it) {
           const int64_t b = it / a.L, i = it % a.L;
-          T* dQ = static_cast<T*>(const_cast<void*>(a.dq.data)) + batch_offset(a, a.dq, b, 1) +
-                  i * a.dq.row_stride;
-          for (int64_t e = 0; e < a.E; ++e) {
-            T s = T(0);
-            for (int64_t c = 0; c < n_chunks; ++c)
-              s += partial[((b * n_chunks + c) * a.L + i) * a.E + e];
-            dQ[e * a.dq.col_stride] = s;
-          }
+          write(a.dq, batch_offset(a, a.dq, b, 1) + i * a.dq.row_stride, 1, a.E,
+                [&](int64_t, int64_t e) {
+                  T s = T(0);
+                  for (int64_t c = 0; c < n_chunks; ++c)
+                    s += partial[((b * n_chunks + c) * a.L + i) * a.E + e];
+                  return s;
+                });
         });
   }
 

@@ -56,6 +56,14 @@ inline T to_float(Half x) {
 #endif
 }
 
+// The bfloat16 nearest to x (ties to even), as bits; NaN stays a (quiet) NaN.
+inline uint16_t bfloat16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // One vector of floats from kLanes 16-bit values at p (widened on load, as the decode loops read
 // K and V rows in place).
 inline Simd<float>::V load_widened(const BFloat16* p) {

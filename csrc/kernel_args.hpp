@@ -36,6 +36,7 @@ struct KernelArgs {
   double softcap = 0.0;  // 0: none
   int num_threads = 1;  // resolved by the dispatcher: >= 1
   bool bf16_pairs = true;  // whether bfloat16 tiles may run as pairs (cpu_features.hpp)
+  bool grads_bf16 = false;  // the backward pass writes dq, dk, dv as bfloat16 (else dtype)
 };
 
 // Status of a kernel run; the dispatcher turns failures into exceptions.

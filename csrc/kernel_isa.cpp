@@ -50,9 +50,21 @@ KernelStatus run_attention(const KernelArgs& args) {
   return args.dtype == 0 ? run_typed<float>(args) : run_typed<double>(args);
 }
 
-// The backward pass computes in float32 or float64 only: the caller widens 16-bit inputs.
+// Whether the backward pass reads this problem's 16-bit q, k, v, out and dout as stored (1), or
+// the caller widens them to float32 first (0): bfloat16, as pairs, where the forward's tiles
+// use pairs (AVX512-BF16, bf16_pairs).
+int backward_reads_storage(const KernelArgs& args) {
+#if defined(__AVX512BF16__)
+  if (args.storage == 2 && args.bf16_pairs) return 1;
+#endif
+  return 0;
+}
+
 KernelStatus run_backward(const KernelArgs& args) {
-  if (args.storage != 0) return KernelStatus::kBadStorage;
+#if defined(__AVX512BF16__)
+  if (backward_reads_storage(args)) return BackwardKernel<float, BFloat16>(args).run();
+#endif
+  if (args.storage != 0 || args.grads_bf16) return KernelStatus::kBadStorage;
   return args.dtype == 0 ? BackwardKernel<float>(args).run() : BackwardKernel<double>(args).run();
 }
 

@@ -10,11 +10,12 @@ import dataclasses
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 import fastattn
 from fastattn import reference
 from fastattn._validate import prepare_backward, sum_to
-from layouts import assert_unchanged, copies
+from layouts import LAYOUTS, assert_unchanged, copies, in_layout
 from test_properties import problems
 from tolerances import HALF_EXTRA_ULPS, HALF_FORMATS, half_ulp, rule_for
 
@@ -42,7 +43,8 @@ def check_backward(q, k, v, dout_rng, **options):
     random walk of roundings, and dP - D cancels to exactly 0 in the reference where the kernel
     keeps the rounding of out (all values equal); with tiny sizes the plain evaluation may be
     exact by luck. 16-bit gradients also get the forward's extra ulps of their dtype, and one
-    ulp of the terms' magnitude for D, which comes from the 16-bit out."""
+    ulp of the terms' magnitude for D, which comes from the 16-bit out; bfloat16 one more for
+    the weights P and dS, which the AVX512-BF16 kernel rounds to bfloat16 for its products."""
     with np.errstate(all="ignore"):
         out, lse = fastattn.attention(q, k, v, return_lse=True, **options)
         dout = dout_rng.standard_normal(out.shape).astype(out.dtype)
@@ -73,8 +75,11 @@ def check_backward(q, k, v, dout_rng, **options):
         fin = np.isfinite(w) & np.isfinite(x) & np.isfinite(b)
         x = np.asarray(x, np.longdouble)
         tol = rule.factor * _max_abs(b[fin] - x[fin]) + 16 * eps * size * max(m, _max_abs(x[fin]))
-        if np.dtype(plan.out_dtype).name in HALF_FORMATS:  # D = rowsum(dO * O), O rounded
-            tol += 2.0 ** -HALF_FORMATS[np.dtype(plan.out_dtype).name][0] * m
+        half = np.dtype(plan.out_dtype).name
+        if half in HALF_FORMATS:  # D = rowsum(dO * O), O rounded: at most half an ulp of m
+            tol += 2.0 ** -HALF_FORMATS[half][0] * m
+        if half == "bfloat16":  # the pairs kernel rounds P and dS to bfloat16: half an ulp each
+            tol += 2.0 ** -HALF_FORMATS[half][0] * m
         tol_each = np.full(fin.sum(), tol)
         if np.dtype(g.dtype).name in HALF_FORMATS:
             tol_each = tol_each + HALF_EXTRA_ULPS * half_ulp(x[fin], g.dtype)
@@ -294,6 +299,64 @@ def test_float32_error_within_3x_torch(rng, shape, options):
     for name, o, t, x in zip("qkv", ours, theirs, oracle):
         err, torch_err = np.abs(o - x).max(), np.abs(t.numpy() - x).max()
         assert err <= 3 * torch_err, f"d{name}: ours {err:.3e}, PyTorch's {torch_err:.3e}"
+
+
+@given(p=problems(max_len=200), data=st.data())
+def test_bfloat16_matches_reference(backend, p, data):
+    # Every option and layout with q, k and v in bfloat16: on the AVX512-BF16 path the kernel
+    # reads them (and out and dout) as stored and multiplies bfloat16 pairs; elsewhere they are
+    # widened to float32 first.
+    bf16 = np.dtype(pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes").bfloat16)
+    q, k, v = (in_layout(a.astype(bf16), data.draw(st.sampled_from(LAYOUTS), label=name))
+               for a, name in zip((p.q, p.k, p.v), "qkv"))
+    check_backward(q, k, v, np.random.default_rng(p.q.size), **_options(p.kwargs))
+
+
+@pytest.mark.skipif("avx512bf16" not in fastattn.available_isas(),
+                    reason="this CPU (or build) has no AVX512-BF16 path")
+@pytest.mark.parametrize("shape, options", [
+    ((2, 3, 70, 130, 40, 24), {}),
+    ((1, 2, 200, 300, 33, 17), dict(causal=True, num_threads=2)),  # odd E and Ev, key chunks
+    ((2, 1, 65, 129, 64, 64), dict(softcap=5.0, window=(20, 3))),
+])
+def test_bfloat16_pairs_run_natively(rng, shape, options):
+    # The AVX512-BF16 backward multiplies bfloat16 pairs (P and dS rounded to bfloat16), the
+    # avx512 path widens the inputs to float32 first: both within tolerance of the reference,
+    # and not the same bits, which shows the pairs ran rather than a silent widening.
+    bf16 = np.dtype(pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes").bfloat16)
+    B, H, L, S, E, Ev = shape
+    q = rng.standard_normal((B, H, L, E)).astype(bf16)
+    k = rng.standard_normal((B, H, S, E)).astype(bf16)
+    v = rng.standard_normal((B, H, S, Ev)).astype(bf16)
+    results = {}
+    for isa in ("avx512bf16", "avx512"):
+        fastattn.set_isa(isa)
+        try:
+            results[isa] = check_backward(q, k, v, np.random.default_rng(1), **options)
+        finally:
+            fastattn.set_isa("")
+    for g, w in zip(results["avx512bf16"], results["avx512"]):
+        assert g.dtype == w.dtype == bf16
+        assert not np.array_equal(g.view(np.uint16), w.view(np.uint16))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_gradients_rounded_as_numpy_rounds(rng, threads):
+    # The kernel writes bfloat16 gradients itself where nothing is summed after it; where q
+    # broadcasts (summed in float32 afterwards) NumPy rounds them. Both round to nearest even:
+    # the same bits. One batch entry on two threads also sums dQ over key chunks.
+    bf16 = np.dtype(pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes").bfloat16)
+    q = rng.standard_normal((1, 1, 90, 24)).astype(bf16)
+    k, v = (rng.standard_normal((1, 1, 700, 24)).astype(bf16) for _ in range(2))
+    out, lse = fastattn.attention(q, k, v, return_lse=True, causal=True)
+    dout = rng.standard_normal(out.shape).astype(bf16)
+    opts = dict(causal=True, num_threads=threads)
+    direct = fastattn.attention_backward(q, k, v, out, lse, dout, **opts)
+    summed = fastattn.attention_backward(q[0], k, v, out, lse, dout, **opts)
+    assert direct[0].shape == (1, 1, 90, 24) and summed[0].shape == (1, 90, 24)
+    for g, w in zip(direct, summed):
+        assert g.dtype == w.dtype == bf16
+        np.testing.assert_array_equal(g.reshape(w.shape).view(np.uint16), w.view(np.uint16))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -40,6 +40,7 @@ def attention(
 ) -> int: ...
 def attention_backward(
     double: bool,
+    storage: int,
     batch_shape: tuple[int, ...],
     L: int,
     S: int,
@@ -65,7 +66,8 @@ def attention_backward(
     dq: npt.NDArray[np.floating],
     dk: npt.NDArray[np.floating],
     dv: npt.NDArray[np.floating],
-) -> None: ...
+    grads_bf16: bool = False,
+) -> int: ...
 def attention_plain(
     q: object, k: object, v: object, causal: object, scale: object, num_threads: object
 ) -> npt.NDArray[np.floating] | None: ...

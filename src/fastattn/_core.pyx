@@ -50,12 +50,14 @@ cdef extern from "attention.hpp" namespace "fastattn":
         Operand out, weights, lse
         int num_threads
         Operand dout, dq, dk, dv
+        cbool grads_bf16
 
     const int64_t kNoBound "fastattn::kNoBound"
 
     void c_attention "fastattn::attention"(const Problem& p) except + nogil
     void c_attention_backward "fastattn::attention_backward"(const Problem& p) except + nogil
     int c_reads_storage "fastattn::reads_storage"(const Problem& p) except +
+    int c_backward_reads_storage "fastattn::backward_reads_storage"(const Problem& p) except +
     void c_exp2_f32 "fastattn::exp2<float>"(const float* x, float* y, int64_t n) except + nogil
     void c_exp2_f64 "fastattn::exp2<double>"(const double* x, double* y, int64_t n) except + nogil
     string c_active_isa "fastattn::active_isa"() except +
@@ -329,24 +331,33 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
     return RAN
 
 
-def attention_backward(bint double, tuple batch_shape, int64_t L, int64_t S, int64_t E,
-                       int64_t Ev, q, k, v, int mask_kind, mask, int64_t band_lo, int64_t band_hi,
-                       int64_t offset, double scale, double softcap, alibi, kv_lengths,
-                       int64_t kv_group, out, lse, int num_threads, dout, dq, dk, dv):
-    """The fused backward pass: writes dq, dk, dv (zeroed, of the full batch shape, in the
-    compute dtype) for the upstream gradient ``dout``, from the forward's ``out`` and ``lse``
-    ((..., L, 1)). The other arguments are attention()'s, q, k and v in the compute dtype."""
+def attention_backward(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
+                       int64_t E, int64_t Ev, q, k, v, int mask_kind, mask, int64_t band_lo,
+                       int64_t band_hi, int64_t offset, double scale, double softcap, alibi,
+                       kv_lengths, int64_t kv_group, out, lse, int num_threads, dout, dq, dk, dv,
+                       bint grads_bf16=False):
+    """The fused backward pass: writes dq, dk, dv (zeroed, of the full batch shape) for the
+    upstream gradient ``dout``, from the forward's ``out`` and ``lse`` ((..., L, 1)). The other
+    arguments are attention()'s. ``storage`` 0: q, k, v, out and dout in the compute dtype, and
+    so the gradients; 2: all five as bfloat16 bits (uint16), lse in float32, and the gradients
+    in float32, or as bfloat16 bits when ``grads_bf16``. Returns ``RAN``, or ``WIDEN`` having run
+    nothing when the kernel does not read that storage here (the caller widens and calls again
+    with storage 0)."""
     cdef Problem p
     cdef Py_ssize_t nb = len(batch_shape)
-    _problem(p, double, 0, batch_shape, L, S, E, Ev, q, k, v, mask_kind, mask, band_lo,
+    _problem(p, double, storage, batch_shape, L, S, E, Ev, q, k, v, mask_kind, mask, band_lo,
              band_hi, offset, scale, softcap, alibi, kv_lengths, kv_group, out, None, lse,
              num_threads, None)
     _fill(p.dout, dout, nb)
     _fill(p.dq, dq, nb)
     _fill(p.dk, dk, nb)
     _fill(p.dv, dv, nb)
+    p.grads_bf16 = grads_bf16
+    if storage != 0 and c_backward_reads_storage(p) != 1:
+        return WIDEN
     with nogil:
         c_attention_backward(p)
+    return RAN
 
 
 def exp2(x):

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._validate import Plan, sinks_gradient, sum_to
+from ._validate import Plan, is_bfloat16, sinks_gradient, sum_to
 
 # 16-bit storage codes of the compiled kernel (fastattn::Storage).
 _STORAGE = {"float16": 1, "bfloat16": 2}
@@ -171,31 +171,34 @@ def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
                  dtypes: tuple[np.dtype, ...], recompute_lse: bool = True
                  ) -> tuple[np.ndarray, ...]:
     """(dq, dk, dv), and dsinks when the plan has sinks, for the upstream gradient ``dout``,
-    given the forward's ``out`` and ``lse`` (all three in the compute dtype), in ``dtypes``
-    (q's, k's, v's and the sinks'). ``recompute_lse=False``: the lse of 16-bit inputs was given
-    in float32 and is used as it is."""
-    q, k, v = (a.astype(plan.dtype, copy=False) for a in (plan.q, plan.k, plan.v))
+    given the forward's ``out`` and ``lse`` (lse in the compute dtype; out and dout in it or in
+    q's 16-bit storage), in ``dtypes`` (q's, k's, v's and the sinks'). ``recompute_lse=False``:
+    the lse of 16-bit inputs was given in float32 and is used as it is."""
+    q, k, v = plan.q, plan.k, plan.v  # as stored
     if plan.similarity == "cosine":  # the kernel's gradients are those of the unit rows
-        (q, q_norm), (k, k_norm) = _unit_rows_and_norms(q), _unit_rows_and_norms(k)
+        (q, q_norm), (k, k_norm) = (_unit_rows_and_norms(a.astype(plan.dtype, copy=False))
+                                    for a in (q, k))
+        v = v.astype(plan.dtype, copy=False)
     if plan.out_dtype != plan.dtype and recompute_lse:
         # A 16-bit lse is too coarse to recompute the weights from (bfloat16 rounds an lse of 8
         # by up to 0.016, every weight of the row by 1.6%): lse again, in float32, by the
         # forward kernel on the inputs as stored with no value column (Ev = 0: scores and
         # softmax only, half a forward). The 16-bit out serves D = rowsum(dO * O), whose
         # rounding is that of the gradients returned.
-        qs, ks = (q, k) if plan.similarity == "cosine" else (plan.q, plan.k)
         scores_only = dataclasses.replace(
-            plan, q=qs, k=ks, v=plan.v[..., :0] if ks.dtype == plan.v.dtype else v[..., :0],
-            Ev=0, similarity="dot", return_lse=True, return_weights=False,
-            out_dtype=plan.dtype)
+            plan, q=q, k=k, v=v[..., :0], Ev=0, similarity="dot", return_lse=True,
+            return_weights=False, out_dtype=plan.dtype)
         fresh = run(scores_only)[2]
         assert fresh is not None  # return_lse
         lse = fresh
-    dq = np.zeros(plan.batch + (plan.L, plan.E), plan.dtype)
-    dk = np.zeros(plan.batch + (plan.S, plan.E), plan.dtype)
-    dv = np.zeros(plan.batch + (plan.S, plan.Ev), plan.dtype)
-    args = _problem(plan, q, k, v) + [out, lse[..., None], plan.num_threads or 0, dout, dq, dk, dv]
-    _core.attention_backward(plan.dtype == np.float64, *args)
+    grads = _bfloat16_backward(plan, q, k, v, out, lse, dout, dtypes)
+    if grads is None:  # in the compute dtype
+        q, k, v, out, dout = (a.astype(plan.dtype, copy=False) for a in (q, k, v, out, dout))
+        grads = [np.zeros(plan.batch + shape, plan.dtype)
+                 for shape in ((plan.L, plan.E), (plan.S, plan.E), (plan.S, plan.Ev))]
+        _core.attention_backward(plan.dtype == np.float64, 0, *_problem(plan, q, k, v), out,
+                                 lse[..., None], plan.num_threads or 0, dout, *grads)
+    dq, dk, dv = grads
     dq = sum_to(dq, q.shape, 1)
     dk, dv = sum_to(dk, k.shape, plan.kv_group), sum_to(dv, v.shape, plan.kv_group)
     if plan.similarity == "cosine":  # through x / |x|: remove the part along the unit row
@@ -205,3 +208,27 @@ def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
     if plan.sinks is not None:  # from the lse used above: recomputed in float32 for 16 bits
         grads.append(sinks_gradient(plan, out, lse, dout))
     return tuple(g.astype(d, copy=False) for g, d in zip(grads, dtypes))
+
+
+def _bfloat16_backward(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+                       lse: np.ndarray, dout: np.ndarray, dtypes: tuple[np.dtype, ...]
+                       ) -> list[np.ndarray] | None:
+    """The gradients of the full batch shape by the kernel's bfloat16 backward, which reads q,
+    k, v, out and dout as stored (bfloat16 pair products, float32 sums), or None where it does
+    not run (other dtypes, or a CPU without AVX512-BF16 pairs). They come as bfloat16 when that
+    is their dtype and nothing is summed after the kernel (no broadcast, no GQA), else float32.
+    """
+    if not (plan.dtype == np.float32 and is_bfloat16(q.dtype)
+            and q.dtype == k.dtype == v.dtype == out.dtype == dout.dtype):
+        return None
+    shapes = ((plan.L, plan.E), (plan.S, plan.E), (plan.S, plan.Ev))
+    direct = all(a.shape == plan.batch + s and d == q.dtype
+                 for a, s, d in zip((q, k, v), shapes, dtypes))
+    grads = [np.zeros(plan.batch + s, np.uint16 if direct else plan.dtype) for s in shapes]
+    bits = [a.view(np.uint16) for a in (q, k, v, out, dout)]
+    status = _core.attention_backward(
+        False, _STORAGE["bfloat16"], *_problem(plan, *bits[:3]), bits[3], lse[..., None],
+        plan.num_threads or 0, bits[4], *grads, grads_bf16=direct)
+    if status == _core.WIDEN:
+        return None
+    return [g.view(q.dtype) for g in grads] if direct else grads

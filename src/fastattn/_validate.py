@@ -332,14 +332,20 @@ def _float_operand(name: str, a, shape: tuple, dtype: np.dtype, shapes: str) -> 
 
 def prepare_backward(q, k, v, out, lse, dout, **kwargs):
     """``prepare`` for ``attention_backward``: the forward's checks, then those of ``out`` and
-    ``lse`` (as ``attention(..., return_lse=True)`` returned them) and ``dout``, all three in
-    the compute dtype. Returns ``(plan, out, lse, dout)``."""
+    ``lse`` (as ``attention(..., return_lse=True)`` returned them) and ``dout``. lse comes in
+    the compute dtype; out and dout in it too, or in q, k and v's 16-bit storage when they are
+    given in it (the kernel may read them so). Returns ``(plan, out, lse, dout)``."""
     plan = prepare(q, k, v, **kwargs)
     shapes = _shapes(q=plan.q, k=plan.k, v=plan.v)
     rows = plan.batch + (plan.L,)
-    out = _float_operand("out", out, rows + (plan.Ev,), plan.dtype, shapes)
+
+    def dtype_of(a) -> np.dtype:
+        given = np.asarray(a).dtype
+        return given if given == plan.storage else plan.dtype
+
+    out = _float_operand("out", out, rows + (plan.Ev,), dtype_of(out), shapes)
     lse = _float_operand("lse", lse, rows, plan.dtype, shapes)
-    dout = _float_operand("dout", dout, rows + (plan.Ev,), plan.dtype, shapes)
+    dout = _float_operand("dout", dout, rows + (plan.Ev,), dtype_of(dout), shapes)
     return plan, out, lse, dout
 
 
