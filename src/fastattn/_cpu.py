@@ -196,8 +196,9 @@ def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
         q, k, v, out, dout = (a.astype(plan.dtype, copy=False) for a in (q, k, v, out, dout))
         grads = [np.zeros(plan.batch + shape, plan.dtype)
                  for shape in ((plan.L, plan.E), (plan.S, plan.E), (plan.S, plan.Ev))]
-        _core.attention_backward(plan.dtype == np.float64, 0, *_problem(plan, q, k, v), out,
-                                 lse[..., None], plan.num_threads or 0, dout, *grads)
+        args = _problem(plan, q, k, v) + [out, lse[..., None], plan.num_threads or 0, dout,
+                                          *grads]
+        _core.attention_backward(plan.dtype == np.float64, 0, *args)
     dq, dk, dv = grads
     dq = sum_to(dq, q.shape, 1)
     dk, dv = sum_to(dk, k.shape, plan.kv_group), sum_to(dv, v.shape, plan.kv_group)
@@ -226,9 +227,9 @@ def _bfloat16_backward(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray, 
                  for a, s, d in zip((q, k, v), shapes, dtypes))
     grads = [np.zeros(plan.batch + s, np.uint16 if direct else plan.dtype) for s in shapes]
     bits = [a.view(np.uint16) for a in (q, k, v, out, dout)]
-    status = _core.attention_backward(
-        False, _STORAGE["bfloat16"], *_problem(plan, *bits[:3]), bits[3], lse[..., None],
-        plan.num_threads or 0, bits[4], *grads, grads_bf16=direct)
+    args = _problem(plan, *bits[:3]) + [bits[3], lse[..., None], plan.num_threads or 0, bits[4],
+                                        *grads, direct]
+    status = _core.attention_backward(False, _STORAGE["bfloat16"], *args)
     if status == _core.WIDEN:
         return None
     return [g.view(q.dtype) for g in grads] if direct else grads
