@@ -104,7 +104,7 @@ def merge_attention(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndar
     outs, lses = _check_parts(outs, lses)
     out_dtype, lse_dtype = _promote(outs), _promote(lses)
     # 16-bit sums would lose ~3 digits; a float64 lse of a float32 out is merged in float64.
-    work = functools.reduce(np.promote_types, (np.float32, out_dtype, lse_dtype))
+    work = np.promote_types(np.promote_types(np.float32, out_dtype), lse_dtype)
     lses = [s.astype(work) for s in lses]
     with np.errstate(invalid="ignore"):  # NaN partials (e.g. from +inf scores) propagate as NaN
         m = functools.reduce(np.maximum, lses)
