@@ -204,6 +204,11 @@ def test_half_outputs_with_float32_lses(rng):
         half_ulp_out = np.abs(exact_out.astype(half).astype(np.float64) - exact_out)
         err = np.abs(out.astype(np.float64) - exact_out)
         assert np.all(err <= half_ulp_out + 1e-6 * np.abs(exact_out)), float(err.max())
+    # float16 with bfloat16: neither holds the other; float32, as attention computes them
+    out, lse = merge_attention([np.ones((2, 3), ml_dtypes.bfloat16), np.ones((2, 3), np.float16)],
+                               [np.zeros(2, np.float32), np.zeros(2, np.float32)])
+    assert out.dtype == lse.dtype == np.float32
+    np.testing.assert_array_equal(out, 1)
 
 
 def test_split_half_attention_merges_exactly(rng):
