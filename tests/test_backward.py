@@ -368,6 +368,33 @@ def test_half_precision_returns_its_dtype(rng, dtype):
     assert all(g.dtype == dt for g in grads)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("options", [dict(causal=True), dict(sinks=[0.5, -1.0]),
+                                     dict(similarity="cosine", window=(5, 0))], ids=str)
+def test_half_lse_rounded_by_the_caller_is_recomputed(rng, dtype, options):
+    """The forward returns a float32 lse for 16-bit inputs, used as given; one rounded to 16 bits
+    (too coarse to rebuild the weights from) is recomputed in float32 instead: the same
+    gradients up to an ulp of their dtype, and lse of a few units, where a bfloat16 rounding
+    of it would move every weight of a row by up to 1.6%."""
+    dt = np.dtype(np.float16) if dtype == "float16" else np.dtype(pytest.importorskip(
+        "ml_dtypes", reason="bfloat16 needs ml_dtypes").bfloat16)
+    q = (rng.standard_normal((2, 2, 30, 16)) * 3).astype(dt)
+    k, v = (rng.standard_normal((2, 2, 40, 16)).astype(dt) for _ in range(2))
+    out, lse = fastattn.attention(q, k, v, return_lse=True, **options)
+    assert out.dtype == dt and lse.dtype == np.float32
+    assert np.abs(lse.astype(dt).astype(np.float32) - lse).max() > 1e-4  # the rounding shows
+    dout = rng.standard_normal(out.shape).astype(dt)
+    given = fastattn.attention_backward(q, k, v, out, lse, dout, **options)
+    rounded = fastattn.attention_backward(q, k, v, out, lse.astype(dt), dout, **options)
+    assert len(given) == len(rounded) == 3 + ("sinks" in options)
+    for g, r in zip(given[:3], rounded[:3]):
+        assert g.dtype == r.dtype == dt
+        g, r = g.astype(np.float64), r.astype(np.float64)
+        assert np.all(np.abs(g - r) <= half_ulp(np.maximum(np.abs(g), np.abs(r)), dt))
+    if "sinks" in options:  # float64, from the float32 lse given or recomputed
+        np.testing.assert_allclose(rounded[3], given[3], rtol=1e-4, atol=1e-6)
+
+
 def test_rows_with_no_key_have_zero_gradients(rng):
     q, k, v = (rng.standard_normal((1, 2, 6, 4)) for _ in range(3))
     mask = np.ones((6, 6), bool)

@@ -279,7 +279,10 @@ def test_ptx_check_catches_float64_in_a_float32_kernel():
 def test_numpy_in_numpy_out(gpu, rng, dtype):
     q, k, v = qkv(rng, (2, 3), 5, 11, 8, 6, dtype)
     out, w, lse = check(gpu.attention, q, k, v, causal=True, return_weights=True, return_lse=True)
-    assert all(type(a) is np.ndarray and a.dtype == dtype for a in (out, w, lse))
+    assert all(type(a) is np.ndarray for a in (out, w, lse))
+    # out and weights in the input dtype, lse in the compute dtype (float32 for float16)
+    assert out.dtype == w.dtype == dtype
+    assert lse.dtype == (np.float32 if dtype == np.float16 else dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -290,7 +293,8 @@ def test_device_in_device_out(gpu, rng, dtype):
     got = gpu.attention(dq, dk, dv, mask=dm, return_weights=True, return_lse=True)
     assert all(fastattn._cuda.on_device(a) for a in got)
     assert [a.shape for a in got] == [(2, 3, 5, 6), (2, 3, 5, 11), (2, 3, 5)]
-    assert all(np.dtype(a.dtype) == dtype for a in got)
+    assert [np.dtype(a.dtype) for a in got] == [np.dtype(dtype)] * 2 + [
+        np.dtype(np.float32 if dtype == np.float16 else dtype)]  # lse in the compute dtype
     host = tuple(_host(a) for a in got)
     check(lambda *a, **kw: host, q, k, v, mask=m, return_weights=True, return_lse=True)
     # The same numbers as from NumPy inputs: one kernel, whichever way the data came.
@@ -338,6 +342,8 @@ def test_bfloat16(gpu, rng):
     q, k, v = (a.astype(ml_dtypes.bfloat16) for a in qkv(rng, (2,), 4, 9, 8, 3))
     out = check(gpu.attention, q, k, v, causal=True)  # NumPy: widened on the host
     assert out.dtype == q.dtype
+    out, lse = check(gpu.attention, q, k, v, causal=True, return_lse=True)
+    assert out.dtype == q.dtype and lse.dtype == np.float32  # lse not rounded to bfloat16
     if gpu.sim:  # Numba's own device arrays cannot hold bfloat16 on a GPU
         with pytest.raises(NotImplementedError, match="bfloat16"):
             gpu.attention(gpu.cuda.to_device(q), k, v)

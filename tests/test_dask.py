@@ -197,8 +197,32 @@ def test_weights_across_key_chunks(client, rng):
     args = dict(causal=True, window=(7, 0), return_weights=True, return_lse=True)
     got = _compute(client, fdask.attention(da.from_array(q, chunks=(1, 1, 10, 4)),
                                            da.from_array(k, chunks=(1, 2, 6, 4)), v, **args))
-    assert [g.dtype for g in got] == [np.float16] * 3
+    assert [g.dtype for g in got] == [np.float16, np.float16, np.float32]  # lse: compute dtype
     assert_close_to_reference(got, q, k, v, **args)
+
+
+@needs_dask
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_inputs_give_a_float32_lse(client, rng, half):
+    """The lse of 16-bit inputs is float32, declared so before anything is computed, merged
+    across key chunks in float32 and never rounded to 16 bits; out keeps the inputs' dtype."""
+    dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16 if half == "bfloat16" else half)
+    q = (rng.standard_normal((2, 3, 20, 8)) * 3).astype(dtype)  # logits of a few units
+    k, v = (rng.standard_normal((2, 3, 45, 8)).astype(dtype) for _ in "kv")
+    args = dict(causal=True, align="bottom_right", return_lse=True)
+    out, lse = fdask.attention(da.from_array(q, chunks=(1, 3, 10, 8)),
+                               da.from_array(k, chunks=(2, 3, 15, 8)), v, **args)
+    assert out.dtype == dtype and lse.dtype == np.float32  # the lazy arrays' declared dtypes
+    assert lse._meta.dtype == np.float32
+    got = _compute(client, (out, lse))
+    assert got[0].dtype == dtype and got[1].dtype == np.float32
+    assert_close_to_reference(got, q, k, v, **args)
+    want = fastattn.attention(q, k, v, **args)[1]
+    np.testing.assert_allclose(got[1], want, rtol=1e-6, atol=1e-6)
+    exact = fastattn.reference.attention_in(np.float64, fastattn._validate.prepare(
+        q, k, v, **args))[2]
+    err = np.abs(got[1].astype(np.float64) - exact).max()
+    assert err < np.abs(exact.astype(dtype).astype(np.float64) - exact).max() / 100
 
 
 @needs_dask

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fastattn
+from fastattn import reference
+from fastattn._validate import prepare
 from layouts import LAYOUTS, in_layout, qkv
 from test_properties import problems
 from tolerances import assert_close_to_reference, check
@@ -35,6 +36,64 @@ def test_half_inputs(backend, rng, dtype, L, S):
     assert out.dtype == dtype
     check(backend, q, k, v, causal=True, align="bottom_right", return_lse=True)
     check(backend, q, k, v, mask=rng.random((L, S)) < 0.7, kv_lengths=[S, S // 2])
+
+
+def assert_lse_float32(lse, q, k, v, **kwargs) -> None:
+    """``lse`` of 16-bit inputs is float32 and as accurate as float32 makes it: far closer to the
+    float64 truth than the 16-bit rounding of that truth, which it must not carry."""
+    dtype = np.result_type(q, k, v)
+    assert lse.dtype == np.float32, f"lse of {dtype} inputs came back as {lse.dtype}"
+    plan = prepare(q, k, v, **kwargs)
+    exact = reference.attention_in(np.float64, plan)[2]
+    finite = np.isfinite(exact)
+    assert finite.any()
+    np.testing.assert_array_equal(np.isfinite(lse), finite)
+    err = np.abs(lse[finite].astype(np.float64) - exact[finite]).max()
+    rounding = np.abs(exact[finite].astype(dtype).astype(np.float64) - exact[finite]).max()
+    # lse of 2..10 here: a bfloat16 rounds it by up to 0.03, a float16 by up to 0.004; float32
+    # and the kernel's sums err by ~1e-6.
+    assert rounding > 1e-3, rounding  # the draw does show the 16-bit rounding
+    assert err < rounding / 100, (err, rounding)
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(causal=True, return_weights=True), dict(mask="bool", kv_lengths=[40, 25]),
+    dict(enable_gqa=True), dict(sinks=[0.5, 3.0, -1.0], window=(9, 2)),
+], ids=str)
+def test_half_lse_is_float32(backend, rng, dtype, kwargs):
+    """return_lse of float16 and bfloat16 inputs gives a float32 lse (the compute dtype, as
+    FlashAttention, xformers and flex_attention return it), out and weights in the inputs'
+    dtype; the row kernel, the weights path, masks, GQA's grouped rows and sinks alike."""
+    H = 3
+    if kwargs.get("enable_gqa"):
+        H = 1  # three query heads per kv head: the grouped-query path
+    q, k, v = qkv(rng, (2, 3), 7, 40, 16, 8, np.float32)
+    k, v = k[:, :H], v[:, :H]
+    q = (q * 3).astype(dtype)  # logits of a few units: lse of 2..10
+    k, v = k.astype(dtype), v.astype(dtype)
+    if kwargs.get("mask") == "bool":
+        kwargs = dict(kwargs, mask=rng.random((7, 40)) < 0.7)
+    kwargs = dict(kwargs, return_lse=True)
+    got = check(backend, q, k, v, **kwargs)
+    out, lse = got[0], got[-1]
+    assert out.dtype == dtype
+    if kwargs.get("return_weights"):
+        assert got[1].dtype == dtype
+    assert_lse_float32(lse, q, k, v, **kwargs)
+
+
+def test_reference_half_lse_is_float32(rng):
+    # The oracle returns what the backends return: lse in the compute dtype.
+    for dtype in HALVES:
+        q, k, v = (a.astype(dtype) for a in qkv(rng, (2, 3), 7, 40, 16, 8, np.float32))
+        q = (q.astype(np.float32) * 3).astype(dtype)
+        out, w, lse = reference.attention(q, k, v, return_weights=True, return_lse=True)
+        assert out.dtype == w.dtype == dtype
+        assert_lse_float32(lse, q, k, v)
+        # Mixed 16-bit formats compute in float32 and return float32 throughout.
+        got = reference.attention(q, k.astype(HALVES[dtype == HALVES[0]]), v, return_lse=True)
+        assert [a.dtype for a in got] == [np.float32] * 2
 
 
 @pytest.mark.parametrize("dtype", HALVES, ids=str)

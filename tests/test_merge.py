@@ -49,7 +49,7 @@ def split_attention(q, k, v, cuts, **kwargs):
     out, lse = merge_attention(outs, lses)
     if whole.sinks is not None:
         out, lse = add_sinks(out, lse, whole.sinks)
-    return out.astype(whole.out_dtype), lse.astype(whole.out_dtype)
+    return out.astype(whole.out_dtype), lse.astype(whole.dtype)  # lse: the compute dtype
 
 
 @st.composite
@@ -171,11 +171,59 @@ def test_every_float_dtype(rng, dtype, wider, eps_of):
 
 
 def test_mixed_dtypes_promote(rng):
+    # outs promote among themselves, lses among themselves: float64 out, float32 lse
     out, lse = merge_attention([np.ones((2, 3), np.float32), np.ones((2, 3), np.float64)],
                                [np.zeros(2, np.float32), np.zeros(2, np.float16)])
-    assert out.dtype == lse.dtype == np.float64
+    assert out.dtype == np.float64 and lse.dtype == np.float32
     np.testing.assert_array_equal(out, 1)
-    np.testing.assert_allclose(lse, np.log(2))
+    np.testing.assert_allclose(lse, np.log(2), rtol=1e-7)
+    # A float64 lse is merged in float64 even with float32 outputs, and stays float64.
+    lses = [np.array([0.0, 1e-9]), np.array([0.0, 0.0])]
+    out, lse = merge_attention([np.ones((2, 3), np.float32)] * 2, lses)
+    assert out.dtype == np.float32 and lse.dtype == np.float64
+    np.testing.assert_allclose(lse, np.logaddexp(*lses), rtol=1e-15)
+
+
+def test_half_outputs_with_float32_lses(rng):
+    """What attention returns for bfloat16 and float16 inputs (16-bit out, float32 lse) merges
+    to the same dtypes: the lse stays float32, unrounded, and the output is rounded once."""
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes")
+    for half in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)):
+        outs = [rng.standard_normal((4, 6, 5)).astype(half) for _ in range(3)]
+        lses = [(rng.standard_normal((4, 6)) * 3 + 8).astype(np.float32) for _ in range(3)]
+        out, lse = merge_attention(outs, lses)
+        assert out.dtype == half and lse.dtype == np.float32
+        exact_out, exact_lse = merge_attention([o.astype(np.float64) for o in outs],
+                                               [s.astype(np.float64) for s in lses])
+        lse_err = np.abs(lse.astype(np.float64) - exact_lse).max()
+        assert lse_err <= 4 * np.finfo(np.float32).eps * np.abs(exact_lse).max(), lse_err
+        # lses near 8: far below what rounding them to 16 bits would do (bfloat16: ~0.03)
+        rounding = np.abs(exact_lse.astype(half).astype(np.float64) - exact_lse).max()
+        assert lse_err < rounding / 100, (lse_err, rounding)
+        # out: the exact merge of the 16-bit parts, rounded once to the parts' dtype
+        half_ulp_out = np.abs(exact_out.astype(half).astype(np.float64) - exact_out)
+        err = np.abs(out.astype(np.float64) - exact_out)
+        assert np.all(err <= half_ulp_out + 1e-6 * np.abs(exact_out)), float(err.max())
+    # float16 with bfloat16: neither holds the other; float32, as attention computes them
+    out, lse = merge_attention([np.ones((2, 3), ml_dtypes.bfloat16), np.ones((2, 3), np.float16)],
+                               [np.zeros(2, np.float32), np.zeros(2, np.float32)])
+    assert out.dtype == lse.dtype == np.float32
+    np.testing.assert_array_equal(out, 1)
+
+
+def test_split_half_attention_merges_exactly(rng):
+    """bfloat16 attention run on key chunks with fastattn.attention itself (bfloat16 outs, float32
+    lses) and merged: within the reference's tolerance of the one-shot call, lse in float32."""
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    q = (rng.standard_normal((2, 3, 9, 16)) * 3).astype(bf16)
+    k, v = (rng.standard_normal((2, 3, 50, 16)).astype(bf16) for _ in "kv")
+    parts = [fastattn.attention(q, k[..., a:b, :], v[..., a:b, :], return_lse=True)
+             for a, b in ((0, 7), (7, 30), (30, 50))]
+    assert all(o.dtype == bf16 and s.dtype == np.float32 for o, s in parts)
+    out, lse = merge_attention([o for o, _ in parts], [s for _, s in parts])
+    assert out.dtype == bf16 and lse.dtype == np.float32
+    assert_close_to_reference((out, lse), q, k, v, return_lse=True)
 
 
 def test_single_part_is_returned_as_is(rng):

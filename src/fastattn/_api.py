@@ -64,7 +64,8 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         Scores become ``softcap * tanh(scores / softcap)`` after scaling, before masks and ALiBi.
     return_lse : bool, default False
         Also return the natural log-sum-exp of each row's final scores, shape ``(..., L)``,
-        ``-inf`` for a row with no key (used to merge partial attentions exactly).
+        ``-inf`` for a row with no key (used to merge partial attentions exactly), in the
+        compute dtype: float32 for float16 and bfloat16 inputs.
     kv_lengths : array_like of int, optional
         Key padding without a mask: in batch entry ``b`` only the first ``kv_lengths[b]`` keys
         take part. Its axes are the leading batch axes (shape ``(B,)`` for ``(B, H, L, E)``
@@ -91,6 +92,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         Only with ``return_weights=True``.
     lse : ndarray, shape (..., L)
         Only with ``return_lse=True``. Outputs come as ``(out, weights?, lse?)`` in that order.
+        In the compute dtype, not the output's: float32 for float16 and bfloat16 inputs (as
+        FlashAttention's ``softmax_lse``), since a 16-bit lse is too coarse to rebuild the
+        weights from or to merge partial results exactly (bfloat16 rounds an lse of 8 by up to
+        0.016, every weight of the row by 1.6%); float32 and float64 as ``out``.
 
     Raises
     ------
@@ -190,8 +195,9 @@ kv_lengths, similarity, sinks
     Notes
     -----
     float32 and float64 compute in their own precision; float16 and bfloat16 in float32, with
-    ``out`` and ``lse`` recomputed in float32 (a 16-bit ``lse`` is too coarse to rebuild the
-    weights from), and gradients returned in the input dtype.
+    gradients returned in the input dtype. For 16-bit inputs the forward returns ``lse`` in
+    float32, which is used as given; a 16-bit ``lse`` (rounded by the caller) is too coarse to
+    rebuild the weights from, and is recomputed in float32 instead.
 
     Examples
     --------
@@ -206,7 +212,7 @@ kv_lengths, similarity, sinks
     >>> all(np.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip((dq, dk, dv), ref))
     True
     """
-    # A float32 lse of 16-bit inputs (what fastattn.torch's forward returns) is used as given.
+    # A float32 lse of 16-bit inputs (what the forward returns) is used as given.
     lse_exact = not is_half(np.asarray(lse).dtype)
     plan, out, lse, dout = prepare_backward(
         q, k, v, out, lse, dout, mask=mask, causal=causal, scale=scale, enable_gqa=enable_gqa,

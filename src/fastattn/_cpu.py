@@ -127,7 +127,9 @@ def _grouped_queries(plan: Plan) -> Plan | None:
 
 
 def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(output, weights or None, lse or None) for a prepared plan, in the plan's output dtype."""
+    """(output, weights or None, lse or None) for a prepared plan: output and weights in the
+    plan's output dtype, lse in its compute dtype (float32 for 16-bit inputs: a 16-bit lse is too
+    coarse to rebuild the weights from or to merge partial results exactly)."""
     grouped = _grouped_queries(plan)
     if grouped is not None:
         out, _, lse = run(grouped)
@@ -163,7 +165,7 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         lse = lse[..., 0]
     if plan.out_dtype != plan.dtype:
         out = out.astype(plan.out_dtype)
-        weights, lse = (None if a is None else a.astype(plan.out_dtype) for a in (weights, lse))
+        weights = None if weights is None else weights.astype(plan.out_dtype)
     return out, weights, lse
 
 

@@ -285,7 +285,10 @@ def attention(
             )
     results = _run(cuda, kernel, plan, ops)
     if not any(device.values()):
-        results = [r.copy_to_host().astype(plan.out_dtype, copy=False) for r in results]
+        # out and weights in the output dtype; lse (last) stays in the compute dtype.
+        n = len(results) - plan.return_lse
+        dtypes = [plan.out_dtype] * n + [plan.dtype] * plan.return_lse
+        results = [r.copy_to_host().astype(d, copy=False) for r, d in zip(results, dtypes)]
     return results[0] if len(results) == 1 else tuple(results)
 
 
@@ -334,11 +337,13 @@ def _prepare_device(arrays, device, kwargs) -> Plan:
 
 
 def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
-    """Launches the kernel; [out, weights?, lse?] as flat-backed device arrays."""
+    """Launches the kernel; [out, weights?, lse?] as flat-backed device arrays, lse in the
+    compute dtype (float32 for 16-bit inputs)."""
     batch, L, S, E, Ev = plan.batch, plan.L, plan.S, plan.E, plan.Ev
     nb = math.prod(batch)
     # What the kernel writes: the caller's dtype, or the compute dtype to be rounded by the host.
     out_dtype = plan.out_dtype if plan.out_dtype in _KERNEL_DTYPES else np.dtype(plan.dtype)
+    lse_dtype = np.dtype(plan.dtype)  # the accumulator's: a 16-bit lse is too coarse
     shapes = [batch + (L, Ev)]
     if plan.return_weights:
         shapes.append(batch + (L, S))
@@ -346,7 +351,8 @@ def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
         shapes.append(batch + (L,))
     if nb == 0 or L == 0 or S == 0:  # nothing to launch: empty, or rows with no key
         fills = [0] + [0] * plan.return_weights + [-np.inf] * plan.return_lse
-        results = [np.full(s, f, out_dtype) for s, f in zip(shapes, fills)]
+        dtypes = [out_dtype] * (1 + plan.return_weights) + [lse_dtype] * plan.return_lse
+        results = [np.full(s, f, d) for s, f, d in zip(shapes, fills, dtypes)]
         if plan.return_lse and plan.sinks is not None:  # a row with no key: lse is the sink
             results[-1][...] = plan.sinks[..., None]
         return [cuda.to_device(r) for r in results]
@@ -355,7 +361,7 @@ def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
     acc = tiles.dtype.type
     out = cuda.device_array(nb * L * Ev, out_dtype) if Ev else _dummy(cuda, out_dtype)
     w = cuda.device_array(nb * L * S, out_dtype) if plan.return_weights else _dummy(cuda, out_dtype)
-    lse = cuda.device_array(nb * L, out_dtype) if plan.return_lse else _dummy(cuda, out_dtype)
+    lse = cuda.device_array(nb * L, lse_dtype) if plan.return_lse else _dummy(cuda, lse_dtype)
 
     q, k, v = ops["q"], ops["k"], ops["v"]
     table = np.empty((nb, 5), np.int64)

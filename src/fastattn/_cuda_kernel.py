@@ -276,8 +276,10 @@ def signatures():
     q, k and v of float16, float32 or float64 (float16 accumulates in float32). A bool mask and
     an additive mask are two arguments (the one not in use a dummy), so neither is ever read as
     the other's type; the additive one in the accumulator dtype, as ``prepare`` gives, and for
-    float16 inputs also in float16, as a device caller may pass it. ``tests/cuda_ptx_check.py``
-    compiles every one.
+    float16 inputs also in float16, as a device caller may pass it. ``out`` and the weights are
+    written in the inputs' dtype, ``lse`` in the accumulator's (float32 for float16 inputs: a
+    16-bit lse is too coarse to rebuild the weights from). ``tests/cuda_ptx_check.py`` compiles
+    every one.
     """
     from numba import types
 
@@ -299,9 +301,9 @@ def signatures():
                 arr(dt),
                 arr(types.boolean),
                 arr(mt),
-                arr(dt),
-                arr(dt),
-                arr(dt),
+                arr(dt),  # out
+                arr(dt),  # weights
+                arr(acc),  # lse: in the accumulator dtype (float32 for float16 inputs)
                 arr(i64, 2),
                 arr(acc),
                 arr(acc),

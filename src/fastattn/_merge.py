@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ._validate import is_bfloat16
+
 
 def _check_parts(outs, lses) -> tuple[list[np.ndarray], list[np.ndarray]]:
     outs, lses = [np.asarray(o) for o in outs], [np.asarray(s) for s in lses]
@@ -23,7 +25,7 @@ def _check_parts(outs, lses) -> tuple[list[np.ndarray], list[np.ndarray]]:
         raise ValueError("merge_attention needs at least one partial result")
     for name, parts in (("out", outs), ("lse", lses)):
         for i, a in enumerate(parts):
-            if a.dtype.kind != "f":
+            if a.dtype.kind != "f" and not is_bfloat16(a.dtype):
                 raise TypeError(f"{name}[{i}] has dtype {a.dtype}; partial results must be "
                                 "floating point")
     first_out, first_lse = outs[0].shape, lses[0].shape
@@ -35,6 +37,15 @@ def _check_parts(outs, lses) -> tuple[list[np.ndarray], list[np.ndarray]]:
             raise ValueError(f"partial results differ in shape: out[{i}] {o.shape}, lse[{i}] "
                              f"{s.shape}; out[0] {first_out}, lse[0] {first_lse}")
     return outs, lses
+
+
+def _promote(parts: list[np.ndarray]) -> np.dtype:
+    """The dtype ``parts`` promote to; float32 for float16 with bfloat16 (neither holds the
+    other, float32 holds both), as ``attention`` computes such inputs."""
+    try:
+        return np.result_type(*(p.dtype for p in parts))
+    except TypeError:
+        return np.dtype(np.float32)
 
 
 def merge_attention(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -59,8 +70,11 @@ def merge_attention(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndar
     out : ndarray, shape (..., L, Ev)
         The merged output; a row no part saw any key for is 0.
     lse : ndarray, shape (..., L)
-        The merged log-sum-exp, ``-inf`` for such a row. Both are in the dtype the inputs promote
-        to; the arithmetic is done in at least float32 (float16 parts are merged in float32).
+        The merged log-sum-exp, ``-inf`` for such a row. ``out`` is in the dtype the outputs
+        promote to and ``lse`` in the dtype the lses promote to, so the parts of 16-bit inputs
+        (16-bit outputs, float32 lses, as ``attention`` returns them) merge to the same; the
+        arithmetic is done in at least float32 and in the widest dtype of all the parts
+        (float16 and bfloat16 parts are merged in float32).
 
     Raises
     ------
@@ -88,8 +102,9 @@ def merge_attention(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndar
     (True, True)
     """
     outs, lses = _check_parts(outs, lses)
-    result = np.result_type(*outs, *lses)
-    work = np.promote_types(result, np.float32)  # float16 sums would lose ~3 digits
+    out_dtype, lse_dtype = _promote(outs), _promote(lses)
+    # 16-bit sums would lose ~3 digits; a float64 lse of a float32 out is merged in float64.
+    work = np.promote_types(np.promote_types(np.float32, out_dtype), lse_dtype)
     lses = [s.astype(work) for s in lses]
     with np.errstate(invalid="ignore"):  # NaN partials (e.g. from +inf scores) propagate as NaN
         m = functools.reduce(np.maximum, lses)
@@ -108,7 +123,7 @@ def merge_attention(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndar
         out = np.divide(acc, np.where(empty, 1, total)[..., None], out=acc)
         with np.errstate(divide="ignore"):
             lse = np.where(empty, -np.inf, shift + np.log(np.where(empty, 1, total)))
-    return out.astype(result, copy=False), lse.astype(result, copy=False)
+    return out.astype(out_dtype, copy=False), lse.astype(lse_dtype, copy=False)
 
 
 def add_sinks(out: np.ndarray, lse: np.ndarray, sinks) -> tuple[np.ndarray, np.ndarray]:

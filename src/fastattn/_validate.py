@@ -24,9 +24,9 @@ class Plan:
     k: np.ndarray
     v: np.ndarray
     mask: np.ndarray | None  # bool, or additive in ``dtype``
-    dtype: np.dtype  # what the kernel computes in
+    dtype: np.dtype  # what the kernel computes in, and the lse's dtype
     # q, k and v are stored in `storage`: `dtype`, or a 16-bit float the kernel widens on load.
-    out_dtype: np.dtype  # what the caller gets back
+    out_dtype: np.dtype  # what the caller gets back: out and weights (the lse stays in `dtype`)
     batch: tuple[int, ...]
     L: int
     S: int

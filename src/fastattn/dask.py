@@ -80,7 +80,9 @@ similarity
         Only with ``return_weights=True``, chunked as the scores; blocks outside the band are
         zeros made without running the kernel.
     lse : dask.array.Array, shape (..., L)
-        Only with ``return_lse=True``. Outputs come as ``(out, weights?, lse?)``.
+        Only with ``return_lse=True``. Outputs come as ``(out, weights?, lse?)``. In the compute
+        dtype, as :func:`fastattn.attention` returns it: float32 for float16 and bfloat16
+        inputs (the partial results are merged in it and never rounded to 16 bits).
 
     Raises
     ------
@@ -331,7 +333,7 @@ def _build(blocks: _Blocks, plan, dtype, out_dtype, task_opts, split_every, retu
             layers["out"][out_key] = (_first, root, out_dtype)
             if return_lse:
                 lse_key = (names["lse"], *b, i)
-                layers["lse"][lse_key] = (_last, root, out_dtype)
+                layers["lse"][lse_key] = (_last, root, dtype)  # the compute dtype, unrounded
             if plan.return_weights:
                 for j, (s0, s1) in enumerate(zip(k_starts, k_starts[1:])):
                     shape = b_shape + (l1 - l0, s1 - s0)
@@ -344,14 +346,14 @@ def _build(blocks: _Blocks, plan, dtype, out_dtype, task_opts, split_every, retu
     batch_chunks = tuple(blocks.batch_chunks)
     rows = blocks.q.chunks[-2]
 
-    def array(part, chunks):
-        return da.Array(graph, names[part], chunks, meta=np.empty((0,) * len(chunks), out_dtype))
+    def array(part, chunks, dtype=out_dtype):
+        return da.Array(graph, names[part], chunks, meta=np.empty((0,) * len(chunks), dtype))
 
     results = [array("out", batch_chunks + (rows, (plan.Ev,)))]
     if plan.return_weights:
         results.append(array("weights", batch_chunks + (rows, blocks.k.chunks[-2])))
     if return_lse:
-        results.append(array("lse", batch_chunks + (rows,)))
+        results.append(array("lse", batch_chunks + (rows,), dtype))
     return results[0] if len(results) == 1 else tuple(results)
 
 

@@ -35,7 +35,7 @@ def attention(q, k, v, **kwargs):
     if plan.return_weights:
         results.append(weights.astype(plan.out_dtype))
     if plan.return_lse:
-        results.append(lse.astype(plan.out_dtype))
+        results.append(lse.astype(plan.dtype))  # the compute dtype: float32 for 16-bit inputs
     return results[0] if len(results) == 1 else tuple(results)
 
 

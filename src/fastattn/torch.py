@@ -98,15 +98,11 @@ def _numpy_options(opts: dict) -> None:
 def _run_cpu(q, k, v, opts: dict, return_weights: bool, return_lse: bool):
     """(out, lse or None, weights or None) as NumPy arrays over CPU tensors' memory: out and
     weights in the output dtype, lse in the compute dtype (float32 for 16-bit inputs, as a
-    backward pass wants it)."""
+    backward pass wants it), as :func:`fastattn.attention` returns them."""
     _numpy_options(opts)
     plan = prepare(_to_numpy(q), _to_numpy(k), _to_numpy(v), **opts,
                    return_weights=return_weights, return_lse=return_lse)
-    out_dtype, plan.out_dtype = plan.out_dtype, plan.dtype
     out, weights, lse = _cpu.run(plan)
-    if out_dtype != plan.dtype:
-        out = out.astype(out_dtype)
-        weights = None if weights is None else weights.astype(out_dtype)
     return out, lse, weights
 
 
