@@ -195,7 +195,9 @@ kv_lengths, similarity, sinks
     Notes
     -----
     float32 and float64 compute in their own precision; float16 and bfloat16 in float32, with
-    gradients returned in the input dtype. For 16-bit inputs the forward returns ``lse`` in
+    gradients returned in the input dtype. bfloat16 on AVX512-BF16 (where the forward multiplies
+    bfloat16 pairs) multiplies bfloat16 pairs too, with float32 sums, the weights P and dS
+    rounded to bfloat16 for their products. For 16-bit inputs the forward returns ``lse`` in
     float32, which is used as given; a 16-bit ``lse`` (rounded by the caller) is too coarse to
     rebuild the weights from, and is recomputed in float32 instead.
 
