@@ -53,7 +53,7 @@ KernelStatus run_attention(const KernelArgs& args) {
 // Whether the backward pass reads this problem's 16-bit q, k, v, out and dout as stored (1), or
 // the caller widens them to float32 first (0): bfloat16, as pairs, where the forward's tiles
 // use pairs (AVX512-BF16, bf16_pairs).
-int backward_reads_storage(const KernelArgs& args) {
+int backward_reads_storage([[maybe_unused]] const KernelArgs& args) {
 #if defined(__AVX512BF16__)
   if (args.storage == 2 && args.bf16_pairs) return 1;
 #endif

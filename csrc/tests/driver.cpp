@@ -10,16 +10,20 @@
 // additive masks (broadcast), causal and sliding-window bands with either alignment, softcap,
 // ALiBi, kv_lengths, weights and log-sum-exp outputs, gradients (dq, dk, dv written through
 // strides), 1, 2 or default threads; and the
-// inconsistent problems the core must refuse with std::invalid_argument. (16-bit storage is left
-// to the Python tests: the core reads it only after the caller has negotiated reads_storage.)
+// inconsistent problems the core must refuse with std::invalid_argument. The forward's 16-bit
+// storage is left to the Python tests (the core reads it only after the caller has negotiated
+// reads_storage and packed it); the backward's bfloat16 storage, read as given, is run here too
+// (where backward_reads_storage says so; refused elsewhere).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention.hpp"
@@ -118,10 +122,28 @@ struct Case {
   int mask_kind;  // 0 none, 1 bool, 2 additive
   bool causal, window, bottom_right, softcap, alibi, kv_lengths, weights, lse;
   int threads;
+  // float32 with lse: inputs that bfloat16 holds exactly, and the backward again from bfloat16
+  // copies of q, k, v, out and dout; gradients as bfloat16 when grads_bf16.
+  bool bf16, grads_bf16;
 };
+
+// bfloat16 bits of x, rounded to nearest even (NaN kept a NaN), and back.
+uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+float bf16_value(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 struct Stats {
   int problems = 0, failures = 0;
+  int bf16_backward = 0;  // problems whose backward ran again from bfloat16 storage
 };
 
 template <class T>
@@ -141,9 +163,14 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   auto q = make_tensor<T>(rng, with(c.batch, {c.L, c.E}), true, sentinel);
   auto k = make_tensor<T>(rng, with(kv_batch, {c.S, c.E}), true, sentinel);
   auto v = make_tensor<T>(rng, with(kv_batch, {c.S, c.Ev}), true, sentinel);
-  fill(q, [&] { return T(normal(rng)); });
-  fill(k, [&] { return T(normal(rng)); });
-  fill(v, [&] { return T(normal(rng)); });
+  const bool bf16 = std::is_same_v<T, float> && c.bf16 && c.lse;
+  auto value = [&] {  // a normal draw, bfloat16's nearest for the bfloat16 backward
+    const double x = normal(rng);
+    return bf16 ? T(bf16_value(bf16_bits(float(x)))) : T(x);
+  };
+  fill(q, value);
+  fill(k, value);
+  fill(v, value);
   auto mask_b = make_tensor<uint8_t>(rng, with(c.batch, {c.L, c.S}), true, 0);
   auto mask_f = make_tensor<T>(rng, with(c.batch, {c.L, c.S}), true, sentinel);
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
@@ -163,7 +190,7 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   // zero on entry, against the naive loop's (accumulated in double, with the magnitudes of
   // their terms for the tolerance).
   auto dout = make_tensor<T>(rng, with(c.batch, {c.L, c.Ev}), true, sentinel);
-  fill(dout, [&] { return T(normal(rng)); });
+  fill(dout, value);
   auto dq = make_tensor<T>(rng, with(c.batch, {c.L, c.E}), false, sentinel);
   auto dk = make_tensor<T>(rng, with(c.batch, {c.S, c.E}), false, sentinel);
   auto dv = make_tensor<T>(rng, with(c.batch, {c.S, c.Ev}), false, sentinel);
@@ -202,6 +229,55 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
     pb.weights = Operand();
     pb.dout = view(dout, nb), pb.dq = view(dq, nb), pb.dk = view(dk, nb), pb.dv = view(dv, nb);
     fastattn::attention_backward(pb);
+  }
+  // The bfloat16 backward: q, k, v, out and dout as bfloat16 copies in the same layouts (out
+  // rounded), lse in float32; gradients into fresh tensors, as bfloat16 or float32.
+  auto bits_of = [](const Tensor<T>& t) {
+    Tensor<uint16_t> h;
+    h.shape = t.shape, h.strides = t.strides, h.base = t.base;
+    h.buf.resize(t.buf.size());
+    for (size_t n = 0; n < t.buf.size(); ++n) h.buf[n] = bf16_bits(float(t.buf[n]));
+    return h;
+  };
+  const uint16_t gsentinel = 0x7777;
+  Tensor<uint16_t> hq, hk, hv, hout, hdout, hdq, hdk, hdv;
+  Tensor<T> fdq, fdk, fdv;
+  bool bf16_ran = false;
+  if (bf16) {
+    hq = bits_of(q), hk = bits_of(k), hv = bits_of(v), hout = bits_of(out);
+    hdout = bits_of(dout);
+    Problem ph = p;
+    ph.weights = Operand();
+    ph.storage = fastattn::Storage::kBFloat16;
+    ph.q = view(hq, nb), ph.k = view(hk, nb), ph.v = view(hv, nb);
+    ph.out = view(hout, nb), ph.dout = view(hdout, nb);
+    ph.grads_bf16 = c.grads_bf16;
+    if (c.grads_bf16) {
+      hdq = make_tensor<uint16_t>(rng, with(c.batch, {c.L, c.E}), false, gsentinel);
+      hdk = make_tensor<uint16_t>(rng, with(c.batch, {c.S, c.E}), false, gsentinel);
+      hdv = make_tensor<uint16_t>(rng, with(c.batch, {c.S, c.Ev}), false, gsentinel);
+      for (auto* t : {&hdq, &hdk, &hdv}) fill(*t, [] { return uint16_t(0); });
+      ph.dq = view(hdq, nb), ph.dk = view(hdk, nb), ph.dv = view(hdv, nb);
+    } else {
+      fdq = make_tensor<T>(rng, with(c.batch, {c.L, c.E}), false, sentinel);
+      fdk = make_tensor<T>(rng, with(c.batch, {c.S, c.E}), false, sentinel);
+      fdv = make_tensor<T>(rng, with(c.batch, {c.S, c.Ev}), false, sentinel);
+      for (auto* t : {&fdq, &fdk, &fdv}) fill(*t, [] { return T(0); });
+      ph.dq = view(fdq, nb), ph.dk = view(fdk, nb), ph.dv = view(fdv, nb);
+    }
+    bf16_ran = fastattn::backward_reads_storage(ph) == 1;
+    if (bf16_ran) {
+      fastattn::attention_backward(ph);
+      ++stats.bf16_backward;
+    } else {  // where the kernel does not read it, the core refuses it
+      try {
+        fastattn::attention_backward(ph);
+        stats.failures++;
+        std::printf("FAIL %s: bfloat16 backward storage accepted where it is not read\n",
+                    isa.c_str());
+      } catch (const std::invalid_argument&) {
+      }
+    }
   }
 
   // The naive loop, in double: not long double, which valgrind computes as double anyway (and
@@ -321,6 +397,34 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
     check_grad("dq", dq, gq, mq);
     check_grad("dk", dk, gk, mk);
     check_grad("dv", dv, gv, mv);
+    if (bf16_ran) {
+      // Against the same naive gradient (the inputs are bfloat16's own values): the kernel
+      // rounds out (for D), P and dS to bfloat16 (each at most half an ulp, 2^-9, of a term)
+      // and, with grads_bf16, the gradient itself: 2^-6 of the terms' magnitude covers them.
+      const LD tb = t + LD(1) / 64;
+      auto check_bf16 = [&](const char* what, const auto& g, const std::vector<double>& want,
+                            const std::vector<double>& mag) {
+        size_t n = 0;
+        for_each_index(g.shape, [&](const Shape& idx) {
+          LD got;
+          if constexpr (std::is_same_v<std::decay_t<decltype(g.at(idx))>, uint16_t>)
+            got = LD(bf16_value(g.at(idx)));
+          else
+            got = LD(g.at(idx));
+          check(what, got, want[n], tb * (mag[n] + 1e-30), idx);
+          ++n;
+        });
+      };
+      if (c.grads_bf16) {
+        check_bf16("bfloat16 dq", hdq, gq, mq);
+        check_bf16("bfloat16 dk", hdk, gk, mk);
+        check_bf16("bfloat16 dv", hdv, gv, mv);
+      } else {
+        check_bf16("bfloat16 backward's dq", fdq, gq, mq);
+        check_bf16("bfloat16 backward's dk", fdk, gk, mk);
+        check_bf16("bfloat16 backward's dv", fdv, gv, mv);
+      }
+    }
   }
 
   // Inputs untouched; outputs written exactly on their elements (the sentinel elsewhere).
@@ -341,6 +445,26 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   only_view(dq, true, "dq");  // zeroed on their elements before the backward pass, if any
   only_view(dk, true, "dk");
   only_view(dv, true, "dv");
+  if (bf16_ran) {
+    auto only_bits = [&](const Tensor<uint16_t>& t, const char* what) {
+      std::vector<bool> in_view(t.buf.size(), false);
+      for_each_index(t.shape, [&](const Shape& idx) { in_view[size_t(t.index(idx))] = true; });
+      for (size_t n = 0; n < t.buf.size(); ++n)
+        if (!in_view[n] && t.buf[n] != gsentinel) {
+          error += std::string(" ") + what + " written outside its elements";
+          return;
+        }
+    };
+    if (c.grads_bf16) {
+      only_bits(hdq, "bfloat16 dq");
+      only_bits(hdk, "bfloat16 dk");
+      only_bits(hdv, "bfloat16 dv");
+    } else {
+      only_view(fdq, true, "bfloat16 backward's dq");
+      only_view(fdk, true, "bfloat16 backward's dk");
+      only_view(fdv, true, "bfloat16 backward's dv");
+    }
+  }
 
   ++stats.problems;
   if (!error.empty()) {
@@ -348,7 +472,8 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
     std::printf("FAIL %s %s batch %zu L=%lld S=%lld E=%lld Ev=%lld group=%lld mask=%d causal=%d "
                 "window=%d bottom_right=%d softcap=%d alibi=%d kv_lengths=%d weights=%d lse=%d "
                 "threads=%d: %s\n",
-                isa.c_str(), sizeof(T) == 8 ? "float64" : "float32", nb, (long long)c.L,
+                isa.c_str(), sizeof(T) == 8 ? "float64" : bf16 ? "float32+bfloat16" : "float32",
+                nb, (long long)c.L,
                 (long long)c.S, (long long)c.E, (long long)c.Ev, (long long)c.group, c.mask_kind,
                 c.causal, c.window, c.bottom_right, c.softcap, c.alibi, c.kv_lengths, c.weights,
                 c.lse, c.threads, error.c_str());
@@ -445,6 +570,8 @@ int main(int argc, char** argv) {
       c.weights = pick(rng) % 3 == 0;
       c.lse = pick(rng) % 3 == 0;
       c.threads = pick(rng) % 3;  // 0: the default
+      c.bf16 = pick(rng) % 2 == 0;
+      c.grads_bf16 = pick(rng) % 2 == 0;
       if (pick(rng) % 2)
         run_case<float>(c, rng, isa, stats);
       else
@@ -456,6 +583,7 @@ int main(int argc, char** argv) {
   std::printf("driver: %d problems on %zu instruction sets (", stats.problems,
               fastattn::available_isas().size());
   for (const std::string& isa : fastattn::available_isas()) std::printf(" %s", isa.c_str());
-  std::printf(" ), %d failures\n", failures);
+  std::printf(" ), %d of them also through the bfloat16 backward, %d failures\n",
+              stats.bf16_backward, failures);
   return failures ? 1 : 0;
 }
