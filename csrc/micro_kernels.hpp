@@ -93,6 +93,38 @@ struct Micro {
   }
 };
 
+#if defined(__AVX512F__) && FASTATTN_VBYTES == 64
+// r[i][j] <- r[j][i]: a 16 x 16 float32 transpose in registers (interleave pairs, then quads,
+// then the 128-bit lanes as a 4 x 4 transpose of their own), 64 shuffles for 256 values where an
+// element-by-element copy with one side strided costs a load and a store each.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // s[i + k], lane L: column 4L + k of rows i .. i + 3
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {  // lane g of row 4L + k is lane L of s[4g + k]
+    const __m512 u0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x44);
+    const __m512 u1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xee);
+    const __m512 u2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x44);
+    const __m512 u3 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xee);
+    t[k] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    t[4 + k] = _mm512_shuffle_f32x4(u0, u2, 0xdd);
+    t[8 + k] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // The same micro-GEMM on bfloat16 pairs (AVX512-BF16): every 32-bit lane of A and B holds two
 // bfloat16 values along t, and vdpbf16ps adds both products to a float32 accumulator, so one

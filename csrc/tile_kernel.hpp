@@ -313,17 +313,27 @@ struct TileKernel {
           T* o = ws.ot.ptr + c * BM + v * kLanes;
           S::store(o, S::load(o) * S::load(ws.alpha + v * kLanes));
         }
+    // A key row at a time across the NV vectors of queries: NV independent sums, so the adds
+    // do not wait on each other (one vector's sum over the keys took an add's latency per key).
+    // Each lane still sums its keys in order.
+    V mu[NV], sum[NV];
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      const V mu = S::load(ws.mu + v * kLanes);
-      V sum = S::splat(T(0));
-      for (int64_t j = 0; j < nb; ++j) {
-        T* s = ws.st.ptr + j * BM + v * kLanes;
-        const V p = exp_minus<T>(S::load(s), mu);
-        S::store(s, p);
-        sum += p;
-      }
-      S::store(ws.l + v * kLanes, S::load(ws.l + v * kLanes) + sum);
+      mu[v] = S::load(ws.mu + v * kLanes);
+      sum[v] = S::splat(T(0));
     }
+    for (int64_t j = 0; j < nb; ++j) {
+      T* s = ws.st.ptr + j * BM;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const V p = exp_minus<T>(S::load(s + v * kLanes), mu[v]);
+        S::store(s + v * kLanes, p);
+        sum[v] += p;
+      }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      S::store(ws.l + v * kLanes, S::load(ws.l + v * kLanes) + sum[v]);
   }
 
   void tile(Workspace& ws, int64_t b, int64_t qtile) const {
@@ -386,13 +396,34 @@ struct TileKernel {
 
   void pack_queries_plain(Workspace& ws, const T* Q, int64_t i0, int64_t rows) const {
     const int64_t E = a.E;
+    // Features packed by 16 x 16 transposes (AVX-512, float32, q contiguous along E); the rest,
+    // and other layouts, element by element.
+    int64_t e16 = 0;
+#if defined(__AVX512F__) && FASTATTN_VBYTES == 64
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.q.col_stride == 1) {
+        e16 = E / 16 * 16;
+        for (int64_t ib = 0; ib < BM; ib += 16) {
+          float* dst = ws.qt.ptr + (ib / QP) * E * QP + ib % QP;
+          for (int64_t e0 = 0; e0 < e16; e0 += 16) {
+            __m512 r[16];
+            for (int j = 0; j < 16; ++j)
+              r[j] = ib + j < rows ? _mm512_loadu_ps(Q + (i0 + ib + j) * a.q.row_stride + e0)
+                                   : _mm512_setzero_ps();
+            transpose16x16(r);
+            for (int f = 0; f < 16; ++f) _mm512_storeu_ps(dst + (e0 + f) * QP, r[f]);
+          }
+        }
+      }
+    }
+#endif
     for (int64_t i = 0; i < BM; ++i) {
       T* dst = ws.qt.ptr + (i / QP) * E * QP + i % QP;
       if (i < rows) {
         const T* src = Q + (i0 + i) * a.q.row_stride;
-        for (int64_t e = 0; e < E; ++e) dst[e * QP] = src[e * a.q.col_stride];
+        for (int64_t e = e16; e < E; ++e) dst[e * QP] = src[e * a.q.col_stride];
       } else {
-        for (int64_t e = 0; e < E; ++e) dst[e * QP] = T(0);
+        for (int64_t e = e16; e < E; ++e) dst[e * QP] = T(0);
       }
     }
   }
@@ -402,12 +433,36 @@ struct TileKernel {
     const int64_t Ev = a.Ev;
     // Normalize once. A query with no key (l == 0) gives zeros; a NaN sum stays NaN.
     T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
+    alignas(64) T inv[BM];
     for (int64_t i = 0; i < rows; ++i) {
       // The sink updates the row's final (mu, l) in place, so write_weights sees it too.
-      const T inv = fold_sink(ep.sink, ws.mu[i], ws.l[i]);
+      inv[i] = fold_sink(ep.sink, ws.mu[i], ws.l[i]);
       if (a.lse.data) write_lse(a, b, i0 + i, ws.mu[i], ws.l[i]);
+    }
+    // O^T back to rows: by 16 x 16 transposes where they fit (AVX-512, float32, out contiguous
+    // along Ev), the rest element by element.
+    int64_t rows16 = 0, cols16 = 0;
+#if defined(__AVX512F__) && FASTATTN_VBYTES == 64
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.out.col_stride == 1) {
+        rows16 = rows / 16 * 16;
+        cols16 = Ev / 16 * 16;
+        for (int64_t ib = 0; ib < rows16; ib += 16)
+          for (int64_t cb = 0; cb < cols16; cb += 16) {
+            __m512 r[16];
+            for (int f = 0; f < 16; ++f) r[f] = _mm512_loadu_ps(ws.ot.ptr + (cb + f) * BM + ib);
+            transpose16x16(r);
+            for (int j = 0; j < 16; ++j)
+              _mm512_storeu_ps(out + (i0 + ib + j) * a.out.row_stride + cb,
+                               _mm512_mul_ps(r[j], _mm512_set1_ps(inv[ib + j])));
+          }
+      }
+    }
+#endif
+    for (int64_t i = 0; i < rows; ++i) {
       T* dst = out + (i0 + i) * a.out.row_stride;
-      for (int64_t cc = 0; cc < Ev; ++cc) dst[cc * a.out.col_stride] = ws.ot.ptr[cc * BM + i] * inv;
+      for (int64_t cc = i < rows16 ? cols16 : 0; cc < Ev; ++cc)
+        dst[cc * a.out.col_stride] = ws.ot.ptr[cc * BM + i] * inv[i];
     }
     if (a.weights.data) write_weights(ws, ep, b, i0, rows, kb_begin, kb_end, K, m_off);
   }
