@@ -176,6 +176,12 @@ def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
     given the forward's ``out`` and ``lse`` (lse in the compute dtype; out and dout in it or in
     q's 16-bit storage), in ``dtypes`` (q's, k's, v's and the sinks'). ``recompute_lse=False``:
     the lse of 16-bit inputs was given in float32 and is used as it is."""
+    grouped = _grouped_queries(plan)
+    if grouped is not None:  # as the forward runs it: dK and dV summed over the group in place
+        rows = grouped.batch + (grouped.L,)
+        dq, *rest = run_backward(grouped, out.reshape(rows + (plan.Ev,)), lse.reshape(rows),
+                                 dout.reshape(rows + (plan.Ev,)), dtypes, recompute_lse)
+        return (dq.reshape(plan.q.shape), *rest)
     q, k, v = plan.q, plan.k, plan.v  # as stored
     if plan.similarity == "cosine":  # the kernel's gradients are those of the unit rows
         (q, q_norm), (k, k_norm) = (_unit_rows_and_norms(a.astype(plan.dtype, copy=False))
