@@ -137,40 +137,27 @@ struct BackwardKernel {
 #endif
 
   // x (the entry's L rows of cols, at x[i * rs + c * cs]) into a transposed block per query
-  // tile (cols x BM, times mul_t) and into rows (L_pad x pad, times mul_r), zero-padded.
-  void pack(const T* x, int64_t rs, int64_t cs, int64_t cols, int64_t pad, T mul_t, T mul_r,
-            T* xt, T* xr) const {
+  // tile (cols x BM) and into rows (L_pad x pad, times mul_r), zero-padded.
+  void pack(const T* x, int64_t rs, int64_t cs, int64_t cols, int64_t pad, T mul_r, T* xt,
+            T* xr) const {
     std::memset(xr, 0, sizeof(T) * size_t(L_pad * pad));
-    // Columns by 16 x 16 register transposes where they fit (AVX-512, float32, x contiguous
-    // along them: as the forward packs Q^T), the rest element by element.
+    // The transposed block by 16 x 16 blocks (transpose_block16, as the forward packs Q^T)
+    // where they fit (kBlocks16) and x is contiguous along cols; the rest element by element.
     int64_t c16 = 0;
-#if defined(__AVX512F__) && FASTATTN_VBYTES == 64
-    if constexpr (std::is_same_v<T, float>) {
-      if (cs == 1) {
-        c16 = cols / 16 * 16;
-        const __m512 mt = _mm512_set1_ps(mul_t), mr = _mm512_set1_ps(mul_r);
-        for (int64_t i0 = 0; i0 < L_pad; i0 += 16)  // L_pad: a multiple of BM, so of 16
-          for (int64_t c0 = 0; c0 < c16; c0 += 16) {
-            __m512 r[16];
-            for (int j = 0; j < 16; ++j) {
-              r[j] = i0 + j < a.L ? _mm512_loadu_ps(x + (i0 + j) * rs + c0) : _mm512_setzero_ps();
-              _mm512_storeu_ps(xr + (i0 + j) * pad + c0, _mm512_mul_ps(r[j], mr));
-            }
-            transpose16x16(r);
-            T* dt = xt + (i0 / BM) * cols * BM + i0 % BM;
-            for (int f = 0; f < 16; ++f)
-              _mm512_storeu_ps(dt + (c0 + f) * BM, _mm512_mul_ps(r[f], mt));
-          }
+    if (Tile::kBlocks16 && cs == 1) {
+      c16 = cols / 16 * 16;
+      for (int64_t i0 = 0; i0 < L_pad; i0 += 16) {  // L_pad: a multiple of BM, so of 16
+        const T* src = i0 < a.L ? x + i0 * rs : x;  // rows past L: zeros
+        T* dt = xt + (i0 / BM) * cols * BM + i0 % BM;
+        for (int64_t c0 = 0; c0 < c16; c0 += 16)
+          transpose_block16(src + c0, rs, a.L - i0, dt + c0 * BM, int64_t(BM));
       }
     }
-#endif
+    for (int64_t i = 0; i < a.L; ++i)
+      for (int64_t c = 0; c < cols; ++c) xr[i * pad + c] = x[i * rs + c * cs] * mul_r;
     for (int64_t i = 0; i < L_pad; ++i) {
       T* dt = xt + (i / BM) * cols * BM + i % BM;
-      for (int64_t c = c16; c < cols; ++c) {
-        const T val = i < a.L ? x[i * rs + c * cs] : T(0);
-        dt[c * BM] = val * mul_t;
-        xr[i * pad + c] = val * mul_r;
-      }
+      for (int64_t c = c16; c < cols; ++c) dt[c * BM] = i < a.L ? x[i * rs + c * cs] : T(0);
     }
   }
 
@@ -226,10 +213,8 @@ struct BackwardKernel {
     } else {
       // Q^T as given, the scores' scale applied in their product as the forward does (scores
       // rounded once, in natural units); Q rows times scale for dK = dS^T (Q scale).
-      pack(Q, a.q.row_stride, a.q.col_stride, a.E, E_pad, T(1), T(a.scale), ws.qt.ptr,
-           ws.qr.ptr);
-      pack(dO, a.dout.row_stride, a.dout.col_stride, a.Ev, Ev_pad, T(1), T(1), ws.dot.ptr,
-           ws.dor.ptr);
+      pack(Q, a.q.row_stride, a.q.col_stride, a.E, E_pad, T(a.scale), ws.qt.ptr, ws.qr.ptr);
+      pack(dO, a.dout.row_stride, a.dout.col_stride, a.Ev, Ev_pad, T(1), ws.dot.ptr, ws.dor.ptr);
     }
     T* D = ws.dlt.ptr;
     T* lse_use = ws.dlt.ptr + L_pad;
@@ -459,27 +444,20 @@ struct BackwardKernel {
     };
     if (n_chunks == 1) {
       const int64_t off = batch_offset(a, a.dq, b, 1), rs = a.dq.row_stride;
-      // dQ^T back to rows by 16 x 16 transposes where they fit (as the forward writes O), the
-      // rest (and bfloat16 gradients) element by element.
+      // dQ^T back to rows by 16 x 16 blocks (transpose_block16, as the forward writes O) where
+      // they fit; the rest, and bfloat16 gradients, element by element.
       int64_t rows16 = 0, cols16 = 0;
-#if defined(__AVX512F__) && FASTATTN_VBYTES == 64
-      if constexpr (std::is_same_v<T, float>) {
-        if (!a.grads_bf16 && a.dq.col_stride == 1) {
-          rows16 = a.L / 16 * 16;
-          cols16 = a.E / 16 * 16;
-          T* d = static_cast<T*>(const_cast<void*>(a.dq.data)) + off;
-          for (int64_t ib = 0; ib < rows16; ib += 16)
-            for (int64_t cb = 0; cb < cols16; cb += 16) {
-              __m512 r[16];
-              for (int f = 0; f < 16; ++f)
-                r[f] = _mm512_loadu_ps(dqt + (ib / BM) * a.E * BM + (cb + f) * BM + ib % BM);
-              transpose16x16(r);
-              for (int j = 0; j < 16; ++j)
-                _mm512_storeu_ps(d + (ib + j) * rs + cb, _mm512_mul_ps(r[j], _mm512_set1_ps(sc)));
-            }
-        }
+      if (Tile::kBlocks16 && !a.grads_bf16 && a.dq.col_stride == 1) {
+        rows16 = a.L / 16 * 16;
+        cols16 = a.E / 16 * 16;
+        T* d = static_cast<T*>(const_cast<void*>(a.dq.data)) + off;
+        T scale[16];
+        for (T& x : scale) x = sc;
+        for (int64_t ib = 0; ib < rows16; ib += 16)
+          for (int64_t cb = 0; cb < cols16; cb += 16)
+            transpose_block16(dqt + (ib / BM) * a.E * BM + cb * BM + ib % BM, int64_t(BM), 16,
+                              d + ib * rs + cb, rs, scale);
       }
-#endif
       write(a.dq, off + cols16 * a.dq.col_stride, rows16, a.E - cols16,
             [&](int64_t i, int64_t e) { return dq(i, e + cols16); });
       write(a.dq, off + rows16 * rs, a.L - rows16, a.E,

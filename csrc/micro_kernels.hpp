@@ -93,10 +93,23 @@ struct Micro {
   }
 };
 
+// A 16 x 16 block copied transposed, the packing of rows into the tiles' query-along-lanes
+// layout and back: dst[f * ds + j] = src[j * ss + f] for j, f < 16, times row_scale[f] when
+// given; source rows j >= rows read as 0 (src is not read at all when rows <= 0). Element by
+// element here; float32 on AVX-512 in registers, below.
+template <class T>
+inline void transpose_block16(const T* src, int64_t ss, int64_t rows, T* dst, int64_t ds,
+                              const T* row_scale = nullptr) {
+  for (int64_t f = 0; f < 16; ++f)
+    for (int64_t j = 0; j < 16; ++j) {
+      const T x = j < rows ? src[j * ss + f] : T(0);
+      dst[f * ds + j] = row_scale ? x * row_scale[f] : x;
+    }
+}
+
 #if defined(__AVX512F__) && FASTATTN_VBYTES == 64
 // r[i][j] <- r[j][i]: a 16 x 16 float32 transpose in registers (interleave pairs, then quads,
-// then the 128-bit lanes as a 4 x 4 transpose of their own), 64 shuffles for 256 values where an
-// element-by-element copy with one side strided costs a load and a store each.
+// then the 128-bit lanes as a 4 x 4 transpose of their own).
 inline void transpose16x16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {
@@ -122,6 +135,20 @@ inline void transpose16x16(__m512 r[16]) {
     t[12 + k] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
   }
   for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// 64 shuffles for 256 values, where the copy element by element costs a load and a store each
+// with one side strided (measured: ~2.5% of a (1, 8, 512, 512, 64) forward, each way).
+template <>
+inline void transpose_block16<float>(const float* src, int64_t ss, int64_t rows, float* dst,
+                                     int64_t ds, const float* row_scale) {
+  __m512 r[16];
+  for (int64_t j = 0; j < 16; ++j)
+    r[j] = j < rows ? _mm512_loadu_ps(src + j * ss) : _mm512_setzero_ps();
+  transpose16x16(r);
+  for (int64_t f = 0; f < 16; ++f)
+    _mm512_storeu_ps(dst + f * ds,
+                     row_scale ? _mm512_mul_ps(r[f], _mm512_set1_ps(row_scale[f])) : r[f]);
 }
 #endif
 

@@ -62,6 +62,8 @@ struct TileKernel {
   // (state update, rare rescaling) is a small share, short enough that S^T is 32 KB.
   static constexpr int BN = 16 * MR;
   static constexpr int NV = BM / kLanes;  // vectors in one S^T row
+  // Whether a panel holds whole 16-query blocks, for transpose_block16 (AVX2 and AVX-512).
+  static constexpr bool kBlocks16 = QP % 16 == 0;
 
   const KernelArgs& a;
   const int64_t n_kblocks, n_qtiles;
@@ -396,27 +398,18 @@ struct TileKernel {
 
   void pack_queries_plain(Workspace& ws, const T* Q, int64_t i0, int64_t rows) const {
     const int64_t E = a.E;
-    // Features packed by 16 x 16 transposes (AVX-512, float32, q contiguous along E); the rest,
-    // and other layouts, element by element.
+    // Features by 16 x 16 blocks (transpose_block16) where q is contiguous along them and the
+    // panels hold whole blocks; the rest, and other layouts, element by element.
     int64_t e16 = 0;
-#if defined(__AVX512F__) && FASTATTN_VBYTES == 64
-    if constexpr (std::is_same_v<T, float>) {
-      if (a.q.col_stride == 1) {
-        e16 = E / 16 * 16;
-        for (int64_t ib = 0; ib < BM; ib += 16) {
-          float* dst = ws.qt.ptr + (ib / QP) * E * QP + ib % QP;
-          for (int64_t e0 = 0; e0 < e16; e0 += 16) {
-            __m512 r[16];
-            for (int j = 0; j < 16; ++j)
-              r[j] = ib + j < rows ? _mm512_loadu_ps(Q + (i0 + ib + j) * a.q.row_stride + e0)
-                                   : _mm512_setzero_ps();
-            transpose16x16(r);
-            for (int f = 0; f < 16; ++f) _mm512_storeu_ps(dst + (e0 + f) * QP, r[f]);
-          }
-        }
+    if (kBlocks16 && a.q.col_stride == 1) {
+      e16 = E / 16 * 16;
+      for (int64_t ib = 0; ib < BM; ib += 16) {
+        const T* src = ib < rows ? Q + (i0 + ib) * a.q.row_stride : Q;  // rows past L: zeros
+        T* dst = ws.qt.ptr + (ib / QP) * E * QP + ib % QP;
+        for (int64_t e0 = 0; e0 < e16; e0 += 16)
+          transpose_block16(src + e0, a.q.row_stride, rows - ib, dst + e0 * QP, int64_t(QP));
       }
     }
-#endif
     for (int64_t i = 0; i < BM; ++i) {
       T* dst = ws.qt.ptr + (i / QP) * E * QP + i % QP;
       if (i < rows) {
@@ -439,26 +432,17 @@ struct TileKernel {
       inv[i] = fold_sink(ep.sink, ws.mu[i], ws.l[i]);
       if (a.lse.data) write_lse(a, b, i0 + i, ws.mu[i], ws.l[i]);
     }
-    // O^T back to rows: by 16 x 16 transposes where they fit (AVX-512, float32, out contiguous
-    // along Ev), the rest element by element.
+    // O^T back to rows by 16 x 16 blocks (transpose_block16) where they fit (kBlocks16) and
+    // out is contiguous along Ev; the rest element by element.
     int64_t rows16 = 0, cols16 = 0;
-#if defined(__AVX512F__) && FASTATTN_VBYTES == 64
-    if constexpr (std::is_same_v<T, float>) {
-      if (a.out.col_stride == 1) {
-        rows16 = rows / 16 * 16;
-        cols16 = Ev / 16 * 16;
-        for (int64_t ib = 0; ib < rows16; ib += 16)
-          for (int64_t cb = 0; cb < cols16; cb += 16) {
-            __m512 r[16];
-            for (int f = 0; f < 16; ++f) r[f] = _mm512_loadu_ps(ws.ot.ptr + (cb + f) * BM + ib);
-            transpose16x16(r);
-            for (int j = 0; j < 16; ++j)
-              _mm512_storeu_ps(out + (i0 + ib + j) * a.out.row_stride + cb,
-                               _mm512_mul_ps(r[j], _mm512_set1_ps(inv[ib + j])));
-          }
-      }
+    if (kBlocks16 && a.out.col_stride == 1) {
+      rows16 = rows / 16 * 16;
+      cols16 = Ev / 16 * 16;
+      for (int64_t ib = 0; ib < rows16; ib += 16)
+        for (int64_t cb = 0; cb < cols16; cb += 16)
+          transpose_block16(ws.ot.ptr + cb * BM + ib, int64_t(BM), 16,
+                            out + (i0 + ib) * a.out.row_stride + cb, a.out.row_stride, inv + ib);
     }
-#endif
     for (int64_t i = 0; i < rows; ++i) {
       T* dst = out + (i0 + i) * a.out.row_stride;
       for (int64_t cc = i < rows16 ? cols16 : 0; cc < Ev; ++cc)
