@@ -6,6 +6,7 @@
 
 #include "cpu_features.hpp"
 #include "kernel_args.hpp"
+#include "thread_pool.hpp"
 
 #ifdef FASTATTN_OPENMP
 #include <omp.h>
@@ -124,10 +125,14 @@ bool has_openmp() {
 
 int default_threads() {
 #ifdef FASTATTN_OPENMP
-  return omp_get_max_threads();  // honours OMP_NUM_THREADS and threadpoolctl's limits
+  // OMP_NUM_THREADS and threadpoolctl's limits (omp_set_num_threads) as OpenMP reads them; the
+  // call starts no OpenMP thread.
+  const int n = omp_get_max_threads();
 #else
-  return 1;
+  const int n = available_cores();
 #endif
+  const int cores = available_cores();
+  return n < 1 ? 1 : n < cores ? n : cores;
 }
 
 std::string active_isa() { return selected_isa(); }
@@ -188,6 +193,7 @@ KernelArgs make_args(const Problem& p) {
   a.softcap = p.softcap;
   require(p.num_threads >= 0, "num_threads must be >= 0");
   a.num_threads = p.num_threads > 0 ? p.num_threads : default_threads();
+  if (a.num_threads > available_cores()) a.num_threads = available_cores();
   if (a.num_threads < 1) a.num_threads = 1;
   // Only 16-bit problems ask (it takes a lock when the pairs are not the automatic choice).
   a.bf16_pairs = a.storage == int(Storage::kBFloat16) ? bf16_pairs_enabled() : true;
@@ -201,12 +207,31 @@ int reads_storage(const Problem& p) {
   return on_selected_isa([&](auto variant) { return variant.reads_storage(a); });
 }
 
-void attention(const Problem& p) {
-  const KernelArgs a = make_args(p);
+namespace {
+
+// The call's stop flag when the caller gave an interrupt check (else none: nothing is polled).
+struct Control {
+  CallControl c;
+  Control(const Problem& p, KernelArgs& a) {
+    if (!p.interrupt_poll) return;
+    c.poll = p.interrupt_poll;
+    c.poll_ctx = p.interrupt_ctx;
+    start_control(c);
+    a.control = &c;
+  }
+  int flags() const { return c.stopped ? kInterrupted : 0; }
+};
+
+}  // namespace
+
+int attention(const Problem& p) {
+  KernelArgs a = make_args(p);
+  const Control control(p, a);
   const KernelStatus status = on_selected_isa([&](auto variant) { return variant.run(a); });
   if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
   require(status != KernelStatus::kBadStorage,
           "16-bit storage is read only where reads_storage says so");
+  return control.flags();
 }
 
 int backward_reads_storage(const Problem& p) {
@@ -214,8 +239,9 @@ int backward_reads_storage(const Problem& p) {
   return on_selected_isa([&](auto variant) { return variant.backward_reads(a); });
 }
 
-void attention_backward(const Problem& p) {
+int attention_backward(const Problem& p) {
   KernelArgs a = make_args(p);
+  const Control control(p, a);
   const size_t nd = p.batch_shape.size();
   require(p.storage == Storage::kSame || p.storage == Storage::kBFloat16,
           "the backward pass reads q, k and v in the compute dtype or as bfloat16");
@@ -232,6 +258,7 @@ void attention_backward(const Problem& p) {
   if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
   require(status != KernelStatus::kBadStorage,
           "the backward pass reads 16-bit storage only where backward_reads_storage says so");
+  return control.flags();
 }
 
 template <class T>

@@ -69,7 +69,14 @@ struct Problem {
   Operand weights;  // written when data != nullptr: (batch..., L, S)
   Operand lse;      // written when data != nullptr: (batch..., L), natural log, -inf if no key
 
-  int num_threads = 0;  // 0: OpenMP's default (OMP_NUM_THREADS, threadpoolctl)
+  // Threads; 0: OpenMP's default (OMP_NUM_THREADS, threadpoolctl). Never more than the cores
+  // this process may run on (available_cores()): more would only add switching.
+  int num_threads = 0;
+
+  // A check for an interrupt, run on the calling thread about every kPollMillis (20 ms) of a
+  // long call; nonzero stops the call early, which then reports kInterrupted. Null: none.
+  int (*interrupt_poll)(void* ctx) = nullptr;
+  void* interrupt_ctx = nullptr;
 
   // The backward pass only: out and lse (given, as the forward wrote them) and dout are read;
   // dq (batch..., L, E), dk (batch..., S, E) and dv (batch..., S, Ev) are written per batch entry
@@ -82,13 +89,18 @@ struct Problem {
   bool grads_bf16 = false;
 };
 
-// Runs the fused kernel; throws std::invalid_argument for an inconsistent problem.
-void attention(const Problem& p);
+// What a call reports beside its outputs, as bit flags (0: nothing to report).
+// kInterrupted: interrupt_poll asked the call to stop; it stopped early and its outputs are
+// unspecified.
+constexpr int kInterrupted = 2;
+
+// Runs the fused kernel; throws std::invalid_argument for an inconsistent problem. Returns flags.
+int attention(const Problem& p);
 
 // The gradients dq, dk, dv of attention(p) for the upstream gradient p.dout, from the forward's
 // p.out and p.lse (both required). q, k, v, out and dout in p.dtype (storage kSame), or in
-// bfloat16 (kBFloat16) where backward_reads_storage(p) is 1; no weights.
-void attention_backward(const Problem& p);
+// bfloat16 (kBFloat16) where backward_reads_storage(p) is 1; no weights. Returns flags.
+int attention_backward(const Problem& p);
 
 // 1 when the backward pass reads p's 16-bit storage as given (bfloat16 pairs on AVX512-BF16),
 // 0 when the caller widens q, k, v, out and dout to float32 first.
@@ -115,7 +127,8 @@ std::string amx_status();
 std::string bfloat16_tiles();
 // Forces an instruction set ("" restores automatic choice); throws if unavailable.
 void set_isa(const std::string& name);
-// Whether the build has OpenMP, and the thread count a call with num_threads = 0 would use.
+// Whether the build has OpenMP (whose settings give the default thread count; the threads are
+// fastattn's own, thread_pool.hpp), and the thread count a call with num_threads = 0 would use.
 bool has_openmp();
 int default_threads();
 

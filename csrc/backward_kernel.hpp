@@ -427,8 +427,10 @@ struct BackwardKernel {
       const In* Vb = Vs + j0 * a.v.row_stride;
       if constexpr (kPairs)
         if (qt_last > qt_first) pack_keys(ws, Kb, Vb, nb);
-      for (int64_t qt = qt_first; qt < qt_last; ++qt)
+      for (int64_t qt = qt_first; qt < qt_last; ++qt) {
+        if (stop_requested(a)) return;  // the call raises: what is written does not matter
         block(ws, ep, Kb, Vb, m_off, qt * BM, j0, nb, user_mask);
+      }
       const T* dk = ws.dk.ptr;
       const T* dv = ws.dv.ptr;
       write(a.dk, dk_off + j0 * a.dk.row_stride, nb, a.E,
@@ -472,7 +474,7 @@ struct BackwardKernel {
   // Sums the chunks' dQ of each entry into dq, a row of queries per item.
   void reduce(int threads) const {
     for_each_item<int>(
-        threads, a.batch_count * a.L, [](int&) { return true; },
+        a, threads, a.batch_count * a.L, [](int&) { return true; },
         [&](int&, int64_t it) {
           const int64_t b = it / a.L, i = it % a.L;
           write(a.dq, batch_offset(a, a.dq, b, 1) + i * a.dq.row_stride, 1, a.E,
@@ -500,7 +502,7 @@ struct BackwardKernel {
     const int64_t items = a.batch_count * n_chunks;
     const int threads = int(min64(a.num_threads, items));
     const bool ok = for_each_item<Workspace>(
-        threads, items, [&](Workspace& ws) { return allocate(ws); },
+        a, threads, items, [&](Workspace& ws) { return allocate(ws); },
         [&](Workspace& ws, int64_t it) { item(ws, it / n_chunks, it % n_chunks); });
     if (!ok) return KernelStatus::kOutOfMemory;
     if (n_chunks > 1) reduce(a.num_threads);

@@ -9,6 +9,8 @@
 
 namespace fastattn {
 
+struct CallControl;  // thread_pool.hpp
+
 constexpr int kMaxBatchDims = 64;  // NumPy's own limit on ndim
 
 struct StridedView {
@@ -37,6 +39,7 @@ struct KernelArgs {
   int num_threads = 1;  // resolved by the dispatcher: >= 1
   bool bf16_pairs = true;  // whether bfloat16 tiles may run as pairs (cpu_features.hpp)
   bool grads_bf16 = false;  // the backward pass writes dq, dk, dv as bfloat16 (else dtype)
+  CallControl* control = nullptr;  // the call's stop flag (Ctrl-C), or none
 };
 
 // Status of a kernel run; the dispatcher turns failures into exceptions.

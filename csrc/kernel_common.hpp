@@ -6,6 +6,7 @@
 
 #include "kernel_args.hpp"
 #include "online_softmax.hpp"
+#include "thread_pool.hpp"
 
 namespace fastattn {
 namespace FASTATTN_ISA_NS {
@@ -153,34 +154,45 @@ inline bool band_cuts(const KernelArgs& a, int64_t i0, int64_t i_last, int64_t j
   return j0 < i_last + a.band_lo || j0 + nb - 1 > i0 + a.band_hi;
 }
 
-// Runs body(ws, item) for every item in [0, items) on `threads` threads, dynamically scheduled
-// one item at a time (items differ in cost under a band), each thread with its own Workspace
-// made ready by allocate(ws). False when an allocation failed (items on that thread are
-// skipped). One thread runs outside any OpenMP region: libgomp ends even a region of one thread
-// with a futex wake of its barrier, two system calls that were a third of a tiny call's time in
-// the core (strace: 2 futex calls per call).
+// Whether the call was asked to stop (Ctrl-C; see thread_pool.hpp): checked between items and
+// between blocks of a long item, so a stop is noticed within one block of work. A call without
+// an interrupt check (the C++ driver, calls from threads other than Python's main thread) pays
+// one compare.
+inline bool stop_requested(const KernelArgs& a) {
+  return a.control && ::fastattn::stop_requested(a.control);
+}
+
+// Runs body(ws, item) for every item in [0, items) on up to `threads` threads of fastattn's
+// pool (thread_pool.hpp), handed out one at a time (items differ in cost under a band), each
+// thread with its own Workspace made ready by allocate(ws). The caller's thread takes part; with
+// one thread nothing else is touched. Every thread count completes the work, so a thread the OS
+// would not start only slows the call. False when an allocation failed (the call then fails).
+// Items left when the call is asked to stop are skipped.
 template <class Workspace, class Allocate, class Body>
-bool for_each_item(int threads, int64_t items, Allocate allocate, Body body) {
-  if (threads <= 1) {
-    Workspace ws;
-    if (!allocate(ws)) return false;
-    for (int64_t it = 0; it < items; ++it) body(ws, it);
-    return true;
-  }
-  bool failed = false;
-#pragma omp parallel num_threads(threads)
-  {
-    Workspace ws;
-    const bool ok = allocate(ws);
-    if (!ok) {
-#pragma omp atomic write
-      failed = true;
+bool for_each_item(const KernelArgs& a, int threads, int64_t items, Allocate allocate, Body body) {
+  struct Run {
+    Allocate& allocate;
+    Body& body;
+    CallControl* control;
+    int64_t items;
+    int64_t next;  // the next item to hand out (atomic builtins: no std::atomic in this file)
+    int failed;
+    void operator()() {
+      Workspace ws;
+      if (!allocate(ws)) {
+        __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);
+        return;
+      }
+      for (;;) {
+        const int64_t it = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+        if (it >= items || (control && ::fastattn::stop_requested(control))) return;
+        body(ws, it);
+      }
     }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it)
-      if (ok) body(ws, it);
-  }
-  return !failed;
+  } run{allocate, body, a.control, items, 0, 0};
+  if (items > 0)
+    parallel_run(threads, [](void* ctx, int) { (*static_cast<Run*>(ctx))(); }, &run);
+  return !run.failed;
 }
 
 }  // namespace FASTATTN_ISA_NS

@@ -227,6 +227,7 @@ struct RowKernel {
     k_begin = max64(k_begin, first);
     k_end = max64(k_begin, min64(k_end, last));
     for (int64_t j0 = k_begin; j0 < k_end; j0 += CK) {
+      if (stop_requested(a)) return;  // the call raises: what is written does not matter
       const int64_t nb = min64(CK, k_end - j0);
       const int64_t nb_p = round_up(nb, kLanes);
       const bool k_in_place =
@@ -313,7 +314,7 @@ struct RowKernel {
       return KernelStatus::kOutOfMemory;
     const int threads = int(min64(a.num_threads, items));
     const bool ok = for_each_item<Workspace>(
-        threads, items, [&](Workspace& ws) { return allocate(ws); },
+        a, threads, items, [&](Workspace& ws) { return allocate(ws); },
         [&](Workspace& ws, int64_t it) {
           const int64_t unit = it / splits, sp = it % splits;
           const int64_t b = unit / n_groups, i0 = (unit % n_groups) * RMAX;
@@ -332,9 +333,11 @@ struct RowKernel {
         });
     if (!ok) return KernelStatus::kOutOfMemory;
     if (splits > 1) {  // only with more than one thread (see the constructor)
-#pragma omp parallel for num_threads(threads)
-      for (int64_t unit = 0; unit < units; ++unit)
-        finish(unit / n_groups, (unit % n_groups) * RMAX, parts.ptr + unit * splits);
+      for_each_item<int>(
+          a, threads, units, [](int&) { return true; },
+          [&](int&, int64_t unit) {
+            finish(unit / n_groups, (unit % n_groups) * RMAX, parts.ptr + unit * splits);
+          });
     }
     return KernelStatus::kOk;
   }

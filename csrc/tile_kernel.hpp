@@ -15,10 +15,6 @@
 #include <cstring>
 #include <type_traits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "half.hpp"
 #if defined(FASTATTN_AMX)
 #include "amx_tiles.hpp"
@@ -362,6 +358,7 @@ struct TileKernel {
 
     bool first = true;
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+      if (stop_requested(a)) return;  // the call raises: what is written does not matter
       const int64_t j0 = kb * BN, nb = min64(BN, ep.keys - j0);
       const KeysIn in = keys_in(m_off, j0, nb);
       if (in == KeysIn::kNone) continue;
@@ -489,7 +486,7 @@ struct TileKernel {
     // the tiles run from the last (most keys) to the first, so the cheap ones fill the gaps at
     // the end.
     const bool ok = for_each_item<Workspace>(
-        threads, items, [&](Workspace& ws) { return allocate(ws); },
+        a, threads, items, [&](Workspace& ws) { return allocate(ws); },
         [&](Workspace& ws, int64_t it) {
           const int64_t b = it / n_qtiles, t = it % n_qtiles;
           tile(ws, b, a.has_band ? n_qtiles - 1 - t : t);

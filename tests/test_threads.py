@@ -118,10 +118,9 @@ def test_concurrent_calls_match_sequential(backend, rng):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc/self/task")
-@pytest.mark.skipif(not fastattn._core.has_openmp(), reason="fastattn built without OpenMP")
 def test_default_uses_all_cores():
-    # With num_threads=None a call runs one thread per core (OpenMP keeps its pool afterwards);
-    # num_threads=1 starts none.
+    # With num_threads=None a call runs one thread per core (the pool keeps its threads
+    # afterwards); num_threads=1 starts none.
     script = textwrap.dedent("""
         import os, numpy as np, fastattn
         tasks = lambda: len(os.listdir("/proc/self/task"))
@@ -144,7 +143,7 @@ def test_default_uses_all_cores():
 # --- threads actually used ------------------------------------------------------------------
 
 # Counts the threads that run during one call: each thread's CPU time from /proc/self/task (in
-# clock ticks) before and after. OpenMP keeps its pool between calls, so counting the threads
+# clock ticks) before and after. The pool keeps its threads between calls, so counting the threads
 # that exist (as above) would not show a call that asks for fewer.
 USED_SCRIPT = textwrap.dedent("""
     import os, sys, time, numpy as np, fastattn
@@ -179,7 +178,7 @@ USED_SCRIPT = textwrap.dedent("""
             q = np.concatenate([q] * 4)
             break
         q = np.concatenate([q, q])
-    fastattn.attention(q[:8], q[:8], q[:8], num_threads=3)  # a pool of 3 threads from here on
+    fastattn.attention(q[:8], q[:8], q[:8], num_threads=3)  # the pool's threads exist from here
     counts = {"1": used(num_threads=1), "2": used(num_threads=2), "3": used(num_threads=3),
               "None": used()}
     if sys.argv[1:] == ["threadpoolctl"]:
@@ -206,24 +205,26 @@ def test_threads_used_follow_num_threads_and_threadpoolctl():
     pytest.importorskip("threadpoolctl", reason="threadpoolctl limits need threadpoolctl")
     cores = len(os.sched_getaffinity(0))
     counts = _used_threads("threadpoolctl")
-    assert counts == {"1": 1, "2": 2, "3": 3, "None": cores, "None, threadpool_limits(1)": 1,
-                      "2, threadpool_limits(1)": 2}, counts
+    # num_threads=3 on fewer cores runs one thread per core: no call runs more threads than the
+    # process may use (see fastattn.attention's num_threads).
+    assert counts == {"1": 1, "2": min(2, cores), "3": min(3, cores), "None": cores,
+                      "None, threadpool_limits(1)": 1, "2, threadpool_limits(1)": min(2, cores)}, \
+        counts
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc/self/task")
 @pytest.mark.skipif(not fastattn._core.has_openmp(), reason="fastattn built without OpenMP")
 def test_threads_used_follow_omp_num_threads():
+    cores = len(os.sched_getaffinity(0))
     counts = _used_threads(OMP_NUM_THREADS="1")
-    assert counts == {"1": 1, "2": 2, "3": 3, "None": 1}, counts
+    assert counts == {"1": 1, "2": min(2, cores), "3": min(3, cores), "None": 1}, counts
 
 
-@pytest.mark.parametrize("env,want", [({}, "10000"), ({"OMP_WAIT_POLICY": "active"}, None),
-                                      ({"GOMP_SPINCOUNT": "5"}, "5")])
-def test_openmp_spin_default(env, want):
-    # Short barrier spins by default (see fastattn/__init__.py); a user's own choice stands.
-    full = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    full.update(env)
-    code = "import os, fastattn; print(os.environ.get('GOMP_SPINCOUNT'))"
-    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+def test_import_leaves_the_environment_alone():
+    # fastattn's idle threads give their core back by themselves (csrc/thread_pool.hpp): import
+    # sets no OpenMP variable (it used to set GOMP_SPINCOUNT, a process-wide side effect that
+    # did nothing when torch had loaded OpenMP first).
+    code = "import os; before = dict(os.environ); import fastattn; print(dict(os.environ) == before)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
-    assert out == str(want)
+    assert out == "True"

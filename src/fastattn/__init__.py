@@ -6,24 +6,14 @@
 (1, 4, 8)
 """
 
-import os
-
-# libgomp's threads spin ~300,000 iterations at every barrier before they sleep. On a machine
-# whose cores are shared with other work, a spinning thread takes the core its sibling needs:
-# (1, 8, 512, 512, 64) measured 13.5 ms on 2 threads against 5.5 ms on 1 while another build
-# ran; with 10,000 spins, 5.9 ms. Read by libgomp when the extension loads it, so set before
-# importing _core, and only when the user has chosen no wait policy of their own.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "10000"
-
-from . import reference  # noqa: E402
-from ._api import attention, attention_backward  # noqa: E402
-from ._attention_layer import MultiHeadAttention  # noqa: E402
-from ._core import active_isa, available_isas, set_isa  # noqa: E402
-from ._layers import multi_head_attention, self_attention  # noqa: E402
-from ._merge import merge_attention  # noqa: E402
-from ._plot import plot_attention  # noqa: E402
-from ._positional import positional_encoding  # noqa: E402
+from . import reference
+from ._api import attention, attention_backward
+from ._attention_layer import MultiHeadAttention
+from ._core import active_isa, available_isas, set_isa
+from ._layers import multi_head_attention, self_attention
+from ._merge import merge_attention
+from ._plot import plot_attention
+from ._positional import positional_encoding
 
 __version__ = "0.1.0"
 

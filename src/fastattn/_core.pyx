@@ -5,6 +5,9 @@ Nothing here checks NumPy semantics; ``fastattn._cpu`` prepares every argument.
 """
 
 from cpython.buffer cimport PyBUF_STRIDES, PyBuffer_Release, PyObject_GetBuffer
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.math cimport sqrt
 from libc.stdint cimport int64_t, uintptr_t
 from libcpp cimport bool as cbool
@@ -51,11 +54,13 @@ cdef extern from "attention.hpp" namespace "fastattn":
         int num_threads
         Operand dout, dq, dk, dv
         cbool grads_bf16
+        int (*interrupt_poll)(void*) noexcept nogil
+        void* interrupt_ctx
 
     const int64_t kNoBound "fastattn::kNoBound"
 
-    void c_attention "fastattn::attention"(const Problem& p) except + nogil
-    void c_attention_backward "fastattn::attention_backward"(const Problem& p) except + nogil
+    int c_attention "fastattn::attention"(const Problem& p) except + nogil
+    int c_attention_backward "fastattn::attention_backward"(const Problem& p) except + nogil
     int c_reads_storage "fastattn::reads_storage"(const Problem& p) except +
     int c_backward_reads_storage "fastattn::backward_reads_storage"(const Problem& p) except +
     void c_exp2_f32 "fastattn::exp2<float>"(const float* x, float* y, int64_t n) except + nogil
@@ -66,6 +71,11 @@ cdef extern from "attention.hpp" namespace "fastattn":
     vector[string] c_available_isas "fastattn::available_isas"() except +
     void c_set_isa "fastattn::set_isa"(const string& name) except +
     cbool c_has_openmp "fastattn::has_openmp"()
+
+cdef extern from "thread_pool.hpp" namespace "fastattn":
+    int c_available_cores "fastattn::available_cores"()
+
+cdef extern from "attention.hpp" namespace "fastattn":
     int c_default_threads "fastattn::default_threads"()
 
 
@@ -98,7 +108,65 @@ cdef void _fill(Operand& op, object array, Py_ssize_t n_batch) except *:
         PyBuffer_Release(&view)
 
 
+import os as _os
+import threading as _threading
+
 import numpy as _np
+
+
+# --- Ctrl-C during a long call --------------------------------------------------------------
+# Python runs signal handlers only on its main thread, between bytecodes: a call that spends
+# seconds in the kernel would hear Ctrl-C only when it returns. So a call made on the main
+# thread hands the kernel _check_signals, which the kernel runs on this thread about every 20 ms
+# (csrc/thread_pool.hpp): it runs the pending handlers, and one that raises (Ctrl-C's raises
+# KeyboardInterrupt) stops the call, whose caller then raises that exception. Other threads are
+# not polled (their signals are the main thread's to handle) and pay nothing.
+
+cdef struct _Interrupt:
+    PyObject* error  # the exception a signal handler raised (a reference), or NULL
+
+
+cdef int _check_signals(void* ctx) noexcept nogil:
+    cdef _Interrupt* st = <_Interrupt*>ctx
+    with gil:
+        try:
+            PyErr_CheckSignals()
+        except BaseException as e:
+            Py_INCREF(e)
+            st.error = <PyObject*>e
+            return 1
+    return 0
+
+
+cdef unsigned long _main_thread = <unsigned long>_threading.main_thread().ident
+
+
+def _after_fork_in_child():
+    # A child forked from another thread has that thread as its main thread.
+    global _main_thread
+    _main_thread = <unsigned long>_threading.main_thread().ident
+
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+cdef inline void _watch(Problem& p, _Interrupt* st) noexcept:
+    st.error = NULL
+    if <unsigned long>PyThread_get_thread_ident() == _main_thread:
+        p.interrupt_poll = _check_signals
+        p.interrupt_ctx = st
+
+
+cdef int _raise_if_interrupted(_Interrupt* st) except -1:
+    # After the kernel returned (the GIL held again): the handler's exception, if one stopped it.
+    if st.error == NULL:
+        return 0
+    error = <object>st.error
+    Py_DECREF(error)  # the reference _check_signals took; `error` holds its own
+    st.error = NULL
+    raise error
+
 
 NO_BOUND = kNoBound
 # NumPy's descriptors of builtin types are singletons: `a.dtype is _F32` is an identity test.
@@ -202,8 +270,11 @@ cdef object _run_plain(Problem& p, tuple batch, dtype, causal, scale, num_thread
     p.band_hi = 0 if causal else kNoBound
     p.scale = 1.0 / sqrt(<double>p.E) if scale is None else <double>scale
     p.num_threads = 0 if num_threads is None else num_threads
+    cdef _Interrupt st
+    _watch(p, &st)
     with nogil:
         c_attention(p)
+    _raise_if_interrupted(&st)
     return out
 
 
@@ -326,8 +397,11 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
         reads = c_reads_storage(p)
         if reads != 1:
             return PAIRS if reads == 3 else AMX if reads == 4 else WIDEN
+    cdef _Interrupt st
+    _watch(p, &st)
     with nogil:
         c_attention(p)
+    _raise_if_interrupted(&st)
     return RAN
 
 
@@ -355,8 +429,11 @@ def attention_backward(bint double, int storage, tuple batch_shape, int64_t L, i
     p.grads_bf16 = grads_bf16
     if storage != 0 and c_backward_reads_storage(p) != 1:
         return WIDEN
+    cdef _Interrupt st
+    _watch(p, &st)
     with nogil:
         c_attention_backward(p)
+    _raise_if_interrupted(&st)
     return RAN
 
 
@@ -408,10 +485,17 @@ def set_isa(name):
 
 
 def has_openmp():
-    """Whether the kernel was built with OpenMP."""
+    """Whether the build reads OpenMP's settings (OMP_NUM_THREADS, threadpoolctl's limits) for
+    its default thread count; the threads themselves are fastattn's own pool."""
     return c_has_openmp()
 
 
 def default_threads():
-    """Threads a call with num_threads=None uses (OMP_NUM_THREADS and threadpoolctl apply)."""
+    """Threads a call with num_threads=None uses: OMP_NUM_THREADS and threadpoolctl's limits
+    apply, and never more than the cores this process may run on."""
     return c_default_threads()
+
+
+def available_cores():
+    """The cores this process may run on (its CPU affinity): no call runs more threads."""
+    return c_available_cores()
