@@ -48,7 +48,8 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         Also return the attention weights, shape ``(..., L, S)``, rows summing to 1.
     num_threads : int, optional
         Threads for this call. None uses all cores, within ``OMP_NUM_THREADS`` and threadpoolctl's
-        limits.
+        limits. Never more than the cores this process may run on (its CPU affinity): a larger
+        number runs one thread per core.
     align : {"top_left", "bottom_right"}, default "top_left"
         Where query ``i``'s diagonal sits when ``L != S``: key ``i`` (top-left, PyTorch) or key
         ``i + S - L`` (bottom-right, FlashAttention: the last query sees the last key, as a
@@ -109,6 +110,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     -----
     A query row with no key left (all masked, or ``S == 0``) gives zeros, not NaN, as long as
     ``v`` is finite: the output is ``weights @ v``, and ``0 * NaN`` is NaN here as in the reference.
+
+    A call made on Python's main thread runs the pending signal handlers about every 20 ms while
+    the kernel works: Ctrl-C raises ``KeyboardInterrupt`` out of a long call within that time.
 
     Examples
     --------
