@@ -110,6 +110,11 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     A query row with no key left (all masked, or ``S == 0``) gives zeros, not NaN, as long as
     ``v`` is finite: the output is ``weights @ v``, and ``0 * NaN`` is NaN here as in the reference.
 
+    Arrays in non-native byte order (``">f4"`` on a little-endian machine, byte-swapped
+    bfloat16) are read as the values they hold, through a native-order copy; results come in
+    the native-order dtype, equal bit for bit to those of the same values in native order.
+    (Device arrays in non-native order are a TypeError.)
+
     Examples
     --------
     >>> import numpy as np
@@ -199,7 +204,8 @@ kv_lengths, similarity, sinks
     bfloat16 pairs) multiplies bfloat16 pairs too, with float32 sums, the weights P and dS
     rounded to bfloat16 for their products. For 16-bit inputs the forward returns ``lse`` in
     float32, which is used as given; a 16-bit ``lse`` (rounded by the caller) is too coarse to
-    rebuild the weights from, and is recomputed in float32 instead.
+    rebuild the weights from, and is recomputed in float32 instead. Arrays in non-native byte
+    order are read as their values, as by :func:`attention`; gradients come in native order.
 
     Examples
     --------

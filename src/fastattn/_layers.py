@@ -12,6 +12,7 @@ import numbers
 import numpy as np
 
 from ._api import attention
+from ._validate import native_dtype
 
 
 def _is_bfloat16(dtype: np.dtype) -> bool:
@@ -37,6 +38,7 @@ def _dtypes(**arrays: np.ndarray) -> tuple[np.dtype, np.dtype]:
     except TypeError:  # numpy's DTypePromotionError, e.g. bfloat16 with float16 or an integer
         listed = ", ".join(f"{name} {a.dtype}" for name, a in arrays.items())
         raise TypeError(f"these dtypes have no common dtype: {listed}") from None
+    result = native_dtype(result)  # big-endian inputs project to native-order arrays
     if result.kind in "iub":
         return np.dtype(np.float64), np.dtype(np.float64)
     if result.itemsize == 2:
