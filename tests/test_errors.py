@@ -116,3 +116,19 @@ def test_scale_type(backend, scale):
         return
     with pytest.raises(TypeError):
         backend(z(3, 4), z(5, 4), z(5, 2), scale=scale)
+
+
+@pytest.mark.parametrize("lengths, shown", [
+    (np.uint64(2**64 - 1), "18446744073709551615"),  # was shown as its int64 wrap-around, -1
+    (np.array([5, 2**64 - 1], np.uint64), "18446744073709551615"),
+    (np.array([2**63], np.uint64), "9223372036854775808"),
+    (np.array([3, 6], ">u8"), "6"),
+    (np.int64(-3), "-3"),
+])
+def test_kv_lengths_out_of_range_show_the_values_given(fn, lengths, shown):
+    with pytest.raises(ValueError) as info:
+        fn(z(2, 3, 4), z(2, 5, 4), z(2, 5, 2), kv_lengths=lengths)
+    message = str(info.value)
+    assert "kv_lengths" in message and "S=5" in message and shown in message, message
+    if shown != "-3":
+        assert "-" not in message.split("got")[-1], message

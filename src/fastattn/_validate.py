@@ -166,6 +166,7 @@ def _per_batch(name, a, batch, kinds, dtype, shapes, given=None) -> np.ndarray:
     """``a`` checked to hold one value per batch entry (broadcasting), in ``dtype``.
 
     ``given`` is the shape the caller passed, for the message, if ``a`` was reshaped.
+    ``dtype`` None: checked only, returned in native byte order but its own dtype.
     """
     a = native(np.asarray(a))
     if a.dtype.kind not in kinds and not ("f" in kinds and is_bfloat16(a.dtype)):
@@ -177,7 +178,7 @@ def _per_batch(name, a, batch, kinds, dtype, shapes, given=None) -> np.ndarray:
     if not ok:
         raise ValueError(f"{name} of shape {given or tuple(a.shape)} does not fit the batch shape "
                          f"{batch} of {shapes}")
-    return _as_kernel_array(a, dtype)
+    return a if dtype is None else _as_kernel_array(a, dtype)
 
 
 def prepare(
@@ -305,11 +306,12 @@ def prepare(
         # A (B,) array counts along the first batch axis, as the number of batch axes it has.
         given = tuple(lengths.shape)
         lengths = lengths.reshape(given + (1,) * max(len(batch) - lengths.ndim, 0))
-        kv_lengths = _per_batch("kv_lengths", lengths, batch, "iu", np.dtype(np.int64), shapes,
-                                given)
-        if kv_lengths.size and (kv_lengths.min() < 0 or kv_lengths.max() > S):
+        lengths = _per_batch("kv_lengths", lengths, batch, "iu", None, shapes, given)
+        # Checked in the dtype given: a uint64 2**64 - 1 is no int64 -1 to the message.
+        if lengths.size and (lengths.min() < 0 or lengths.max() > S):
             raise ValueError(f"kv_lengths must lie in [0, S={S}]; got values from "
-                             f"{kv_lengths.min()} to {kv_lengths.max()}")
+                             f"{lengths.min()} to {lengths.max()}")
+        kv_lengths = _as_kernel_array(lengths, np.dtype(np.int64))
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
             raise TypeError(f"softcap must be a positive real number, got {softcap!r}")
