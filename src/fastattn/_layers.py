@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 
 from ._api import attention
-from ._validate import native_dtype
+from ._validate import broadcast_shapes, native_dtype
 
 
 def _is_bfloat16(dtype: np.dtype) -> bool:
@@ -278,7 +278,7 @@ def multi_head_attention(x, w_q, w_k, w_v, w_o, *, num_heads, context=None, num_
                              f"{_shapes(**{name: a})}")
     if context is not None:
         try:
-            np.broadcast_shapes(x.shape[:-2], ctx.shape[:-2])
+            broadcast_shapes(x.shape[:-2], ctx.shape[:-2])
         except ValueError:
             raise ValueError(
                 f"the batch axes of x and context do not broadcast; got {_shapes(x=x, context=ctx)}"

@@ -95,6 +95,22 @@ def native(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """``np.broadcast_shapes`` for any number of axes (NumPy's stops at 32, with a
+    RuntimeError, where arrays and the kernel take 64): ValueError where they do not broadcast."""
+    ndim = max(map(len, shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        first = ndim - len(shape)
+        for i, n in enumerate(shape, first):
+            if n != out[i]:
+                if out[i] == 1:
+                    out[i] = n
+                elif n != 1:
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+    return tuple(out)
+
+
 def _check_dtype(name: str, a: np.ndarray) -> None:
     if a.dtype in _NATIVE or is_bfloat16(a.dtype):
         return
@@ -172,7 +188,7 @@ def _per_batch(name, a, batch, kinds, dtype, shapes, given=None) -> np.ndarray:
     if a.dtype.kind not in kinds and not ("f" in kinds and is_bfloat16(a.dtype)):
         raise TypeError(f"{name} has dtype {a.dtype}")
     try:
-        ok = a.ndim <= len(batch) and np.broadcast_shapes(a.shape, batch) == batch
+        ok = a.ndim <= len(batch) and broadcast_shapes(a.shape, batch) == batch
     except ValueError:
         ok = False
     if not ok:
@@ -237,7 +253,7 @@ def prepare(
             kv_group = max(hq // hk, 1)  # hq == 0: an empty batch, nothing to group
             kb, vb = kb[:-1] + (hq,), vb[:-1] + (hq,)
     try:
-        batch = qb if qb == kb == vb else np.broadcast_shapes(qb, kb, vb)
+        batch = qb if qb == kb == vb else broadcast_shapes(qb, kb, vb)
     except ValueError:
         raise ValueError(
             f"the batch axes of q, k and v do not broadcast; got {_shapes(q=q, k=k, v=v)}"
@@ -259,7 +275,7 @@ def prepare(
             )
         target = batch + (L, S)
         try:
-            ok = np.broadcast_shapes(mask.shape, target) == target
+            ok = broadcast_shapes(mask.shape, target) == target
         except ValueError:
             ok = False
         if not ok:
