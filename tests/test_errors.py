@@ -200,3 +200,19 @@ def test_layer_batch_shapes_beyond_32_axes():
         fastattn.multi_head_attention(x, w, w, w, w, num_heads=2, context=ctx)
     out = fastattn.multi_head_attention(x, w, w, w, w, num_heads=2, context=z(*DEEP, 5, 4))
     assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("shapes", [
+    [(), ()], [(3,), ()], [(2, 1), (1, 4)], [(0,), (1,)], [(1, 0), (5, 1)],
+    [(2, 3), (3,), (1, 1, 3)], [(2,), (3,)], [(0,), (2,)], [(2, 1), (3, 1, 5)], [(1, 2), (2, 3)],
+])
+def test_broadcast_shapes_agrees_with_numpy(shapes):
+    from fastattn._validate import broadcast_shapes
+
+    try:
+        want = np.broadcast_shapes(*shapes)
+    except ValueError:
+        with pytest.raises(ValueError):
+            broadcast_shapes(*shapes)
+    else:
+        assert broadcast_shapes(*shapes) == want
