@@ -114,6 +114,11 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     A call made on Python's main thread runs the pending signal handlers about every 20 ms while
     the kernel works: Ctrl-C raises ``KeyboardInterrupt`` out of a long call within that time.
 
+    Arrays in non-native byte order (``">f4"`` on a little-endian machine, byte-swapped
+    bfloat16) are read as the values they hold, through a native-order copy; results come in
+    the native-order dtype, equal bit for bit to those of the same values in native order.
+    (Device arrays in non-native order are a TypeError.)
+
     Examples
     --------
     >>> import numpy as np
@@ -203,7 +208,8 @@ kv_lengths, similarity, sinks
     bfloat16 pairs) multiplies bfloat16 pairs too, with float32 sums, the weights P and dS
     rounded to bfloat16 for their products. For 16-bit inputs the forward returns ``lse`` in
     float32, which is used as given; a 16-bit ``lse`` (rounded by the caller) is too coarse to
-    rebuild the weights from, and is recomputed in float32 instead.
+    rebuild the weights from, and is recomputed in float32 instead. Arrays in non-native byte
+    order are read as their values, as by :func:`attention`; gradients come in native order.
 
     Examples
     --------

@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from ._validate import Plan, _check_dtype, compute_dtypes, is_bfloat16, prepare
+from ._validate import Plan, _check_dtype, compute_dtypes, is_bfloat16, native, prepare
 
 INSTALL = 'pip install "fastattn[cuda]"'
 
@@ -300,6 +300,13 @@ def _to_host(cuda, a):
 
 
 def _check_device_dtype(name, dtype) -> None:
+    if not dtype.isnative:  # the kernel reads native numbers; a device copy is not made here
+        order = {">": "big-endian", "<": "little-endian"}.get(dtype.byteorder, dtype.byteorder)
+        raise TypeError(
+            f"{name}: a device array in non-native byte order ({order}, dtype {dtype.str}) is "
+            "not supported by the CUDA backend; convert it to native byte order first, or pass "
+            "a NumPy array (converted on the host)"
+        )
     if is_bfloat16(dtype):
         raise NotImplementedError(
             f"{name}: bfloat16 device arrays are not supported by the CUDA "
@@ -319,7 +326,7 @@ def _prepare_device(arrays, device, kwargs) -> Plan:
             _check_device_dtype(name, dtype)
             dtypes[name], args[name] = dtype, shape
         else:
-            args[name] = np.asarray(a)
+            args[name] = native(np.asarray(a))
             dtypes[name] = args[name].dtype
             _check_dtype(name, args[name])
     dtype, out_dtype = compute_dtypes(*dtypes.values())

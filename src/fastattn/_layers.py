@@ -12,6 +12,7 @@ import numbers
 import numpy as np
 
 from ._api import attention
+from ._validate import broadcast_shapes, native_dtype
 
 
 def _is_bfloat16(dtype: np.dtype) -> bool:
@@ -37,6 +38,7 @@ def _dtypes(**arrays: np.ndarray) -> tuple[np.dtype, np.dtype]:
     except TypeError:  # numpy's DTypePromotionError, e.g. bfloat16 with float16 or an integer
         listed = ", ".join(f"{name} {a.dtype}" for name, a in arrays.items())
         raise TypeError(f"these dtypes have no common dtype: {listed}") from None
+    result = native_dtype(result)  # big-endian inputs project to native-order arrays
     if result.kind in "iub":
         return np.dtype(np.float64), np.dtype(np.float64)
     if result.itemsize == 2:
@@ -276,7 +278,7 @@ def multi_head_attention(x, w_q, w_k, w_v, w_o, *, num_heads, context=None, num_
                              f"{_shapes(**{name: a})}")
     if context is not None:
         try:
-            np.broadcast_shapes(x.shape[:-2], ctx.shape[:-2])
+            broadcast_shapes(x.shape[:-2], ctx.shape[:-2])
         except ValueError:
             raise ValueError(
                 f"the batch axes of x and context do not broadcast; got {_shapes(x=x, context=ctx)}"

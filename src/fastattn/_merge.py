@@ -13,11 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._validate import is_bfloat16
+from ._validate import is_bfloat16, native
 
 
 def _check_parts(outs, lses) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    outs, lses = [np.asarray(o) for o in outs], [np.asarray(s) for s in lses]
+    # In native byte order: merged (and returned) as the values they hold, in the native dtypes.
+    outs, lses = [native(np.asarray(o)) for o in outs], [native(np.asarray(s)) for s in lses]
     if len(outs) != len(lses):
         raise ValueError(f"merge_attention needs one lse per output; got {len(outs)} outputs "
                          f"and {len(lses)} lses")

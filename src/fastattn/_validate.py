@@ -74,6 +74,43 @@ def is_half(dtype: np.dtype) -> bool:
     return dtype.char == "e" or is_bfloat16(dtype)
 
 
+def native_dtype(dtype: np.dtype) -> np.dtype:
+    """``dtype`` in the machine's byte order (the dtype itself when it already is)."""
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
+def native(a: np.ndarray) -> np.ndarray:
+    """``a`` with its values in the machine's byte order: ``a`` itself when they already are
+    (bool and every 1-byte dtype included), else a converted copy, so that no kernel reads a
+    byte-swapped array's bytes as native numbers. Dtypes fastattn does not take are returned as
+    they are, for the dtype checks to reject."""
+    dtype = a.dtype
+    if dtype in _NATIVE or dtype.isnative:
+        return a
+    if is_bfloat16(dtype):  # through its bits: exact whatever ml_dtypes' casts do
+        bits = a.view(np.dtype(np.uint16).newbyteorder(dtype.byteorder))
+        return bits.astype(np.uint16).view(native_dtype(dtype))
+    if dtype.kind in "fiu":
+        return a.astype(native_dtype(dtype))
+    return a
+
+
+def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """``np.broadcast_shapes`` for any number of axes (NumPy's stops at 32, with a
+    RuntimeError, where arrays and the kernel take 64): ValueError where they do not broadcast."""
+    ndim = max(map(len, shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        first = ndim - len(shape)
+        for i, n in enumerate(shape, first):
+            if n != out[i]:
+                if out[i] == 1:
+                    out[i] = n
+                elif n != 1:
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+    return tuple(out)
+
+
 def _check_dtype(name: str, a: np.ndarray) -> None:
     if a.dtype in _NATIVE or is_bfloat16(a.dtype):
         return
@@ -89,6 +126,9 @@ def compute_dtypes(*dtypes: np.dtype) -> tuple[np.dtype, np.dtype]:
     first = dtypes[0]
     if first in _NATIVE and all(d == first for d in dtypes):
         return first, first
+    if not all(d.isnative for d in dtypes):  # the kernel computes in the machine's byte order
+        dtypes = tuple(native_dtype(d) for d in dtypes)
+        first = dtypes[0]
     try:
         result = first if all(d == first for d in dtypes) else np.result_type(*dtypes)
     except TypeError:  # float16 with bfloat16: neither holds the other, float32 holds both
@@ -142,18 +182,19 @@ def _per_batch(name, a, batch, kinds, dtype, shapes, given=None) -> np.ndarray:
     """``a`` checked to hold one value per batch entry (broadcasting), in ``dtype``.
 
     ``given`` is the shape the caller passed, for the message, if ``a`` was reshaped.
+    ``dtype`` None: checked only, returned in native byte order but its own dtype.
     """
-    a = np.asarray(a)
+    a = native(np.asarray(a))
     if a.dtype.kind not in kinds and not ("f" in kinds and is_bfloat16(a.dtype)):
         raise TypeError(f"{name} has dtype {a.dtype}")
     try:
-        ok = a.ndim <= len(batch) and np.broadcast_shapes(a.shape, batch) == batch
+        ok = a.ndim <= len(batch) and broadcast_shapes(a.shape, batch) == batch
     except ValueError:
         ok = False
     if not ok:
         raise ValueError(f"{name} of shape {given or tuple(a.shape)} does not fit the batch shape "
                          f"{batch} of {shapes}")
-    return _as_kernel_array(a, dtype)
+    return a if dtype is None else _as_kernel_array(a, dtype)
 
 
 def prepare(
@@ -179,6 +220,8 @@ def prepare(
 ) -> Plan:
     """Checks the arguments of ``attention`` and resolves broadcasting and dtypes."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    if not (q.dtype.isnative and k.dtype.isnative and v.dtype.isnative):
+        q, k, v = native(q), native(k), native(v)  # values, not bytes: ">f4" is read as such
     for name, a in (("q", q), ("k", k), ("v", v)):
         _check_dtype(name, a)
     if min(q.ndim, k.ndim, v.ndim) < 2:
@@ -210,7 +253,7 @@ def prepare(
             kv_group = max(hq // hk, 1)  # hq == 0: an empty batch, nothing to group
             kb, vb = kb[:-1] + (hq,), vb[:-1] + (hq,)
     try:
-        batch = qb if qb == kb == vb else np.broadcast_shapes(qb, kb, vb)
+        batch = qb if qb == kb == vb else broadcast_shapes(qb, kb, vb)
     except ValueError:
         raise ValueError(
             f"the batch axes of q, k and v do not broadcast; got {_shapes(q=q, k=k, v=v)}"
@@ -224,7 +267,7 @@ def prepare(
         if mask.dtype.kind == "b":
             mask_array = mask
         elif (mask.dtype.kind == "f" and mask.dtype.itemsize <= 8) or is_bfloat16(mask.dtype):
-            mask_array = mask
+            mask_array = native(mask)
         else:
             raise TypeError(
                 f"mask has dtype {mask.dtype}; it must be bool (True = the key takes part) or "
@@ -232,7 +275,7 @@ def prepare(
             )
         target = batch + (L, S)
         try:
-            ok = np.broadcast_shapes(mask.shape, target) == target
+            ok = broadcast_shapes(mask.shape, target) == target
         except ValueError:
             ok = False
         if not ok:
@@ -279,11 +322,12 @@ def prepare(
         # A (B,) array counts along the first batch axis, as the number of batch axes it has.
         given = tuple(lengths.shape)
         lengths = lengths.reshape(given + (1,) * max(len(batch) - lengths.ndim, 0))
-        kv_lengths = _per_batch("kv_lengths", lengths, batch, "iu", np.dtype(np.int64), shapes,
-                                given)
-        if kv_lengths.size and (kv_lengths.min() < 0 or kv_lengths.max() > S):
+        lengths = _per_batch("kv_lengths", lengths, batch, "iu", None, shapes, given)
+        # Checked in the dtype given: a uint64 2**64 - 1 is no int64 -1 to the message.
+        if lengths.size and (lengths.min() < 0 or lengths.max() > S):
             raise ValueError(f"kv_lengths must lie in [0, S={S}]; got values from "
-                             f"{kv_lengths.min()} to {kv_lengths.max()}")
+                             f"{lengths.min()} to {lengths.max()}")
+        kv_lengths = _as_kernel_array(lengths, np.dtype(np.int64))
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
             raise TypeError(f"softcap must be a positive real number, got {softcap!r}")
@@ -321,7 +365,7 @@ def prepare(
 
 
 def _float_operand(name: str, a, shape: tuple, dtype: np.dtype, shapes: str) -> np.ndarray:
-    a = np.asarray(a)
+    a = native(np.asarray(a))
     if not (a.dtype.kind == "f" and a.dtype.itemsize <= 8) and not is_bfloat16(a.dtype):
         raise TypeError(f"{name} has dtype {a.dtype}; it must be a float array")
     if a.shape != shape:
@@ -340,7 +384,7 @@ def prepare_backward(q, k, v, out, lse, dout, **kwargs):
     rows = plan.batch + (plan.L,)
 
     def dtype_of(a) -> np.dtype:
-        given = np.asarray(a).dtype
+        given = native_dtype(np.asarray(a).dtype)  # _float_operand converts ">f2" to "<f2"
         return given if given == plan.storage else plan.dtype
 
     out = _float_operand("out", out, rows + (plan.Ev,), dtype_of(out), shapes)
@@ -368,7 +412,9 @@ def sum_to(grad: np.ndarray, shape: tuple, kv_group: int) -> np.ndarray:
 def gradient_dtype(dtype: np.dtype, plan: Plan) -> np.dtype:
     """The dtype of an input's gradient: the input's own when it is a float (16-bit ones
     included), else the compute dtype (integer and bool inputs compute in float64)."""
-    return dtype if dtype.kind == "f" or is_bfloat16(dtype) else plan.out_dtype
+    if dtype.kind == "f" or is_bfloat16(dtype):
+        return native_dtype(dtype)  # values of ">f4" come back as "<f4" (on little-endian)
+    return plan.out_dtype
 
 
 def sinks_gradient(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ except ImportError as e:
 
 from ._api import run
 from ._merge import add_sinks, merge_attention
-from ._validate import Plan, _check_dtype, compute_dtypes, prepare
+from ._validate import Plan, _check_dtype, compute_dtypes, is_bfloat16, native_dtype, prepare
 
 __all__ = ["attention"]
 
@@ -147,12 +147,14 @@ def _check(q, k, v, mask, opts) -> tuple[Plan, np.dtype, np.dtype]:
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_dtype(name, np.empty(0, x.dtype))
-    dtype, out_dtype = compute_dtypes(q.dtype, k.dtype, v.dtype)
+    dtype, out_dtype = compute_dtypes(q.dtype, k.dtype, v.dtype)  # native byte order
     mask_stand_in = None
     if mask is not None:
         mdtype = np.asarray(mask).dtype if not hasattr(mask, "dtype") else np.dtype(mask.dtype)
-        if mdtype.kind == "f" and mdtype.itemsize <= 8:
+        if (mdtype.kind == "f" and mdtype.itemsize <= 8) or is_bfloat16(mdtype):
             mdtype = dtype  # prepare would cast a float mask to the compute dtype
+        # Native order: prepare would convert a byte-swapped stand-in, a copy of the mask's size.
+        mdtype = native_dtype(mdtype)
         mask_stand_in = _stand_in(np.shape(mask), mdtype)
     plan = prepare(*(_stand_in(x.shape, dtype) for x in (q, k, v)), mask=mask_stand_in,
                    return_lse=True, **opts)
