@@ -8,9 +8,15 @@ logits in base 2 (q pre-multiplied by ``scale * log2 e``), and in such draws its
 3x the formula's in 3% of calls, up to 30x.
 
 Single calls compare by luck (a logit difference smaller than an ulp can round to the exact
-value), so the test is statistical over a fixed set of draws on every CPU path with FMA. On these
-draws PyTorch's SDPA is over 3x the formula's error in 7.9% of calls (2,000 draws, torch 2.13);
-the kernel with base-2 logits was in 5.3% (over 10x in 1.3%), and is now in 2.3% (0.25%).
+value), so the test is statistical over a fixed set of draws on every CPU path with FMA.
+
+The formula's products are float32 dot products taken as one multiply-add per term, in order
+(what a plain loop, or a BLAS kernel with one accumulator per output, computes), not NumPy's
+matmul: its rounding depends on the BLAS kernel OpenBLAS picks for the CPU (SkylakeX on an AMD
+Zen 4, Haswell where OPENBLAS_CORETYPE pins it), and against SkylakeX's the same kernel was over
+10x in 1.25% of these draws, against Haswell's in 0.25%. Against the in-order formula the kernel
+is over 3x in 0.5-0.75% and never over 10x (on every path; it was the base-2 logits' 5.3% and
+1.3% against NumPy's matmul; PyTorch's SDPA is over 3x in 7.9%).
 """
 
 from __future__ import annotations
@@ -23,10 +29,20 @@ from fastattn import reference
 DRAWS = 400
 
 
+def _matmul_float32(a, b):
+    """a @ b (batched) in float32, each output a chain of multiply-adds in order: a product of two
+    float32 is exact in float64, so each step rounds once, as a fused multiply-add does."""
+    out = np.zeros(a.shape[:-1] + b.shape[-1:], np.float32)
+    for e in range(a.shape[-1]):
+        step = a[..., :, e, None].astype(np.float64) * b[..., None, e, :].astype(np.float64)
+        out = (step + out).astype(np.float32)
+    return out
+
+
 def _textbook_float32(q, k, v):
-    s = (q @ np.swapaxes(k, -1, -2)) * np.float32(1 / np.sqrt(q.shape[-1]))
+    s = _matmul_float32(q, np.swapaxes(k, -1, -2)) * np.float32(1 / np.sqrt(q.shape[-1]))
     p = np.exp(s - s.max(axis=-1, keepdims=True))
-    return (p / p.sum(axis=-1, keepdims=True)) @ v
+    return _matmul_float32(p / p.sum(axis=-1, keepdims=True), v)
 
 
 def _draw(rng):
