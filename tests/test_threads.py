@@ -224,7 +224,8 @@ def test_import_leaves_the_environment_alone():
     # fastattn's idle threads give their core back by themselves (csrc/thread_pool.hpp): import
     # sets no OpenMP variable (it used to set GOMP_SPINCOUNT, a process-wide side effect that
     # did nothing when torch had loaded OpenMP first).
-    code = "import os; before = dict(os.environ); import fastattn; print(dict(os.environ) == before)"
+    code = ("import os; before = dict(os.environ); import fastattn; "
+            "print(dict(os.environ) == before)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
     assert out == "True"
