@@ -227,11 +227,13 @@ struct Control {
 int attention(const Problem& p) {
   KernelArgs a = make_args(p);
   const Control control(p, a);
+  int nonfinite = 0;
+  a.nonfinite = &nonfinite;
   const KernelStatus status = on_selected_isa([&](auto variant) { return variant.run(a); });
   if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
   require(status != KernelStatus::kBadStorage,
           "16-bit storage is read only where reads_storage says so");
-  return control.flags();
+  return control.flags() | (nonfinite ? kOutputNonFinite : 0);
 }
 
 int backward_reads_storage(const Problem& p) {

@@ -90,6 +90,11 @@ struct Problem {
 };
 
 // What a call reports beside its outputs, as bit flags (0: nothing to report).
+// kOutputNonFinite (the forward pass): an output value is inf or NaN before normalization. With
+// finite inputs that is the accumulator of weights times values overflowing (|v| within a factor
+// S of the dtype's largest value) where the normalized output may be finite: the caller may run
+// again with v scaled down by a power of two, the output scaled back up.
+constexpr int kOutputNonFinite = 1;
 // kInterrupted: interrupt_poll asked the call to stop; it stopped early and its outputs are
 // unspecified.
 constexpr int kInterrupted = 2;

@@ -40,6 +40,9 @@ struct KernelArgs {
   bool bf16_pairs = true;  // whether bfloat16 tiles may run as pairs (cpu_features.hpp)
   bool grads_bf16 = false;  // the backward pass writes dq, dk, dv as bfloat16 (else dtype)
   CallControl* control = nullptr;  // the call's stop flag (Ctrl-C), or none
+  // Set (to 1, by any thread) when an output row holds an inf or a NaN; the dispatcher reports
+  // it as kOutputNonFinite. Null: not asked.
+  int* nonfinite = nullptr;
 };
 
 // Status of a kernel run; the dispatcher turns failures into exceptions.

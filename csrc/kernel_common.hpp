@@ -162,6 +162,21 @@ inline bool stop_requested(const KernelArgs& a) {
   return a.control && ::fastattn::stop_requested(a.control);
 }
 
+// Whether x[0:n] (n a multiple of the vector width) holds an inf or a NaN: x * 0 is NaN exactly
+// for those, and a NaN in a sum of such products stays NaN. A pass over data in L1.
+template <class T>
+inline bool any_nonfinite(const T* x, int64_t n) {
+  using S = Simd<T>;
+  typename S::V acc = S::splat(T(0));
+  for (int64_t j = 0; j < n; j += S::kLanes) acc += S::load(x + j) * T(0);
+  return !(S::hsum(acc) == T(0));
+}
+
+// Records that an output of the call is not finite (see KernelArgs::nonfinite).
+inline void report_nonfinite(const KernelArgs& a) {
+  if (a.nonfinite) __atomic_store_n(a.nonfinite, 1, __ATOMIC_RELAXED);
+}
+
 // Runs body(ws, item) for every item in [0, items) on up to `threads` threads of fastattn's
 // pool (thread_pool.hpp), handed out one at a time (items differ in cost under a band), each
 // thread with its own Workspace made ready by allocate(ws). The caller's thread takes part; with

@@ -294,11 +294,16 @@ struct RowKernel {
       const T inv = fold_sink(sink, m_use, l);
       if (a.lse.data) write_lse(a, b, i0 + r, m_use, l);
       T* dst = out + (i0 + r) * a.out.row_stride;
+      T probe = 0;  // x * 0 is NaN for an inf or a NaN x, 0 otherwise
       for (int64_t cc = 0; cc < a.Ev; ++cc) {
         T acc = 0;
         for (int64_t sp = 0; sp < splits; ++sp) acc += parts[sp].o[r * Evp + cc] * w[sp];
         dst[cc * a.out.col_stride] = acc * inv;
+        probe += acc * T(0);
       }
+      // An output the accumulator could not hold: reported, for the caller to run again with v
+      // scaled down (see the tile kernel's finish).
+      if (!(probe == T(0))) report_nonfinite(a);
     }
   }
 

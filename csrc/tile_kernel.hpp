@@ -429,6 +429,12 @@ struct TileKernel {
       inv[i] = fold_sink(ep.sink, ws.mu[i], ws.l[i]);
       if (a.lse.data) write_lse(a, b, i0 + i, ws.mu[i], ws.l[i]);
     }
+    // An output the accumulator could not hold (|v| near the dtype's largest finite value, times
+    // the sum of the weights before normalization) is reported, for the caller to run again
+    // with v scaled down (_cpu.py). Checked on O^T before normalization (1 / l <= 1 cannot make
+    // a finite sum infinite): Ev x BM values in L1, a few hundred cycles against the tile's
+    // BM x S x (E + Ev) multiply-adds. Padded query rows hold sums of the same v.
+    if (any_nonfinite(ws.ot.ptr, a.Ev * BM)) report_nonfinite(a);
     // O^T back to rows by 16 x 16 blocks (transpose_block16) where they fit (kBlocks16) and
     // out is contiguous along Ev; the rest element by element.
     int64_t rows16 = 0, cols16 = 0;

@@ -223,7 +223,12 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   if (c.weights) p.weights = view(weights, nb);
   if (c.lse) p.lse = view(lse, nb);
   p.num_threads = c.threads;
-  fastattn::attention(p);
+  // Finite inputs of ordinary magnitude: no output that is not finite (kOutputNonFinite) and
+  // no interrupt to report.
+  if (const int flags = fastattn::attention(p); flags != 0) {
+    stats.failures++;
+    std::printf("FAIL %s: attention reported flags %d for finite inputs\n", isa.c_str(), flags);
+  }
   if (c.lse) {
     Problem pb = p;
     pb.weights = Operand();
@@ -526,6 +531,45 @@ int refusals() {
   return failures;
 }
 
+// Values near float32's largest over many keys: the sum of weights times values overflows before
+// it is normalized, and the call must say so (kOutputNonFinite) for the caller to rescale v; with
+// values of 1 over the same keys it must not. Row kernel (L = 1) and tiles (L = 40), 1 and 2
+// threads (split keys merged), every instruction set.
+int overflow_reports() {
+  int failures = 0;
+  const int64_t S = 1024, E = 4, Ev = 3;
+  for (const std::string& isa : fastattn::available_isas()) {
+    fastattn::set_isa(isa);
+    for (const int64_t L : {int64_t(1), int64_t(40)})
+      for (const int threads : {1, 2})
+        for (const float value : {1e36f, 1.0f}) {
+          std::vector<float> q(size_t(L * E), 0.0f), k(size_t(S * E), 0.0f);
+          std::vector<float> v(size_t(S * Ev), value), out(size_t(L * Ev), 0.0f);
+          Problem p;
+          p.L = L, p.S = S, p.E = E, p.Ev = Ev;
+          auto rows = [](std::vector<float>& x, int64_t cols) {
+            Operand op;
+            op.data = x.data();
+            op.row_stride = cols;
+            op.col_stride = 1;
+            return op;
+          };
+          p.q = rows(q, E), p.k = rows(k, E), p.v = rows(v, Ev), p.out = rows(out, Ev);
+          p.scale = 0.5;
+          p.num_threads = threads;
+          const int flags = fastattn::attention(p);
+          const bool reported = flags & fastattn::kOutputNonFinite;
+          if (reported != (value > 1.0f)) {
+            std::printf("FAIL %s L=%lld threads=%d values %g: flags %d\n", isa.c_str(),
+                        (long long)L, threads, double(value), flags);
+            ++failures;
+          }
+        }
+  }
+  fastattn::set_isa("");
+  return failures;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -537,7 +581,7 @@ int main(int argc, char** argv) {
     return r < 10 ? int64_t(r % 2) : r < 70 ? 1 + pick(rng) % small : 1 + pick(rng) % large;
   };
   Stats stats;
-  int failures = refusals();
+  int failures = refusals() + overflow_reports();
   for (const std::string& isa : fastattn::available_isas()) {
     fastattn::set_isa(isa);
     for (int r = 0; r < rounds; ++r) {

@@ -10,6 +10,7 @@ RAN: Final[int]  # attention() ran the kernel
 WIDEN: Final[int]  # it ran nothing: widen q, k, v to the compute dtype and call again
 PAIRS: Final[int]  # it ran nothing: pack bfloat16 in key pairs and call again
 AMX: Final[int]  # it ran nothing: pack bfloat16 for AMX tiles and call again
+NONFINITE: Final[int]  # it ran, and an output is inf or NaN before normalization
 
 def attention(
     double: bool,

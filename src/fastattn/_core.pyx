@@ -58,6 +58,7 @@ cdef extern from "attention.hpp" namespace "fastattn":
         void* interrupt_ctx
 
     const int64_t kNoBound "fastattn::kNoBound"
+    const int kOutputNonFinite "fastattn::kOutputNonFinite"
 
     int c_attention "fastattn::attention"(const Problem& p) except + nogil
     int c_attention_backward "fastattn::attention_backward"(const Problem& p) except + nogil
@@ -271,10 +272,13 @@ cdef object _run_plain(Problem& p, tuple batch, dtype, causal, scale, num_thread
     p.scale = 1.0 / sqrt(<double>p.E) if scale is None else <double>scale
     p.num_threads = 0 if num_threads is None else num_threads
     cdef _Interrupt st
+    cdef int flags
     _watch(p, &st)
     with nogil:
-        c_attention(p)
+        flags = c_attention(p)
     _raise_if_interrupted(&st)
+    if flags & kOutputNonFinite:
+        return None  # the general path runs it again, v scaled down where that helps (_cpu.py)
     return out
 
 
@@ -322,7 +326,7 @@ def attention_plain_tensors(q, k, v, causal, scale, num_threads, f32, f64):
             and _fill_tensor(p.v, v, itemsize, sv, nb)):
         return None
     return _run_plain(p, sq[:nb], _F64 if tdtype is f64 else _F32, causal, scale, num_threads)
-RAN, WIDEN, PAIRS, AMX = 0, 1, 2, 3  # what attention() did: see its docstring
+RAN, WIDEN, PAIRS, AMX, NONFINITE = 0, 1, 2, 3, 4  # what attention() did: see its docstring
 
 
 cdef void _problem(Problem& p, bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
@@ -386,7 +390,9 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
     having run nothing, ``WIDEN`` when the kernel does not read 16-bit storage for this problem
     (the caller widens q, k and v and calls again with storage 0), ``PAIRS`` when it reads
     bfloat16 as pairs (the caller packs them and calls again with storage 3) or ``AMX`` (packs
-    them for AMX and calls again with storage 4).
+    them for AMX and calls again with storage 4). ``NONFINITE``: it ran, and an output is inf
+    or NaN before normalization (the sum of weights times values overflowed, or the inputs hold
+    an inf or a NaN).
     """
     cdef Problem p
     _problem(p, double, storage, batch_shape, L, S, E, Ev, q, k, v, mask_kind, mask, band_lo,
@@ -398,11 +404,12 @@ def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
         if reads != 1:
             return PAIRS if reads == 3 else AMX if reads == 4 else WIDEN
     cdef _Interrupt st
+    cdef int flags
     _watch(p, &st)
     with nogil:
-        c_attention(p)
+        flags = c_attention(p)
     _raise_if_interrupted(&st)
-    return RAN
+    return NONFINITE if flags & kOutputNonFinite else RAN
 
 
 def attention_backward(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,

@@ -143,6 +143,26 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     if plan.similarity == "cosine":  # normalized in the compute dtype: no 16-bit storage left
         q, k = _unit_rows(q.astype(plan.dtype)), _unit_rows(k.astype(plan.dtype))
         v = v.astype(plan.dtype, copy=False)
+    if _launch(plan, q, k, v, out, weights, lse) == _core.NONFINITE:
+        exponents = _overflow_exponents(plan, v)
+        if exponents is not None:  # again with v scaled down, then the output scaled back up
+            scaled = v.astype(plan.dtype) * np.ldexp(np.ones((), plan.dtype), -exponents)
+            _launch(plan, q, k, scaled.astype(v.dtype, copy=False), out, weights, lse)
+            with np.errstate(over="ignore"):  # inf where the mean exceeds the range
+                np.ldexp(out, exponents, out=out)
+    if lse is not None:
+        lse = lse[..., 0]
+    if plan.out_dtype != plan.dtype:
+        out = out.astype(plan.out_dtype)
+        weights = None if weights is None else weights.astype(plan.out_dtype)
+    return out, weights, lse
+
+
+def _launch(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+            weights: np.ndarray | None, lse: np.ndarray | None) -> int:
+    """Runs the forward kernel on q, k and v as stored (16-bit storage read as given, packed or
+    widened, as the kernel asks); ``_core.RAN``, or ``_core.NONFINITE`` when an output was not
+    finite before normalization."""
     args = _problem(plan, q, k, v) + [out, weights, lse, plan.num_threads or 0,
                                       _trailing(plan.sinks)]
     storage = 0
@@ -152,21 +172,38 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     status = _core.attention(plan.dtype == np.float64, storage, *args)
     if status == _core.WIDEN:  # 16-bit storage the kernel does not read here: widen once
         args[5:8] = (a.astype(plan.dtype) for a in (q, k, v))
-        _core.attention(plan.dtype == np.float64, 0, *args)
+        status = _core.attention(plan.dtype == np.float64, 0, *args)
     elif status == _core.PAIRS:
-        args[3] = E + E % 2
+        args[3] = plan.E + plan.E % 2
         args[5:8] = _bfloat16_pairs(args[5], args[6], args[7])
-        _core.attention(False, 3, *args)
+        status = _core.attention(False, 3, *args)
     elif status == _core.AMX:
-        args[3] = _round_up(E, 32)
+        args[3] = _round_up(plan.E, 32)
         args[5:8] = _bfloat16_amx(args[5], args[6], args[7])
-        _core.attention(False, 4, *args)
-    if lse is not None:
-        lse = lse[..., 0]
-    if plan.out_dtype != plan.dtype:
-        out = out.astype(plan.out_dtype)
-        weights = None if weights is None else weights.astype(plan.out_dtype)
-    return out, weights, lse
+        status = _core.attention(False, 4, *args)
+    return status
+
+
+def _overflow_exponents(plan: Plan, v: np.ndarray) -> np.ndarray | None:
+    """Per value column, the power of two e to divide v by so that the kernel's accumulator, a
+    sum of at most S weights of at most 1 times the column's values, stays below a quarter of
+    the compute dtype's largest value; None when no column needs it (the output was not finite
+    for another reason: an inf or a NaN in the inputs, whose result the reference shares).
+
+    Dividing by a power of two is exact (but for values that become subnormal, 2**-e below the
+    column's largest, which no finite weight can make matter), and so is the multiplication of
+    the output that undoes it, which overflows only where the normalized result itself exceeds
+    the dtype's range, as the reference's does. Only calls whose output was not finite pay for
+    this pass over v.
+    """
+    if plan.S == 0 or v.size == 0:
+        return None
+    amax = np.max(np.abs(v), axis=tuple(range(v.ndim - 1))).astype(np.float64)
+    headroom = float(np.log2(np.finfo(plan.dtype).max / 4))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = np.log2(float(plan.S)) + np.log2(amax) - headroom
+    exponents = np.where(np.isfinite(need) & (need > 0), np.ceil(need), 0).astype(np.int32)
+    return exponents if exponents.any() else None
 
 
 def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
