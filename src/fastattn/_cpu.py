@@ -135,7 +135,7 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         out, _, lse = run(grouped)
         return (out.reshape(plan.batch + (plan.L, plan.Ev)), None,
                 None if lse is None else lse.reshape(plan.batch + (plan.L,)))
-    L, S, E, Ev = plan.L, plan.S, plan.E, plan.Ev
+    L, S, Ev = plan.L, plan.S, plan.Ev
     out = np.empty(plan.batch + (L, Ev), plan.dtype)
     weights = np.empty(plan.batch + (L, S), plan.dtype) if plan.return_weights else None
     lse = np.empty(plan.batch + (L, 1), plan.dtype) if plan.return_lse else None
