@@ -144,7 +144,7 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         q, k = _unit_rows(q.astype(plan.dtype)), _unit_rows(k.astype(plan.dtype))
         v = v.astype(plan.dtype, copy=False)
     if _launch(plan, q, k, v, out, weights, lse) == _core.NONFINITE:
-        exponents = _overflow_exponents(plan, v)
+        exponents = overflow_exponents(plan, v)
         if exponents is not None:  # again with v scaled down, then the output scaled back up
             scaled = v.astype(plan.dtype) * np.ldexp(np.ones((), plan.dtype), -exponents)
             _launch(plan, q, k, scaled.astype(v.dtype, copy=False), out, weights, lse)
@@ -184,7 +184,7 @@ def _launch(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.nda
     return status
 
 
-def _overflow_exponents(plan: Plan, v: np.ndarray) -> np.ndarray | None:
+def overflow_exponents(plan: Plan, v: np.ndarray) -> np.ndarray | None:
     """Per value column, the power of two e to divide v by so that the kernel's accumulator, a
     sum of at most S weights of at most 1 times the column's values, stays below a quarter of
     the compute dtype's largest value; None when no column needs it (the output was not finite

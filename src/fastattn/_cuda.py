@@ -17,6 +17,7 @@ import threading
 
 import numpy as np
 
+from ._cpu import overflow_exponents
 from ._validate import Plan, _check_dtype, compute_dtypes, is_bfloat16, native, prepare
 
 INSTALL = 'pip install "fastattn[cuda]"'
@@ -285,10 +286,22 @@ def attention(
             )
     results = _run(cuda, kernel, plan, ops)
     if not any(device.values()):
+        results = [r.copy_to_host() for r in results]
+        out = results[0]
+        # As on the CPU (_cpu.run): an output the accumulator could not hold runs again with v
+        # scaled down by a power of two per column, the output scaled back up.
+        exponents = None if np.isfinite(out).all() else overflow_exponents(plan, plan.v)
+        if exponents is not None:
+            kernel_v = plan.v.dtype if plan.v.dtype in _KERNEL_DTYPES else plan.dtype
+            scaled = plan.v.astype(plan.dtype) * np.ldexp(np.ones((), plan.dtype), -exponents)
+            ops["v"] = _from_host(cuda, scaled.astype(kernel_v, copy=False))
+            results[0] = _run(cuda, kernel, plan, ops)[0].copy_to_host()
+            with np.errstate(over="ignore"):  # inf where the mean exceeds the range
+                np.ldexp(results[0], exponents, out=results[0])
         # out and weights in the output dtype; lse (last) stays in the compute dtype.
         n = len(results) - plan.return_lse
         dtypes = [plan.out_dtype] * n + [plan.dtype] * plan.return_lse
-        results = [r.copy_to_host().astype(d, copy=False) for r, d in zip(results, dtypes)]
+        results = [r.astype(d, copy=False) for r, d in zip(results, dtypes)]
     return results[0] if len(results) == 1 else tuple(results)
 
 
