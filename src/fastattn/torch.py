@@ -60,12 +60,18 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor: same memory, same strides."""
+    """A NumPy view of a CPU tensor: same memory, same strides. A lazily negated or conjugated
+    view (``x.conj().imag``, ``x._neg_view()``) is read as its values, through a resolved copy."""
     if t.requires_grad:  # .numpy() refuses those; the op itself never records a graph
         t = t.detach()
-    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits, then ml_dtypes' type
-        return t.view(torch.int16).numpy().view(_bfloat16())
-    return t.numpy()
+    try:
+        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits, as ml_dtypes' type
+            return t.view(torch.int16).numpy().view(_bfloat16())
+        return t.numpy()
+    except RuntimeError:  # checked only here: the bits cost every call ~0.2 us a tensor to ask
+        if not (t.is_neg() or t.is_conj()):
+            raise
+    return _to_numpy(t.resolve_conj().resolve_neg())
 
 
 def _from_numpy(a: np.ndarray) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""fastattn.torch at its edges: tensors with the negative or conjugate bit."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="fastattn.torch needs torch (fastattn[torch])")
+pytest.importorskip("ml_dtypes", reason="bfloat16 tensors are viewed as ml_dtypes' bfloat16")
+
+from torch.nn.functional import scaled_dot_product_attention as sdpa  # noqa: E402
+
+import fastattn.torch as ft  # noqa: E402
+
+OP = torch.ops.fastattn.attention.default
+BACKWARD_OP = torch.ops.fastattn.attention_backward.default
+
+
+def _qkv(n=3, L=5, S=6, E=4, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(n, 2, m, E, generator=g, dtype=dtype) for m in (L, S, S))
+
+
+def _op_args(q, k, v, **kw):
+    """The op's positional arguments, defaults but for ``kw``."""
+    args = dict(
+        mask=None,
+        causal=False,
+        scale=None,
+        enable_gqa=False,
+        num_threads=None,
+        align="top_left",
+        window_left=None,
+        window_right=None,
+        alibi_slopes=None,
+        softcap=None,
+        kv_lengths=None,
+        similarity="dot",
+        sinks=None,
+        return_weights=False,
+    )
+    args.update(kw)
+    return (q, k, v, *args.values())
+
+
+# --- the negative and conjugate bits ------------------------------------------------------------
+
+
+def _neg_view(t):
+    """A lazily negated view holding the values of ``t``: ``(-t)._neg_view()`` reads as ``t``."""
+    view = (-t)._neg_view()
+    assert view.is_neg()
+    return view
+
+
+def _imag_of_conj(t):
+    """``x.conj().imag`` for an x whose imaginary part is -t: a negated view reading as ``t``."""
+    view = torch.complex(torch.zeros_like(t), -t).conj().imag
+    assert view.is_neg()
+    return view
+
+
+@pytest.mark.parametrize("make", [_neg_view, _imag_of_conj], ids=["neg_view", "conj_imag"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(causal=True, return_lse=True), dict(mask="neg", return_weights=True)],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negated_views_read_as_their_values(make, kwargs, dtype):
+    q, k, v = _qkv(dtype=dtype)
+    kwargs = dict(kwargs)
+    if kwargs.get("mask") == "neg":
+        kwargs["mask"] = torch.randn(5, 6, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    want = ft.attention(q, k, v, **kwargs)
+    views = [make(t) for t in (q, k, v)]
+    bases = [t._base.clone() for t in views if t._base is not None]
+    masked = dict(kwargs, mask=make(kwargs["mask"])) if "mask" in kwargs else kwargs
+    got = ft.attention(*views, **masked)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(sdpa(*views), sdpa(q, k, v))
+    assert all(t.is_neg() for t in views)  # not modified: still the same lazy views
+    for t, b in zip([t for t in views if t._base is not None], bases):
+        assert torch.equal(t._base, b)
+
+
+def test_negated_views_in_the_op_and_its_backward():
+    q, k, v = _qkv()
+    dout = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ft.attention(*leaves, causal=True).backward(dout)
+    want = [t.grad for t in leaves]
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    views = [_neg_view(t) for t in leaves[:2]] + [leaves[2]]  # q and k negated, v plain
+    out = ft.attention(*views, causal=True)
+    torch.testing.assert_close(out, ft.attention(q, k, v, causal=True), atol=0, rtol=0)
+    out.backward(_neg_view(dout))  # an incoming gradient with the bit too
+    for t, w in zip(leaves, want):  # _neg_view(-x) reads as x: x's gradients, unchanged
+        torch.testing.assert_close(t.grad, w)
+
+    # the backward op directly, every tensor argument negated
+    out, lse, _ = OP(*_op_args(q, k, v))
+    plain = BACKWARD_OP(q, k, v, out, lse, dout, *_op_args(q, k, v)[3:-1])
+    negated = BACKWARD_OP(
+        *(_neg_view(t) for t in (q, k, v, out, lse, dout)), *_op_args(q, k, v)[3:-1]
+    )
+    for g, w in zip(negated[:3], plain[:3]):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_bfloat16_negated_view():
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    got = ft.attention(_neg_view(q), k, _neg_view(v), return_lse=True)
+    torch.testing.assert_close(got, ft.attention(q, k, v, return_lse=True), atol=0, rtol=0)
+
+
+def test_conjugated_complex_tensors_get_the_dtype_error():
+    c = torch.randn(2, 5, 4, dtype=torch.complex64).conj()
+    assert c.is_conj()
+    with pytest.raises(TypeError, match="complex64"):
+        ft.attention(c, c, c)
