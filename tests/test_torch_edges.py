@@ -1,7 +1,9 @@
-"""fastattn.torch at its edges: tensors with the negative or conjugate bit."""
+"""fastattn.torch at its edges: tensors with the negative or conjugate bit, tensors on
+different devices, and NumPy options in either byte order."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="fastattn.torch needs torch (fastattn[torch])")
@@ -119,3 +121,93 @@ def test_conjugated_complex_tensors_get_the_dtype_error():
     assert c.is_conj()
     with pytest.raises(TypeError, match="complex64"):
         ft.attention(c, c, c)
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+def test_meta_query_with_cpu_keys_is_refused_as_sdpa_refuses_it():
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="same device"):
+        sdpa(q.to("meta"), k, v)
+    with pytest.raises(ValueError, match=r"device \(meta\).*k on cpu, v on cpu"):
+        ft.attention(q.to("meta"), k, v)
+    with pytest.raises(ValueError, match=r"device \(meta\).*k on cpu, v on cpu"):
+        OP(*_op_args(q.to("meta"), k, v))
+    # all on meta: shapes only, as before
+    out = ft.attention(q.to("meta"), k.to("meta"), v.to("meta"), return_lse=True)
+    assert [t.device.type for t in out] == ["meta", "meta"]
+    assert out[0].shape == q.shape and out[1].shape == q.shape[:-1]
+
+
+@pytest.mark.parametrize("name", ["k", "v", "mask", "alibi_slopes", "kv_lengths", "sinks"])
+def test_every_tensor_argument_is_on_qs_device(name):
+    q, k, v = _qkv()
+    tensors = dict(
+        k=k,
+        v=v,
+        mask=torch.zeros(5, 6, dtype=torch.float64),
+        alibi_slopes=torch.tensor([0.1, 0.2]),
+        kv_lengths=torch.tensor([3, 4, 6]),
+        sinks=torch.tensor([0.0, 1.0]),
+    )
+    tensors[name] = tensors[name].to("meta")
+    k, v = tensors.pop("k"), tensors.pop("v")
+    pattern = rf"q's device \(cpu\); got {name} on meta"
+    with pytest.raises(ValueError, match=pattern):
+        ft.attention(q, k, v, **tensors)
+    with pytest.raises(ValueError, match=pattern):  # the op (no eager shortcut)
+        OP(*_op_args(q, k, v, **tensors))
+    with pytest.raises(ValueError, match=pattern):  # with autograd
+        ft.attention(q.clone().requires_grad_(), k, v, **tensors)
+
+
+def test_fake_tensors_on_different_devices_are_refused():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = _qkv()
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fk_meta = torch.empty(k.shape, dtype=k.dtype, device="meta")
+        assert OP(*_op_args(fq, fk, fv))[0].shape == q.shape
+        with pytest.raises(ValueError, match="got k on meta"):
+            OP(*_op_args(fq, fk_meta, fv))
+        out, lse, _ = OP(*_op_args(fq, fk, fv))
+        with pytest.raises(ValueError, match="got dout on meta"):
+            BACKWARD_OP(fq, fk, fv, out, lse, out.to("meta"), *_op_args(q, k, v)[3:-1])
+
+
+def test_array_like_options_follow_q_to_its_device():
+    q, k, v = (t.to("meta") for t in _qkv())
+    out = ft.attention(q, k, v, mask=np.ones((5, 6), bool), sinks=[0.0, 1.0], kv_lengths=[3, 4, 6])
+    assert out.device.type == "meta" and out.shape == q.shape
+
+
+# --- NumPy options in either byte order ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mask", "alibi_slopes", "kv_lengths", "sinks"])
+def test_numpy_options_in_either_byte_order(name):
+    q, k, v = _qkv()
+    values = dict(
+        mask=np.linspace(-1, 1, 30).reshape(5, 6),
+        alibi_slopes=np.array([0.1, 0.2]),
+        kv_lengths=np.array([3, 4, 6]),
+        sinks=np.array([0.5, -1.0]),
+    )[name]
+    swapped = values.astype(values.dtype.newbyteorder("S"))
+    before = swapped.copy()
+    want = ft.attention(q, k, v, **{name: torch.from_numpy(values)})
+    got = ft.attention(q, k, v, **{name: swapped})
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert swapped.dtype == before.dtype and np.array_equal(swapped, before)
+
+
+def test_bfloat16_numpy_mask():
+    import ml_dtypes
+
+    q, k, v = _qkv(dtype=torch.float32)
+    mask = np.linspace(-1, 1, 30, dtype=np.float32).reshape(5, 6)
+    got = ft.attention(q, k, v, mask=mask.astype(ml_dtypes.bfloat16))
+    want = ft.attention(q, k, v, mask=torch.from_numpy(mask).to(torch.bfloat16))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -21,7 +21,7 @@ import torch
 
 from . import _core, _cpu
 from ._api import attention as _np_attention
-from ._validate import _window, prepare
+from ._validate import _window, native, prepare
 
 __all__ = ["attention"]
 
@@ -94,6 +94,17 @@ _Tensor, _F32, _F64 = torch.Tensor, torch.float32, torch.float64
 _is_compiling, _grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
 
 
+def _check_devices(q: torch.Tensor, **tensors) -> None:
+    """ValueError naming the devices unless every tensor of ``tensors`` is on q's device (as
+    torch's scaled_dot_product_attention refuses them: the kernel reads them all in one place)."""
+    device = q.device
+    wrong = [f"{name} on {t.device}" for name, t in tensors.items()
+             if t is not None and t.device != device]
+    if wrong:
+        raise ValueError(f"fastattn.torch.attention takes every tensor on q's device ({device}); "
+                         f"got {', '.join(wrong)}")
+
+
 def _numpy_options(opts: dict) -> None:
     """The tensor options of ``opts`` (mask, alibi_slopes, kv_lengths, sinks) as NumPy views."""
     for name in _TENSOR_OPTIONS:
@@ -133,6 +144,8 @@ def _attention_op(
     return_weights: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, weights): lse in the compute dtype, weights empty unless ``return_weights``."""
+    _check_devices(q, k=k, v=v, mask=mask, alibi_slopes=alibi_slopes, kv_lengths=kv_lengths,
+                   sinks=sinks)
     opts = _options(mask, causal, scale, enable_gqa, num_threads, align, window_left,
                     window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks)
     if q.device.type != "cpu":
@@ -171,6 +184,9 @@ def _(q, k, v, mask, causal, scale, enable_gqa, num_threads, align, window_left,
       alibi_slopes, softcap, kv_lengths, similarity, sinks, return_weights):
     # prepare on zero-stride stand-ins: every check and shape rule of the real call, no data
     # (as fastattn.dask does for its graphs); the sizes out are taken from the symbolic shapes.
+    _check_devices(q, k=k, v=v, mask=mask, alibi_slopes=alibi_slopes, kv_lengths=kv_lengths,
+                   sinks=sinks)
+
     def stand_in(t):
         if t is None:
             return None
@@ -220,6 +236,8 @@ def _attention_backward_op(
     sinks: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dsinks) by :func:`fastattn.attention_backward`; dsinks empty without sinks."""
+    _check_devices(q, k=k, v=v, out=out, lse=lse, dout=dout, mask=mask, alibi_slopes=alibi_slopes,
+                   kv_lengths=kv_lengths, sinks=sinks)
     if q.device.type != "cpu":
         raise NotImplementedError("fastattn's backward pass runs on the CPU only: the CUDA "
                                   "backend has a forward kernel, not yet a backward one")
@@ -239,6 +257,8 @@ def _attention_backward_op(
 @_attention_backward_op.register_fake
 def _(q, k, v, out, lse, dout, mask, causal, scale, enable_gqa, num_threads, align, window_left,
       window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks):
+    _check_devices(q, k=k, v=v, out=out, lse=lse, dout=dout, mask=mask, alibi_slopes=alibi_slopes,
+                   kv_lengths=kv_lengths, sinks=sinks)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(0) if sinks is None else sinks.new_empty(sinks.shape))
 
@@ -286,11 +306,13 @@ def _real(name: str, x) -> float | None:
     return float(x)
 
 
-def _tensor(x) -> torch.Tensor | None:
-    """Array-likes (NumPy arrays, lists) for the op's tensor arguments."""
+def _tensor(x, device: torch.device) -> torch.Tensor | None:
+    """Array-likes (NumPy arrays, lists) for the op's tensor arguments, on ``device`` (q's); a
+    NumPy array in either byte order, read as its values."""
     if x is None or isinstance(x, torch.Tensor):
         return x
-    return torch.from_numpy(np.ascontiguousarray(x))
+    t = _from_numpy(native(np.ascontiguousarray(x)))
+    return t if device.type == "cpu" else t.to(device)
 
 
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
@@ -347,8 +369,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
                         "(fastattn.attention takes NumPy arrays)")
     left, right = (None, None) if window is None else _window(window)
     if not (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None):
+        device = q.device
         mask, alibi_slopes, kv_lengths, sinks = (
-            _tensor(mask), _tensor(alibi_slopes), _tensor(kv_lengths), _tensor(sinks))
+            _tensor(mask, device), _tensor(alibi_slopes, device), _tensor(kv_lengths, device),
+            _tensor(sinks, device))
     needs_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad
         or (sinks is not None and sinks.requires_grad))
@@ -357,6 +381,8 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         raise NotImplementedError(_NO_GRAD_FOR)
     if scale is not None or softcap is not None:
         scale, softcap = _real("scale", scale), _real("softcap", softcap)
+    _check_devices(q, k=k, v=v, mask=mask, alibi_slopes=alibi_slopes, kv_lengths=kv_lengths,
+                   sinks=sinks)
     if (type(q) is type(k) is type(v) is torch.Tensor and q.is_cpu and not needs_grad
             and not torch.compiler.is_compiling()):
         # Eager CPU calls skip the dispatcher (~10 us) and convert only what they return; the
