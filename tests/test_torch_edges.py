@@ -1,5 +1,6 @@
 """fastattn.torch at its edges: tensors with the negative or conjugate bit, tensors on
-different devices, and NumPy options in either byte order."""
+different devices, NumPy options in either byte order, and torch.func transforms (vmap,
+grad, vjp, jacrev)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ pytest.importorskip("ml_dtypes", reason="bfloat16 tensors are viewed as ml_dtype
 from torch.nn.functional import scaled_dot_product_attention as sdpa  # noqa: E402
 
 import fastattn.torch as ft  # noqa: E402
+
+# vmap runs the op once per batch entry (torch's fallback, with its performance warning)
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 OP = torch.ops.fastattn.attention.default
 BACKWARD_OP = torch.ops.fastattn.attention_backward.default
@@ -211,3 +215,99 @@ def test_bfloat16_numpy_mask():
     got = ft.attention(q, k, v, mask=mask.astype(ml_dtypes.bfloat16))
     want = ft.attention(q, k, v, mask=torch.from_numpy(mask).to(torch.bfloat16))
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+# --- torch.func transforms ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("in_dims", [(0, 0, 0), (1, 1, 1), (0, None, None), (None, 0, 0)], ids=str)
+def test_vmap_equals_a_loop_and_sdpa(causal, in_dims):
+    q, k, v = _qkv()
+    args = [t if d is None else t.movedim(0, d) for t, d in zip((q, k, v), in_dims)]
+    args = [t[0] if d is None else t for t, d in zip(args, in_dims)]  # unbatched: one entry
+    got = torch.vmap(lambda a, b, c: ft.attention(a, b, c, causal=causal), in_dims=in_dims)(*args)
+    per = [[t if d is None else t.select(d, i) for t, d in zip(args, in_dims)] for i in range(3)]
+    loop = torch.stack([ft.attention(*p, causal=causal) for p in per])
+    torch.testing.assert_close(got, loop, atol=0, rtol=0)
+    torch.testing.assert_close(got, torch.stack([sdpa(*p, is_causal=causal) for p in per]))
+
+
+def test_vmap_with_options_and_every_output():
+    q, k, v = _qkv(L=6, S=6)
+    mask = torch.rand(6, 6, generator=torch.Generator().manual_seed(1)) < 0.7
+    mask[:, 0] = True
+    kw = dict(
+        mask=mask,
+        sinks=[0.5, -1.0],
+        kv_lengths=[4, 6],
+        scale=0.4,
+        return_lse=True,
+        return_weights=True,
+    )
+
+    def f(a, b, c):
+        return ft.attention(a, b, c, **kw)
+
+    got = torch.vmap(f)(q, k, v)
+    loop = [f(q[i], k[i], v[i]) for i in range(3)]
+    assert len(got) == 3
+    for g, want in zip(got, zip(*loop)):
+        torch.testing.assert_close(g, torch.stack(want), atol=0, rtol=0)
+
+
+def test_vmap_of_the_op_itself():
+    q, k, v = _qkv()
+    out, lse, weights = torch.vmap(lambda a, b, c: OP(*_op_args(a, b, c, causal=True)))(q, k, v)
+    torch.testing.assert_close(out, sdpa(q, k, v, is_causal=True))
+    assert lse.shape == (3, 2, 5)
+
+
+def test_func_grad_and_vjp_equal_sdpa():
+    q, k, v = _qkv()
+    grads = torch.func.grad(
+        lambda a, b, c: ft.attention(a, b, c).square().sum(), argnums=(0, 1, 2)
+    )(q, k, v)
+    want = torch.func.grad(lambda a, b, c: sdpa(a, b, c).square().sum(), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+
+    out, vjp = torch.func.vjp(lambda a, b, c: ft.attention(a, b, c, causal=True), q, k, v)
+    out_want, vjp_want = torch.func.vjp(lambda a, b, c: sdpa(a, b, c, is_causal=True), q, k, v)
+    torch.testing.assert_close(out, out_want)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    for g, w in zip(vjp(cotangent), vjp_want(cotangent)):
+        torch.testing.assert_close(g, w)
+
+
+def test_func_grad_of_sinks_equals_autograd():
+    q, k, v = _qkv()
+    sinks = torch.tensor([0.3, -0.7], dtype=torch.float64)
+    got = torch.func.grad(lambda s: ft.attention(q, k, v, sinks=s).sum())(sinks)
+    s = sinks.clone().requires_grad_()
+    ft.attention(q, k, v, sinks=s).sum().backward()
+    torch.testing.assert_close(got, s.grad)
+
+
+def test_per_example_gradients_and_jacobian():
+    q, k, v = _qkv()
+    per_example = torch.vmap(
+        torch.func.grad(lambda a, b, c: ft.attention(a, b, c).sum(), argnums=(0, 1))
+    )(q, k, v)
+    for i in range(3):
+        a, b = q[i].clone().requires_grad_(), k[i].clone().requires_grad_()
+        want = torch.autograd.grad(sdpa(a, b, v[i]).sum(), (a, b))
+        for g, w in zip(per_example, want):
+            torch.testing.assert_close(g[i], w)
+    jac = torch.func.jacrev(lambda a: ft.attention(a, k[0, 0], v[0, 0]))(q[0, 0])
+    torch.testing.assert_close(jac, torch.func.jacrev(lambda a: sdpa(a, k[0, 0], v[0, 0]))(q[0, 0]))
+
+
+def test_second_derivatives_are_refused_with_a_clear_error():
+    q, k, v = _qkv()
+
+    def inner(a):
+        return torch.func.grad(lambda b: ft.attention(b, k, v).sum())(a).sum()
+
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        torch.func.grad(inner)(q)
