@@ -21,7 +21,7 @@ import torch
 
 from . import _core, _cpu
 from ._api import attention as _np_attention
-from ._validate import _window, prepare
+from ._validate import _window, native, prepare
 
 __all__ = ["attention"]
 
@@ -60,12 +60,18 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor: same memory, same strides."""
+    """A NumPy view of a CPU tensor: same memory, same strides. A lazily negated or conjugated
+    view (``x.conj().imag``, ``x._neg_view()``) is read as its values, through a resolved copy."""
     if t.requires_grad:  # .numpy() refuses those; the op itself never records a graph
         t = t.detach()
-    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits, then ml_dtypes' type
-        return t.view(torch.int16).numpy().view(_bfloat16())
-    return t.numpy()
+    try:
+        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits, as ml_dtypes' type
+            return t.view(torch.int16).numpy().view(_bfloat16())
+        return t.numpy()
+    except RuntimeError:  # checked only here: the bits cost every call ~0.2 us a tensor to ask
+        if not (t.is_neg() or t.is_conj()):
+            raise
+    return _to_numpy(t.resolve_conj().resolve_neg())
 
 
 def _from_numpy(a: np.ndarray) -> torch.Tensor:
@@ -86,6 +92,24 @@ _TENSOR_OPTIONS = ("mask", "alibi_slopes", "kv_lengths", "sinks")
 # Module-level names for the common call's checks: each torch.X lookup costs ~40 ns of a 4 us call.
 _Tensor, _F32, _F64 = torch.Tensor, torch.float32, torch.float64
 _is_compiling, _grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
+try:  # None unless a torch.func transform (vmap, grad, ...) runs: then the tensors are
+    # functorch's wrappers, which have no storage to read (80 ns; asking each tensor, 200 ns)
+    _transform = torch._C._functorch.peek_interpreter_stack
+except AttributeError:  # a torch without functorch has no transforms
+
+    def _transform() -> None:
+        return None
+
+
+def _check_devices(q: torch.Tensor, **tensors) -> None:
+    """ValueError naming the devices unless every tensor of ``tensors`` is on q's device (as
+    torch's scaled_dot_product_attention refuses them: the kernel reads them all in one place)."""
+    device = q.device
+    wrong = [f"{name} on {t.device}" for name, t in tensors.items()
+             if t is not None and t.device != device]
+    if wrong:
+        raise ValueError(f"fastattn.torch.attention takes every tensor on q's device ({device}); "
+                         f"got {', '.join(wrong)}")
 
 
 def _numpy_options(opts: dict) -> None:
@@ -127,6 +151,8 @@ def _attention_op(
     return_weights: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, weights): lse in the compute dtype, weights empty unless ``return_weights``."""
+    _check_devices(q, k=k, v=v, mask=mask, alibi_slopes=alibi_slopes, kv_lengths=kv_lengths,
+                   sinks=sinks)
     opts = _options(mask, causal, scale, enable_gqa, num_threads, align, window_left,
                     window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks)
     if q.device.type != "cpu":
@@ -165,6 +191,9 @@ def _(q, k, v, mask, causal, scale, enable_gqa, num_threads, align, window_left,
       alibi_slopes, softcap, kv_lengths, similarity, sinks, return_weights):
     # prepare on zero-stride stand-ins: every check and shape rule of the real call, no data
     # (as fastattn.dask does for its graphs); the sizes out are taken from the symbolic shapes.
+    _check_devices(q, k=k, v=v, mask=mask, alibi_slopes=alibi_slopes, kv_lengths=kv_lengths,
+                   sinks=sinks)
+
     def stand_in(t):
         if t is None:
             return None
@@ -214,6 +243,8 @@ def _attention_backward_op(
     sinks: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dsinks) by :func:`fastattn.attention_backward`; dsinks empty without sinks."""
+    _check_devices(q, k=k, v=v, out=out, lse=lse, dout=dout, mask=mask, alibi_slopes=alibi_slopes,
+                   kv_lengths=kv_lengths, sinks=sinks)
     if q.device.type != "cpu":
         raise NotImplementedError("fastattn's backward pass runs on the CPU only: the CUDA "
                                   "backend has a forward kernel, not yet a backward one")
@@ -233,6 +264,8 @@ def _attention_backward_op(
 @_attention_backward_op.register_fake
 def _(q, k, v, out, lse, dout, mask, causal, scale, enable_gqa, num_threads, align, window_left,
       window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks):
+    _check_devices(q, k=k, v=v, out=out, lse=lse, dout=dout, mask=mask, alibi_slopes=alibi_slopes,
+                   kv_lengths=kv_lengths, sinks=sinks)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(0) if sinks is None else sinks.new_empty(sinks.shape))
 
@@ -260,7 +293,10 @@ def _backward(ctx, dout, dlse, dweights):
         return (None,) * 17
     (causal, scale, enable_gqa, num_threads, align, window_left, window_right, softcap,
      similarity) = ctx.options
-    dq, dk, dv, dsinks = _attention_backward_op(
+    # Under torch.func transforms, the op through an autograd.Function that they take
+    backward = (_attention_backward_op if _is_compiling() or _transform() is None
+                else _AttentionBackwardFunction.apply)
+    dq, dk, dv, dsinks = backward(
         q, k, v, out, lse, dout, mask, causal, scale, enable_gqa, num_threads, align,
         window_left, window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks)
     grads = [None] * 17  # one per input of the op, in its order
@@ -272,6 +308,41 @@ def _backward(ctx, dout, dlse, dweights):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _AttentionFunction(torch.autograd.Function):
+    """The op with its autograd formula, for calls under torch.func transforms (vmap, grad,
+    vjp, jacrev): the autograd a custom op registers is not one they take. Batched (vmap) by
+    running the op and its backward on the batched tensors."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return _attention_op(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+class _AttentionBackwardFunction(torch.autograd.Function):
+    """The backward op under torch.func transforms, where grad of grad reaches it: an error
+    saying so, as the op's own autograd gives outside them."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return _attention_backward_op(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("fastattn.torch computes first derivatives only: its backward "
+                                  "pass has no gradient of its own")
+
+
 def _real(name: str, x) -> float | None:
     if x is None:
         return None
@@ -280,11 +351,13 @@ def _real(name: str, x) -> float | None:
     return float(x)
 
 
-def _tensor(x) -> torch.Tensor | None:
-    """Array-likes (NumPy arrays, lists) for the op's tensor arguments."""
+def _tensor(x, device: torch.device) -> torch.Tensor | None:
+    """Array-likes (NumPy arrays, lists) for the op's tensor arguments, on ``device`` (q's); a
+    NumPy array in either byte order, read as its values."""
     if x is None or isinstance(x, torch.Tensor):
         return x
-    return torch.from_numpy(np.ascontiguousarray(x))
+    t = _from_numpy(native(np.ascontiguousarray(x)))
+    return t if device.type == "cpu" else t.to(device)
 
 
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
@@ -303,14 +376,17 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
 
     Differentiable (autograd) with respect to q, k, v and sinks, through the output; the
     gradient is fastattn's fused backward kernel. Not with respect to mask or alibi_slopes, nor
-    through the returned lse or weights.
+    through the returned lse or weights. Under torch.func's ``vmap`` (the op once per batch
+    entry), ``grad``, ``vjp`` and ``jacrev`` too; not forward mode (``jvp``), nor second
+    derivatives.
 
     Raises
     ------
     NotImplementedError
         mask or alibi_slopes require grad, or a gradient flows into the returned lse or weights.
     ValueError, TypeError
-        As :func:`fastattn.attention`.
+        As :func:`fastattn.attention`; ValueError also where a tensor argument is not on q's
+        device.
 
     Examples
     --------
@@ -324,6 +400,7 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
             and not return_lse and align == "top_left" and similarity == "dot"
             and type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
             and not _is_compiling()  # (first: what follows does not trace)
+            and _transform() is None
             and q.is_cpu and k.is_cpu and v.is_cpu
             and not (q.is_neg() or k.is_neg() or v.is_neg())  # a lazily negated view
             and not (_grad_enabled()
@@ -341,8 +418,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
                         "(fastattn.attention takes NumPy arrays)")
     left, right = (None, None) if window is None else _window(window)
     if not (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None):
+        device = q.device
         mask, alibi_slopes, kv_lengths, sinks = (
-            _tensor(mask), _tensor(alibi_slopes), _tensor(kv_lengths), _tensor(sinks))
+            _tensor(mask, device), _tensor(alibi_slopes, device), _tensor(kv_lengths, device),
+            _tensor(sinks, device))
     needs_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad
         or (sinks is not None and sinks.requires_grad))
@@ -351,8 +430,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         raise NotImplementedError(_NO_GRAD_FOR)
     if scale is not None or softcap is not None:
         scale, softcap = _real("scale", scale), _real("softcap", softcap)
+    _check_devices(q, k=k, v=v, mask=mask, alibi_slopes=alibi_slopes, kv_lengths=kv_lengths,
+                   sinks=sinks)
     if (type(q) is type(k) is type(v) is torch.Tensor and q.is_cpu and not needs_grad
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and _transform() is None):
         # Eager CPU calls skip the dispatcher (~10 us) and convert only what they return; the
         # op's own function runs, so the two paths cannot differ.
         opts = _options(mask, causal, scale, enable_gqa, num_threads, align, left, right,
@@ -364,9 +445,11 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         lse = None if lse is None else _from_numpy(lse)
         weights = None if weights is None else _from_numpy(weights)
     else:
-        out, lse, weights = _attention_op(q, k, v, mask, bool(causal), scale, bool(enable_gqa),
-                                          num_threads, align, left, right, alibi_slopes,
-                                          softcap, kv_lengths, similarity, sinks,
-                                          bool(return_weights))
+        # Under torch.func transforms, the op through an autograd.Function that they take
+        op = (_attention_op if _is_compiling() or _transform() is None
+              else _AttentionFunction.apply)
+        out, lse, weights = op(q, k, v, mask, bool(causal), scale, bool(enable_gqa), num_threads,
+                               align, left, right, alibi_slopes, softcap, kv_lengths, similarity,
+                               sinks, bool(return_weights))
     results = [out] + [weights] * bool(return_weights) + [lse] * bool(return_lse)
     return out if len(results) == 1 else tuple(results)
