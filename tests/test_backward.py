@@ -58,8 +58,8 @@ def check_backward(q, k, v, dout_rng, **options):
         exact = reference.gradients_in(rule.exact, plan, d)
         base = reference.gradients_in(rule.baseline, plan, d)
     eps = float(np.finfo(plan.dtype).eps)
-    # Each weight is recomputed from its logit s in base 2 and from lse: a relative error of
-    # ~|s| eps, as in the forward (tolerances.py); the logit's terms, not s itself, set it.
+    # Each weight is recomputed from its logit s and lse as exp2((s - lse) * log2 e): a relative
+    # error of ~|s - lse| eps, as in the forward (tolerances.py); the logit's terms set it.
     with np.errstate(all="ignore"):
         logits = 1 + _max_abs(reference.logits_in(np.float64, dataclasses.replace(
             plan, q=np.abs(plan.q), k=np.abs(plan.k), scale=abs(plan.scale), softcap=None,

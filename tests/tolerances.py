@@ -44,7 +44,8 @@ TOLERANCES = {
     # 3x: the kernel blocks its sums and uses its own exp2 where NumPy sums pairwise/BLAS and uses
     # libm's exp, so its rounding differs from (not exceeds by much) the plain evaluation's.
     # Floor 4 eps: with tiny sizes the baseline may be exact by luck; and the kernel rounds each
-    # logit once more (it works in base 2, s * log2 e), a relative error ~|s| eps per weight.
+    # weight's exponent once more (exp(s - m) as exp2((s - m) * log2 e)), a relative error
+    # ~|s - m| eps per weight, bounded here by the logit's terms.
     # sqrt(S): its running sums over S keys err like a random walk, ~0.5 sqrt(S) eps measured,
     # which a baseline can dodge by luck (e.g. all values equal gives an exact NumPy result);
     # sqrt(E): so do its dot products over E features (relative to |s|), which a baseline on

@@ -283,7 +283,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlse, dweights):
-    """The gradient through ``out`` by the fused backward kernel (issue 13)."""
+    """The gradient through ``out`` by the fused backward kernel (attention_backward)."""
     if dlse is not None or dweights is not None:
         raise NotImplementedError(
             "fastattn.torch computes gradients through the attention output only, not through "

@@ -72,8 +72,9 @@ def register(name: str = "fastattn") -> str:
     name as ``attn_implementation=`` to ``from_pretrained`` / ``from_config``, or to
     ``model.set_attn_implementation``.
 
-    Models run in inference (``model.eval()``, under ``torch.no_grad()``): fastattn has no
-    attention dropout and no backward pass yet.
+    Models run in inference and in training: gradients flow through fastattn's fused backward
+    kernel (see :mod:`fastattn.torch`). fastattn has no attention dropout: a model that asks for
+    it in training gets a NotImplementedError saying so.
 
     Examples
     --------
