@@ -4,6 +4,8 @@
 # its float32 kernels have no float64 instruction), and runs the contract tests plus
 # tests/test_cuda.py on backend="cuda" under Numba's CUDA simulator.
 # Usage: .ci/cuda.sh [python]   (default: $PYTHON, else python3)
+# BUILD_DIR=<folder>: build the extension there (an earlier build of the same flags is reused);
+# by default in a temporary folder.
 # Exits non-zero on any failure, when pytest collects nothing, or when no contract test passed
 # on the simulated CUDA backend.
 set -euo pipefail
@@ -19,8 +21,8 @@ step "fresh environment with the cuda and test extras"
 # shellcheck disable=SC1091
 source "$work/env/bin/activate"
 python -m pip install -q --upgrade pip
-# Its own build folder, so as not to collide with a developer's build/.
-python -m pip install -q -Cbuild-dir="$work/build" ".[cuda,test]"
+# Its own build folder unless given one, so as not to collide with a developer's build/.
+python -m pip install -q -Cbuild-dir="${BUILD_DIR:-$work/build}" ".[cuda,test]"
 python - <<'PY'
 import importlib.util, sys
 missing = [m for m in ("numba_cuda", "pytest", "hypothesis") if importlib.util.find_spec(m) is None]

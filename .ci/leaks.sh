@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # CI: the C++ core on its own, with no Python, must compute right, leak nothing and touch no
-# memory it does not own. Builds csrc/tests/driver.cpp (CMake option FASTATTN_BUILD_TESTS) twice
-# in temporary build directories and runs it
+# memory it does not own. Builds csrc/tests/driver.cpp (CMake option FASTATTN_BUILD_TESTS) in a
+# temporary build directory and runs it
 #   1. natively, checked against its naive loop on every instruction set of this CPU;
 #   2. under valgrind memcheck (valgrind's virtual CPU has no AVX-512, so it sees the avx2 and
-#      baseline kernels): any invalid access, uninitialised read or leak fails;
-#   3. built with AddressSanitizer, LeakSanitizer and UBSan (FASTATTN_SANITIZE): every kernel,
-#      AVX-512 included; any report fails.
+#      baseline kernels): any invalid access, uninitialised read or leak fails.
+# Every kernel, AVX-512 included, runs under AddressSanitizer, LeakSanitizer and UBSan in
+# .ci/sanitize.sh, which builds the driver with the sanitized extension.
 #
-#   .ci/leaks.sh              # 1-3 minutes on 2 cores, mostly compiling
+#   .ci/leaks.sh              # about 1 minute on 2 cores, mostly compiling
 #   ROUNDS=2000 .ci/leaks.sh   # more random problems per instruction set (default 400)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,14 +61,7 @@ EOF
     --errors-for-leak-kinds=definite,indirect,possible --track-origins=yes \
     --suppressions="$work/pool.supp" "$work/plain/fastattn_driver" "$rounds"
 else
-  echo "valgrind is not installed: this pass is NOT run (LeakSanitizer below still is)" >&2
+  echo "valgrind is not installed: this pass is NOT run (.ci/sanitize.sh runs LeakSanitizer)" >&2
 fi
-
-step "build the driver with AddressSanitizer, LeakSanitizer and UBSan"
-build "$work/asan" -DFASTATTN_SANITIZE=ON
-step "driver under the sanitizers"
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:check_initialization_order=1 \
-  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  "$work/asan/fastattn_driver" "$rounds"
 
 step "leaks.sh passed"

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # CI: build fastattn with AddressSanitizer and UndefinedBehaviorSanitizer (the CMake option
-# FASTATTN_SANITIZE) into a fresh virtual environment and run the contract tests under them.
+# FASTATTN_SANITIZE) into a fresh virtual environment and run the contract tests under them,
+# then, from the same build, the C++ core alone (csrc/tests/driver.cpp) under ASan, LeakSanitizer
+# and UBSan. Without an AMX CPU the amx variant is built emulated (csrc/amx_tiles.hpp), so every
+# test below also runs on the "amx" path: what .ci/amx_emulated.sh checks, under the sanitizers.
 # Fails on a test failure and on any sanitizer report, in pytest or in a subprocess it starts.
 #
-#   .ci/sanitize.sh                  # the CI run: about 3 minutes on 2 cores, half of it building
+#   .ci/sanitize.sh                  # the CI run: about 5 minutes on 2 cores, half of it building
 #   .ci/sanitize.sh -k gqa           # extra arguments go to pytest
+#   ROUNDS=2000 .ci/sanitize.sh      # more random problems for the driver (default 400)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
@@ -23,7 +27,7 @@ python -m pip install -q --upgrade pip
 amx=ON
 grep -qw amx_bf16 /proc/cpuinfo && amx=OFF
 python -m pip install -q ".[test]" -Cbuild-dir="$work/build" -Ccmake.define.FASTATTN_SANITIZE=ON \
-  -Ccmake.define.FASTATTN_AMX_EMULATE=$amx
+  -Ccmake.define.FASTATTN_AMX_EMULATE=$amx -Ccmake.define.FASTATTN_BUILD_TESTS=ON
 echo "sanitized build and install: $((SECONDS - start)) s"
 
 # (Located without importing fastattn: that would load the extension without the runtime.)
@@ -44,7 +48,7 @@ mkdir -p "$work/reports"
 export LD_PRELOAD="$asan $ubsan"
 # detect_leaks=0: CPython never frees its interned strings, static types and module state at exit,
 # so LeakSanitizer would report thousands of the interpreter's allocations, none of fastattn's.
-# The core's own leaks are checked by .ci/leaks.sh (standalone driver), growth under Python by
+# The core's own leaks are checked by the driver below (and .ci/leaks.sh), growth under Python by
 # tests/test_leaks.py. ASan reports go to files, so that one in a subprocess (tests/test_isa.py
 # runs some) is not lost with that process's stderr; UBSan ignores log_path when it shares the
 # process with ASan and writes to stderr, which pytest therefore must not capture (below).
@@ -67,7 +71,8 @@ export FASTATTN_FUZZ_EXAMPLES=${FASTATTN_FUZZ_EXAMPLES:-60}
 tests=(tests/test_contract.py tests/test_edge_cases.py tests/test_errors.py
        tests/test_properties.py tests/test_variants.py tests/test_low_precision.py
        tests/test_isa.py tests/test_exp2.py tests/test_threads.py tests/test_merge.py
-       tests/test_layers.py tests/test_fuzz.py tests/test_backward.py tests/test_process.py)
+       tests/test_layers.py tests/test_fuzz.py tests/test_backward.py tests/test_process.py
+       tests/test_byte_order.py tests/test_overflow.py tests/test_plain_path.py)
 status=0
 # --capture=sys: pytest captures what Python writes, not file descriptor 2, so a sanitizer's
 # report reaches the log even when it kills the process mid-test.
@@ -78,6 +83,13 @@ if grep -q "runtime error:\|ERROR: AddressSanitizer\|ERROR: LeakSanitizer" "$wor
   echo "a sanitizer reported an error (above)" >&2
   status=1
 fi
+
+# The C++ core alone, from the same sanitized objects: every kernel (AVX-512 and the emulated
+# AMX included, which valgrind's CPU cannot run), with LeakSanitizer on (no interpreter here).
+echo "=== the C++ driver under ASan, LeakSanitizer and UBSan"
+env -u LD_PRELOAD ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:check_initialization_order=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  "$work/build/fastattn_driver" "${ROUNDS:-400}" || status=1
 
 reports=$(find "$work/reports" -type f | sort)
 if [ -n "$reports" ]; then

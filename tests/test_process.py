@@ -201,7 +201,7 @@ INTERRUPT_SCRIPT = """
                                                        num_threads=threads)
         raise ValueError(kind)
 
-    # As many entries as make the call last ~3 s: an interrupt heard only at its end is late.
+    # As many entries as make the call last ~1.5 s: an interrupt heard only at its end is late.
     n = 1
     while True:
         call = problem(n)
@@ -209,7 +209,7 @@ INTERRUPT_SCRIPT = """
         call()
         took = time.perf_counter() - t0
         if took > 0.3:
-            n = int(n * 3.0 / took) + 1
+            n = int(n * 1.5 / took) + 1
             break
         n *= 4
     call = problem(n)
@@ -271,7 +271,7 @@ INTERRUPT_SCRIPT = """
 @pytest.mark.parametrize("threads", [1, 2])
 def test_ctrl_c_interrupts_a_long_call(kind, threads):
     got = run_script(INTERRUPT_SCRIPT, kind, str(threads), timeout=300)
-    # Every signal interrupted its call, far before the call's end (~3 s): the poll runs every
+    # Every signal interrupted its call, far before the call's end (~1.5 s): the poll runs every
     # 20 ms; 0.25 s leaves room for a loaded machine.
     assert all(late is not None for late in got["latencies"]), got
     assert max(got["latencies"]) < 0.25, got
