@@ -72,7 +72,7 @@ tests=(tests/test_contract.py tests/test_edge_cases.py tests/test_errors.py
        tests/test_properties.py tests/test_variants.py tests/test_low_precision.py
        tests/test_isa.py tests/test_exp2.py tests/test_threads.py tests/test_merge.py
        tests/test_layers.py tests/test_fuzz.py tests/test_backward.py tests/test_process.py
-       tests/test_byte_order.py tests/test_overflow.py tests/test_plain_path.py)
+       tests/test_overflow.py)
 status=0
 # --capture=sys: pytest captures what Python writes, not file descriptor 2, so a sanitizer's
 # report reaches the log even when it kills the process mid-test.
