@@ -23,6 +23,9 @@ source "$work/env/bin/activate"
 python -m pip install -q --upgrade pip
 # Its own build folder unless given one, so as not to collide with a developer's build/.
 python -m pip install -q -Cbuild-dir="${BUILD_DIR:-$work/build}" ".[cuda,test]"
+# CI's own tool, not a test extra: the simulator runs on one core, so two pytest workers halve
+# the step on two cores.
+python -m pip install -q "pytest-xdist>=3"
 python - <<'PY'
 import importlib.util, sys
 missing = [m for m in ("numba_cuda", "pytest", "hypothesis") if importlib.util.find_spec(m) is None]
@@ -37,7 +40,7 @@ env -u NUMBA_ENABLE_CUDASIM python tests/cuda_ptx_check.py
 step "contract tests and test_cuda.py on backend='cuda', under the simulator"
 status=0
 # The PTX test of test_cuda.py repeats the step above: deselected here.
-FASTATTN_TEST_CUDA=sim python -m pytest -q -p no:cacheprovider -rs \
+FASTATTN_TEST_CUDA=sim python -m pytest -q -p no:cacheprovider -rs -n "$(nproc)" \
   -k "cuda and not test_ptx_compiles" --junitxml="$work/junit.xml" tests || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no test: failing" >&2
