@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import fastattn
 from fastattn import reference
-from fastattn._validate import prepare_backward, sum_to
+from fastattn._gradients import sum_to
+from fastattn._validate import prepare_backward
 from layouts import LAYOUTS, assert_unchanged, copies, in_layout
 from test_properties import problems
 from tolerances import HALF_EXTRA_ULPS, HALF_FORMATS, half_ulp, rule_for

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core, _cpu, _cuda  # _cuda imports numba only when the GPU is asked for
-from ._validate import Plan, gradient_dtype, is_half, prepare, prepare_backward
+from ._gradients import gradient_dtype
+from ._validate import Plan, is_half, prepare, prepare_backward
 
 _BACKENDS = ("auto", "cpu", "cuda")
 

@@ -7,7 +7,8 @@ import numbers
 
 import numpy as np
 
-from ._layers import _is_bfloat16, multi_head_attention
+from ._layers import multi_head_attention
+from ._validate import is_bfloat16
 
 
 def _glorot_uniform(rng: np.random.Generator, fan_in: int, fan_out: int, dtype) -> np.ndarray:
@@ -91,7 +92,7 @@ class MultiHeadAttention:
                 )
             d_head = d_model // num_heads
         dtype = np.dtype(dtype)
-        if not ((dtype.kind == "f" and dtype.itemsize <= 8) or _is_bfloat16(dtype)):
+        if not ((dtype.kind == "f" and dtype.itemsize <= 8) or is_bfloat16(dtype)):
             raise TypeError(
                 f"dtype {dtype} is not a float dtype fastattn takes (float16, bfloat16, float32, "
                 "float64)"

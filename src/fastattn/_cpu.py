@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._validate import Plan, is_bfloat16, sinks_gradient, sum_to
+from ._gradients import sinks_gradient, sum_to
+from ._validate import Plan, is_bfloat16
 
 # 16-bit storage codes of the compiled kernel (fastattn::Storage).
 _STORAGE = {"float16": 1, "bfloat16": 2}
@@ -80,7 +81,6 @@ def _problem(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> list[An
     """The kernel arguments both passes share, batch shape to kv_group (see _core.attention)."""
     mask = plan.mask
     mask_kind = 0 if mask is None else (1 if mask.dtype == np.bool_ else 2)
-    lo, hi = plan.band()
     return [
         plan.batch,
         plan.L,
@@ -92,8 +92,7 @@ def _problem(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> list[An
         v,
         mask_kind,
         mask,
-        -_core.NO_BOUND if lo is None else max(lo, -_core.NO_BOUND),
-        _core.NO_BOUND if hi is None else min(hi, _core.NO_BOUND),
+        *plan.band_within(_core.NO_BOUND),
         plan.offset,
         plan.scale,
         plan.softcap or 0.0,

@@ -18,7 +18,7 @@ import threading
 import numpy as np
 
 from ._cpu import overflow_exponents
-from ._validate import Plan, _check_dtype, compute_dtypes, is_bfloat16, native, prepare
+from ._validate import Plan, check_dtype, compute_dtypes, is_bfloat16, native, prepare, stand_in
 
 INSTALL = 'pip install "fastattn[cuda]"'
 
@@ -140,12 +140,6 @@ def _byte_strides(shape, dtype, strides):
         out.append(step)
         step *= max(n, 1)
     return tuple(reversed(out))
-
-
-def _stand_in(shape, dtype) -> np.ndarray:
-    """A NumPy array of ``shape`` and ``dtype`` with no memory behind it (all strides 0):
-    ``prepare`` checks a device array's shape and dtype through it without a copy."""
-    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
 
 
 def _dummy(cuda, dtype):
@@ -325,7 +319,7 @@ def _check_device_dtype(name, dtype) -> None:
             f"{name}: bfloat16 device arrays are not supported by the CUDA "
             "backend yet (bfloat16 NumPy arrays are); use float16 or float32"
         )
-    _check_dtype(name, _stand_in((), dtype))
+    check_dtype(name, stand_in((), dtype))
 
 
 def _prepare_device(arrays, device, kwargs) -> Plan:
@@ -341,17 +335,17 @@ def _prepare_device(arrays, device, kwargs) -> Plan:
         else:
             args[name] = native(np.asarray(a))
             dtypes[name] = args[name].dtype
-            _check_dtype(name, args[name])
+            check_dtype(name, args[name])
     dtype, out_dtype = compute_dtypes(*dtypes.values())
     for name in ("q", "k", "v"):
         if device[name]:
-            args[name] = _stand_in(args[name], dtype)  # no copy: already the compute dtype
+            args[name] = stand_in(args[name], dtype)  # no copy: already the compute dtype
     mask = arrays["mask"]
     if mask is not None and device["mask"]:
         shape, mdtype, _ = _device_info(mask)
         _check_device_dtype("mask", mdtype)
         float_mask = mdtype.kind == "f" and mdtype.itemsize <= 8
-        mask = _stand_in(shape, dtype if float_mask else mdtype)  # a bad dtype: prepare's error
+        mask = stand_in(shape, dtype if float_mask else mdtype)  # a bad dtype: prepare's error
     plan = prepare(args["q"], args["k"], args["v"], mask=mask, **kwargs)
     return dataclasses.replace(plan, dtype=dtype, out_dtype=out_dtype)
 
@@ -412,9 +406,7 @@ def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
         if plan.sinks is None
         else (np.broadcast_to(plan.sinks, batch).reshape(-1).astype(acc))
     )
-    lo, hi = plan.band()
-    lo = -kernel.NO_BOUND if lo is None else max(lo, -kernel.NO_BOUND)
-    hi = kernel.NO_BOUND if hi is None else min(hi, kernel.NO_BOUND)
+    lo, hi = plan.band_within(kernel.NO_BOUND)
 
     simulator = bool(cuda.config.ENABLE_CUDASIM)
     # One thread per query row; a whole number of warps on a GPU. The simulator runs each

@@ -12,12 +12,7 @@ import numbers
 import numpy as np
 
 from ._api import attention
-from ._validate import broadcast_shapes, native_dtype
-
-
-def _is_bfloat16(dtype: np.dtype) -> bool:
-    # ml_dtypes' bfloat16 is a kind "V" dtype; matching its name keeps ml_dtypes optional.
-    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+from ._validate import broadcast_shapes, check_dtype, native_dtype
 
 
 def _dtypes(**arrays: np.ndarray) -> tuple[np.dtype, np.dtype]:
@@ -27,12 +22,7 @@ def _dtypes(**arrays: np.ndarray) -> tuple[np.dtype, np.dtype]:
     rounded back, as a half-precision model stores its activations.
     """
     for name, a in arrays.items():
-        d = a.dtype
-        if not (d.kind in "iub" or (d.kind == "f" and d.itemsize <= 8) or _is_bfloat16(d)):
-            raise TypeError(
-                f"{name} has dtype {d}; fastattn takes float16, bfloat16, float32, float64, "
-                "integer or bool arrays"
-            )
+        check_dtype(name, a)
     try:
         result = np.result_type(*(a.dtype for a in arrays.values()))
     except TypeError:  # numpy's DTypePromotionError, e.g. bfloat16 with float16 or an integer

@@ -58,6 +58,13 @@ class Plan:
             hi = self.offset if hi is None else min(hi, self.offset)
         return lo, hi
 
+    def band_within(self, bound: int) -> tuple[int, int]:
+        """band() as a kernel takes it: an unbounded side as -bound or bound, and a side past
+        them clamped to them (a kernel's "no bound", far enough from int64's limits that
+        i + bound cannot overflow)."""
+        lo, hi = self.band()
+        return (-bound if lo is None else max(lo, -bound), bound if hi is None else min(hi, bound))
+
 
 def _shapes(**arrays) -> str:
     return ", ".join(f"{name} {tuple(a.shape)}" for name, a in arrays.items())
@@ -111,7 +118,8 @@ def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _check_dtype(name: str, a: np.ndarray) -> None:
+def check_dtype(name: str, a: np.ndarray) -> None:
+    """TypeError naming ``name`` and its dtype unless fastattn reads arrays of that dtype."""
     if a.dtype in _NATIVE or is_bfloat16(a.dtype):
         return
     if a.dtype.kind not in "fiub" or (a.dtype.kind == "f" and a.dtype.itemsize > 8):
@@ -158,7 +166,8 @@ ALIGNS = ("top_left", "bottom_right")
 SIMILARITIES = ("dot", "cosine")
 
 
-def _window(window) -> tuple[int | None, int | None]:
+def window_bounds(window) -> tuple[int | None, int | None]:
+    """``window`` checked: (left, right), each an int >= 0 or None (unbounded)."""
     if window is None:
         return None, None
     try:
@@ -223,7 +232,7 @@ def prepare(
     if not (q.dtype.isnative and k.dtype.isnative and v.dtype.isnative):
         q, k, v = native(q), native(k), native(v)  # values, not bytes: ">f4" is read as such
     for name, a in (("q", q), ("k", k), ("v", v)):
-        _check_dtype(name, a)
+        check_dtype(name, a)
     if min(q.ndim, k.ndim, v.ndim) < 2:
         raise ValueError(f"q, k and v must be at least 2-D; got {_shapes(q=q, k=k, v=v)}")
     L, E = q.shape[-2:]
@@ -353,7 +362,7 @@ def prepare(
         return_weights=bool(return_weights),
         num_threads=num_threads,
         offset=offset,
-        window=_window(window),
+        window=window_bounds(window),
         alibi=alibi_slopes,
         softcap=softcap,
         return_lse=bool(return_lse),
@@ -362,6 +371,13 @@ def prepare(
         storage=storage,
         sinks=sinks,
     )
+
+
+def stand_in(shape, dtype) -> np.ndarray:
+    """A zero-stride view of one zero of ``dtype`` with ``shape``: what ``prepare`` needs to
+    check a call and plan it (shapes, dtypes, options) from arrays it does not read, as the CUDA
+    backend (device arrays), Dask (lazy arrays) and torch's fake tensors have them."""
+    return np.broadcast_to(np.zeros((), dtype), tuple(int(n) for n in shape))
 
 
 def _float_operand(name: str, a, shape: tuple, dtype: np.dtype, shapes: str) -> np.ndarray:
@@ -391,40 +407,3 @@ def prepare_backward(q, k, v, out, lse, dout, **kwargs):
     lse = _float_operand("lse", lse, rows, plan.dtype, shapes)
     dout = _float_operand("dout", dout, rows + (plan.Ev,), dtype_of(dout), shapes)
     return plan, out, lse, dout
-
-
-def sum_to(grad: np.ndarray, shape: tuple, kv_group: int) -> np.ndarray:
-    """``grad`` of the broadcast batch shape summed to an operand's own ``shape``: over the
-    batch axes it broadcast along, and over each group of query heads that shared one kv head
-    (``kv_group``, last batch axis), as autograd sums them."""
-    if kv_group > 1 and len(shape) >= 3 and shape[-3] != 1:
-        g = grad.shape
-        grad = grad.reshape(g[:-3] + (g[-3] // kv_group, kv_group) + g[-2:]).sum(axis=-3)
-    lead = grad.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
-                                      if n == 1 and grad.shape[lead + i] != 1)
-    if axes:
-        grad = grad.sum(axis=axes)
-        grad = grad.reshape(shape)
-    return grad
-
-
-def gradient_dtype(dtype: np.dtype, plan: Plan) -> np.dtype:
-    """The dtype of an input's gradient: the input's own when it is a float (16-bit ones
-    included), else the compute dtype (integer and bool inputs compute in float64)."""
-    if dtype.kind == "f" or is_bfloat16(dtype):
-        return native_dtype(dtype)  # values of ">f4" come back as "<f4" (on little-endian)
-    return plan.out_dtype
-
-
-def sinks_gradient(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray) -> np.ndarray:
-    """The gradient of the sink logits, of their shape: a sink only joins each row's
-    denominator, so d out_i / d sink = -p_i out_i with p_i = exp(sink - lse_i) its weight, and
-    the gradient is -sum_i p_i (dout_i . out_i), summed over the entries that share the sink.
-    ``out``, ``lse`` and ``dout`` as the forward returned them (lse includes the sink)."""
-    assert plan.sinks is not None
-    sink = np.broadcast_to(plan.sinks.astype(np.float64), plan.batch)[..., None]
-    with np.errstate(over="ignore", invalid="ignore"):
-        p = np.exp(sink - lse.astype(np.float64))  # sink -inf (none): 0
-    d = np.einsum("...e,...e->...", dout.astype(np.float64), out.astype(np.float64))
-    return sum_to(-(p * d).sum(axis=-1), plan.sinks.shape, 1)

@@ -26,7 +26,15 @@ except ImportError as e:
 
 from ._api import run
 from ._merge import add_sinks, merge_attention
-from ._validate import Plan, _check_dtype, compute_dtypes, is_bfloat16, native_dtype, prepare
+from ._validate import (
+    Plan,
+    check_dtype,
+    compute_dtypes,
+    is_bfloat16,
+    native_dtype,
+    prepare,
+    stand_in,
+)
 
 __all__ = ["attention"]
 
@@ -146,7 +154,7 @@ def _check(q, k, v, mask, opts) -> tuple[Plan, np.dtype, np.dtype]:
     ``prepare`` checks everything without computing a chunk or allocating the problem's size.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_dtype(name, np.empty(0, x.dtype))
+        check_dtype(name, np.empty(0, x.dtype))
     dtype, out_dtype = compute_dtypes(q.dtype, k.dtype, v.dtype)  # native byte order
     mask_stand_in = None
     if mask is not None:
@@ -155,14 +163,10 @@ def _check(q, k, v, mask, opts) -> tuple[Plan, np.dtype, np.dtype]:
             mdtype = dtype  # prepare would cast a float mask to the compute dtype
         # Native order: prepare would convert a byte-swapped stand-in, a copy of the mask's size.
         mdtype = native_dtype(mdtype)
-        mask_stand_in = _stand_in(np.shape(mask), mdtype)
-    plan = prepare(*(_stand_in(x.shape, dtype) for x in (q, k, v)), mask=mask_stand_in,
+        mask_stand_in = stand_in(np.shape(mask), mdtype)
+    plan = prepare(*(stand_in(x.shape, dtype) for x in (q, k, v)), mask=mask_stand_in,
                    return_lse=True, **opts)
     return plan, dtype, out_dtype
-
-
-def _stand_in(shape, dtype) -> np.ndarray:
-    return np.broadcast_to(np.zeros((), dtype), tuple(int(n) for n in shape))
 
 
 def _starts(chunks) -> list[int]:

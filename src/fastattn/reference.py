@@ -11,7 +11,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from ._validate import Plan, gradient_dtype, prepare, prepare_backward, sum_to
+from ._gradients import gradient_dtype, sum_to
+from ._validate import Plan, prepare, prepare_backward
 
 
 def attention(q, k, v, **kwargs):

@@ -14,6 +14,7 @@ kernel (:func:`fastattn.attention_backward`) as a second operator,
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from . import _core, _cpu
 from ._api import attention as _np_attention
-from ._validate import _window, native, prepare
+from ._validate import native, prepare, stand_in, window_bounds
 
 __all__ = ["attention"]
 
@@ -92,13 +93,11 @@ _TENSOR_OPTIONS = ("mask", "alibi_slopes", "kv_lengths", "sinks")
 # Module-level names for the common call's checks: each torch.X lookup costs ~40 ns of a 4 us call.
 _Tensor, _F32, _F64 = torch.Tensor, torch.float32, torch.float64
 _is_compiling, _grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
-try:  # None unless a torch.func transform (vmap, grad, ...) runs: then the tensors are
-    # functorch's wrappers, which have no storage to read (80 ns; asking each tensor, 200 ns)
-    _transform = torch._C._functorch.peek_interpreter_stack
-except AttributeError:  # a torch without functorch has no transforms
-
-    def _transform() -> None:
-        return None
+# None unless a torch.func transform (vmap, grad, ...) runs: then the tensors are functorch's
+# wrappers, which have no storage to read (80 ns; asking each tensor, 200 ns). A torch without
+# functorch has no transforms.
+_transform: Callable[[], object] = getattr(
+    getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None) or (lambda: None)
 
 
 def _check_devices(q: torch.Tensor, **tensors) -> None:
@@ -194,15 +193,13 @@ def _(q, k, v, mask, causal, scale, enable_gqa, num_threads, align, window_left,
     _check_devices(q, k=k, v=v, mask=mask, alibi_slopes=alibi_slopes, kv_lengths=kv_lengths,
                    sinks=sinks)
 
-    def stand_in(t):
-        if t is None:
-            return None
-        return np.broadcast_to(np.zeros((), _numpy_dtype(t.dtype)), tuple(map(_hint, t.shape)))
+    def fake(t):
+        return None if t is None else stand_in(map(_hint, t.shape), _numpy_dtype(t.dtype))
 
-    opts = _options(stand_in(mask), causal, scale, enable_gqa, num_threads, align, window_left,
-                    window_right, stand_in(alibi_slopes), softcap, stand_in(kv_lengths),
-                    similarity, stand_in(sinks))
-    plan = prepare(stand_in(q), stand_in(k), stand_in(v), **opts, return_weights=return_weights)
+    opts = _options(fake(mask), causal, scale, enable_gqa, num_threads, align, window_left,
+                    window_right, fake(alibi_slopes), softcap, fake(kv_lengths), similarity,
+                    fake(sinks))
+    plan = prepare(fake(q), fake(k), fake(v), **opts, return_weights=return_weights)
     # Each batch axis from an operand that has it at full size (q first: under GQA the heads)
     batch = []
     for i, size in enumerate(plan.batch):
@@ -416,7 +413,7 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         raise TypeError("fastattn.torch.attention takes torch tensors q, k and v; got "
                         f"{type(q).__name__}, {type(k).__name__}, {type(v).__name__} "
                         "(fastattn.attention takes NumPy arrays)")
-    left, right = (None, None) if window is None else _window(window)
+    left, right = (None, None) if window is None else window_bounds(window)
     if not (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None):
         device = q.device
         mask, alibi_slopes, kv_lengths, sinks = (
