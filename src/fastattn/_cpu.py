@@ -145,10 +145,8 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     if _launch(plan, q, k, v, out, weights, lse) == _core.NONFINITE:
         exponents = overflow_exponents(plan, v)
         if exponents is not None:  # again with v scaled down, then the output scaled back up
-            scaled = v.astype(plan.dtype) * np.ldexp(np.ones((), plan.dtype), -exponents)
-            _launch(plan, q, k, scaled.astype(v.dtype, copy=False), out, weights, lse)
-            with np.errstate(over="ignore"):  # inf where the mean exceeds the range
-                np.ldexp(out, exponents, out=out)
+            _launch(plan, q, k, scaled_down(plan, v, exponents, v.dtype), out, weights, lse)
+            scale_up(out, exponents)
     if lse is not None:
         lse = lse[..., 0]
     if plan.out_dtype != plan.dtype:
@@ -203,6 +201,18 @@ def overflow_exponents(plan: Plan, v: np.ndarray) -> np.ndarray | None:
         need = np.log2(float(plan.S)) + np.log2(amax) - headroom
     exponents = np.where(np.isfinite(need) & (need > 0), np.ceil(need), 0).astype(np.int32)
     return exponents if exponents.any() else None
+
+
+def scaled_down(plan: Plan, v: np.ndarray, exponents: np.ndarray, dtype) -> np.ndarray:
+    """A copy of v in ``dtype`` with each column divided by 2**exponents (exact)."""
+    scaled = v.astype(plan.dtype) * np.ldexp(np.ones((), plan.dtype), -exponents)
+    return scaled.astype(dtype, copy=False)
+
+
+def scale_up(out: np.ndarray, exponents: np.ndarray) -> None:
+    """Undoes scaled_down on an output, in place: inf where the mean exceeds the range."""
+    with np.errstate(over="ignore"):
+        np.ldexp(out, exponents, out=out)
 
 
 def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,

@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from ._cpu import overflow_exponents
+from ._cpu import overflow_exponents, scale_up, scaled_down
 from ._validate import Plan, check_dtype, compute_dtypes, is_bfloat16, native, prepare, stand_in
 
 INSTALL = 'pip install "fastattn[cuda]"'
@@ -287,11 +287,9 @@ def attention(
         exponents = None if np.isfinite(out).all() else overflow_exponents(plan, plan.v)
         if exponents is not None:
             kernel_v = plan.v.dtype if plan.v.dtype in _KERNEL_DTYPES else plan.dtype
-            scaled = plan.v.astype(plan.dtype) * np.ldexp(np.ones((), plan.dtype), -exponents)
-            ops["v"] = _from_host(cuda, scaled.astype(kernel_v, copy=False))
+            ops["v"] = _from_host(cuda, scaled_down(plan, plan.v, exponents, kernel_v))
             results[0] = _run(cuda, kernel, plan, ops)[0].copy_to_host()
-            with np.errstate(over="ignore"):  # inf where the mean exceeds the range
-                np.ldexp(results[0], exponents, out=results[0])
+            scale_up(results[0], exponents)
         # out and weights in the output dtype; lse (last) stays in the compute dtype.
         n = len(results) - plan.return_lse
         dtypes = [plan.out_dtype] * n + [plan.dtype] * plan.return_lse
