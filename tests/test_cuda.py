@@ -444,6 +444,31 @@ def test_concurrent_calls(gpu, rng):
         np.testing.assert_array_equal(out, want[i])
 
 
+def test_simulator_threads_share_each_shared_array(gpu, rng, monkeypatch):
+    """Every simulated thread of a block gets the same shared array, even when its creation is
+    slow enough for the threads to switch while it is made (the simulator alone gave two
+    arrays then, and a block read a key tile half loaded: NaN here, a wrong row in CI)."""
+    if not gpu.sim:
+        pytest.skip("a property of Numba's CUDA simulator; a GPU has no simulated threads")
+    import time
+
+    from numba.cuda.simulator import kernelapi
+
+    class SlowEmpty:  # kernelapi's numpy, with np.empty slow enough to switch threads in
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            time.sleep(0.002)
+            return np.empty(*args, **kwargs)
+
+    q, k, v = qkv(rng, (1,), 3, 13, 8, 5)
+    want = fastattn.attention(q, k, v)
+    monkeypatch.setattr(kernelapi, "np", SlowEmpty())
+    np.testing.assert_allclose(gpu.attention(q, k, v), want, rtol=1e-5, atol=1e-6)
+
+
 @st.composite
 def small_problems(draw):
     """Random calls small enough for the simulator, every argument the kernel reads drawn."""

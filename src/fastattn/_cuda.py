@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import sys
 import threading
 
 import numpy as np
@@ -68,9 +69,65 @@ def _require_cuda():
             f"{INSTALL}). Without a GPU, NUMBA_ENABLE_CUDASIM=1 runs the kernel on Numba's CPU "
             "simulator (slow), or use backend='cpu'."
         )
+    if cuda.config.ENABLE_CUDASIM:
+        _lock_simulator_shared_arrays()
     from . import _cuda_kernel
 
     return cuda, _cuda_kernel
+
+
+def _lock_simulator_shared_arrays() -> None:
+    """Makes the simulator's ``cuda.shared.array`` safe for the threads of a block (once).
+
+    The simulator runs each CUDA thread as a Python thread and hands every thread of a launch
+    the array first made for the calling line: it looks the line up, and if absent makes the
+    array and stores it. Two threads switched between the look-up and the store (the look-up
+    walks the stack, slow enough for it under load) get two arrays, and the kernel reads the
+    key tile another thread loaded into the other one: garbage, the output of a block wrong.
+    (Seen in CI as a row equal to one key's value; made certain by slowing ``np.empty``,
+    tests/test_cuda.py.) Here the look-up and the store are one step under a lock, the array
+    keyed by the calling line as before. A simulator without that internal store is left as
+    it is.
+    """
+    from numba.cuda.simulator import kernelapi
+
+    shared = kernelapi.FakeCUDAShared
+    with _SIM_LOCK:  # installed once, even by concurrent first calls
+        if getattr(shared.array, "fastattn_locked", False):
+            return
+        try:
+            store = shared(0)._allocations
+        except (AttributeError, TypeError):
+            store = None
+        if isinstance(store, dict):
+            shared.array = _locked_array(shared.array, kernelapi)
+
+
+def _locked_array(original, kernelapi):
+    """``FakeCUDAShared.array`` with its look-up and store under one lock."""
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic memory (no look-up), or an error
+            return original(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            found = self._allocations.get(key)
+            if found is None:
+                found = self._allocations[key] = kernelapi.np.empty(shape, _numpy_dtype(dtype))
+        return found
+
+    array.fastattn_locked = True  # type: ignore[attr-defined]
+    return array
+
+
+def _numpy_dtype(dtype) -> np.dtype:
+    """A NumPy dtype from a Numba type (``float32``) or anything NumPy reads as one."""
+    from numba.core import types
+    from numba.np import numpy_support
+
+    return numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else np.dtype(dtype)
 
 
 def on_device(a) -> bool:
