@@ -6,26 +6,13 @@
 # real instructions run in the README's test command instead, and this script only repeats them.
 #
 #   .ci/amx_emulated.sh              # about 2 minutes on 2 cores, most of it building
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 if ! grep -qw avx512_bf16 /proc/cpuinfo; then
   echo "amx_emulated.sh: this CPU has no AVX512-BF16, which the emulated variant builds on: skipped"
   exit 0
 fi
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-py=${PYTHON:-python3}
-"$py" -m venv "$work/env"
-# shellcheck disable=SC1091
-source "$work/env/bin/activate"
-python -m pip install -q --upgrade pip
+fresh_env "$work/env"
 python -m pip install -q ".[test]" -Cbuild-dir="$work/build" -Ccmake.define.FASTATTN_AMX_EMULATE=ON
 (cd "$work" && python -c 'import fastattn, sys; print("amx:", fastattn._core.amx_status())
 sys.exit(0 if "amx" in fastattn.available_isas() else 1)')
-status=0
-python -m pytest -q -p no:cacheprovider -k amx tests || status=$?
-if [ "$status" -eq 5 ]; then
-  echo "no test ran on the amx path: failing" >&2
-  exit 1
-fi
-exit "$status"
+run_pytest -q -n auto -k amx  # the backend fixture's amx entries

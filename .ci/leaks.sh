@@ -10,17 +10,11 @@
 #
 #   .ci/leaks.sh              # about 1 minute on 2 cores, mostly compiling
 #   ROUNDS=2000 .ci/leaks.sh   # more random problems per instruction set (default 400)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-root=$(pwd)
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-start=$SECONDS
+source "$(dirname "$0")/lib.sh"
 rounds=${ROUNDS:-400}
-step() { printf '\n=== %s (%d s)\n' "$*" "$((SECONDS - start))"; }
 
 if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
-  "${PYTHON:-python3}" -m venv "$work/tools"
+  "$PYTHON" -m venv "$work/tools"
   "$work/tools/bin/python" -m pip install -q cmake ninja
   export PATH="$work/tools/bin:$PATH"
 fi

@@ -2,13 +2,8 @@
 # CI: ruff on the package, tests and benchmarks; mypy on the package (its configuration is
 # [tool.mypy] in pyproject.toml; the compiled module is typed by src/fastattn/_core.pyi, so
 # nothing needs building). Tools are pinned so that a new release cannot fail CI on its own.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-start=$SECONDS
-"${PYTHON:-python3}" -m venv "$work/env"
-"$work/env/bin/python" -m pip install -q --upgrade pip
+source "$(dirname "$0")/lib.sh"
+fresh_env "$work/env"
 # numpy for its type annotations (mypy reads them); nothing else of fastattn's is installed.
 "$work/env/bin/python" -m pip install -q "ruff==0.17.6" "mypy==2.4.1" numpy
 status=0

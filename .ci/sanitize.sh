@@ -9,17 +9,9 @@
 #   .ci/sanitize.sh                  # the CI run: about 5 minutes on 2 cores, half of it building
 #   .ci/sanitize.sh -k gqa           # extra arguments go to pytest
 #   ROUNDS=2000 .ci/sanitize.sh      # more random problems for the driver (default 400)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-py=${PYTHON:-python3}
-start=$SECONDS
+source "$(dirname "$0")/lib.sh"
 
-"$py" -m venv "$work/env"
-# shellcheck disable=SC1091
-source "$work/env/bin/activate"
-python -m pip install -q --upgrade pip
+fresh_env "$work/env"
 # The build directory is a temporary one: never build/ of the checkout, whose objects are not
 # instrumented and would be reused.
 # Without an AMX CPU the amx variant is built emulated (csrc/amx_tiles.hpp), so that its layouts
@@ -62,21 +54,17 @@ export PYTHONMALLOC=malloc
 export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-sanitize}
 export FASTATTN_FUZZ_EXAMPLES=${FASTATTN_FUZZ_EXAMPLES:-60}
 
-# Every test file that runs the kernel, each test on every dispatch path (the backend fixture
-# runs each instruction set this CPU has): 16-bit storage, variants, merges, layers and the
-# backward pass included.
-# Not here: the memory-bound test (marked slow: 1 GiB inputs), the resident-memory test
+# The tests marked "native" (pyproject.toml): every test file that runs the kernel, each test on
+# every dispatch path (the backend fixture runs each instruction set this CPU has): 16-bit
+# storage, variants, merges, layers and the backward pass included.
+# Not marked: the memory-bound test (marked slow: 1 GiB inputs), the resident-memory test
 # (tests/test_leaks.py: ASan keeps freed memory in quarantine, ~250 MB, on purpose), Dask (a
 # cluster of worker processes), the examples and plots (no kernel path the others miss).
-tests=(tests/test_contract.py tests/test_edge_cases.py tests/test_errors.py
-       tests/test_properties.py tests/test_variants.py tests/test_low_precision.py
-       tests/test_isa.py tests/test_exp2.py tests/test_threads.py tests/test_merge.py
-       tests/test_layers.py tests/test_fuzz.py tests/test_backward.py tests/test_process.py
-       tests/test_overflow.py)
 status=0
 # --capture=sys: pytest captures what Python writes, not file descriptor 2, so a sanitizer's
-# report reaches the log even when it kills the process mid-test.
-python -m pytest -q -p no:cacheprovider --capture=sys -m "not slow" "${tests[@]}" "$@" \
+# report reaches the log even when it kills the process mid-test (a pytest-xdist worker's
+# file descriptor 2 is this script's).
+run_pytest -q --capture=sys -n auto -m "native and not slow" "$@" \
   2>&1 | tee "$work/pytest.log" || status=$?  # pipefail: pytest's status
 deactivate
 if grep -q "runtime error:\|ERROR: AddressSanitizer\|ERROR: LeakSanitizer" "$work/pytest.log"; then

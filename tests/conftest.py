@@ -33,6 +33,19 @@ def backend(request) -> Backend:
         yield Backend(request.param, fn)
 
 
+def pytest_collection_modifyitems(items):
+    """A test run on a CUDA entry of ``BACKENDS`` (a fixture parametrized by its names) is
+    marked ``cuda``, so ``-m cuda`` selects everything the CUDA backend runs; the other markers
+    are declared by the tests."""
+    cuda = {name for name in BACKENDS if name.startswith("cuda")}
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec is not None and any(
+            isinstance(p, str) and p in cuda for p in spec.params.values()
+        ):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A generator seeded from the test's id, so every test draws the same data on every run."""

@@ -20,6 +20,8 @@ from layouts import LAYOUTS, assert_unchanged, copies, in_layout
 from test_properties import problems
 from tolerances import HALF_EXTRA_ULPS, HALF_FORMATS, half_ulp, rule_for
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 # Options of the forward that the backward does not take.
 _FORWARD_ONLY = ("return_weights", "return_lse")
 

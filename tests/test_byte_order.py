@@ -333,6 +333,7 @@ def test_swapped_device_arrays_are_refused(name):
     assert name in str(info.value) and "big-endian" in str(info.value)
 
 
+@pytest.mark.cuda
 def test_swapped_device_array_through_the_cuda_backend(rng):
     # The public call on a CUDA backend (a GPU, or Numba's simulator): the same TypeError.
     if not any(n.startswith("cuda") for n in BACKENDS):

@@ -8,6 +8,8 @@ import pytest
 from layouts import qkv, values
 from tolerances import ROW_SUM_EPS_PER_KEY, assert_close_to_reference, check
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 # --- shapes -------------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ HAVE_NUMBA_CUDA = importlib.util.find_spec("numba_cuda") is not None
 CUDA = next((name for name in BACKENDS if name.startswith("cuda")), None)
 NO_NUMBA_CUDA = f"numba-cuda is not installed ({INSTALL})"
 needs_numba_cuda = pytest.mark.skipif(not HAVE_NUMBA_CUDA, reason=NO_NUMBA_CUDA)
+pytestmark = pytest.mark.cuda
 
 
 def _env(**changes) -> dict:
@@ -231,6 +232,7 @@ def _ptx_check(*args) -> subprocess.CompletedProcess:
 
 
 @needs_numba_cuda
+@pytest.mark.ptx
 def test_ptx_compiles_for_every_signature_without_float64():
     res = _ptx_check()
     assert res.returncode == 0, res.stdout + res.stderr

@@ -8,6 +8,8 @@ import pytest
 from layouts import LAYOUTS, assert_unchanged, copies, in_layout, qkv, values
 from tolerances import assert_close_to_reference, check
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 # --- sizes --------------------------------------------------------------------------------
 
 

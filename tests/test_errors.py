@@ -11,6 +11,8 @@ import pytest
 from backends import BACKENDS
 from fastattn import reference
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 F = np.float32
 
 

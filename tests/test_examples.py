@@ -137,6 +137,7 @@ def test_example_runs_without_matplotlib(script, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.torch
 def test_transformers_example_agrees_with_sdpa(tmp_path):
     pytest.importorskip("torch", reason="the example needs torch (fastattn[transformers])")
     pytest.importorskip("transformers", reason="the example needs fastattn[transformers]")
@@ -146,6 +147,7 @@ def test_transformers_example_agrees_with_sdpa(tmp_path):
     assert "same greedy tokens as sdpa: yes" in result.stdout
 
 
+@pytest.mark.torch
 def test_training_example_trains(tmp_path):
     pytest.importorskip("torch", reason="the example needs torch (fastattn[torch])")
     result = subprocess.run([sys.executable, str(EXAMPLES / "train_tiny_transformer.py"),

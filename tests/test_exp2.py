@@ -6,6 +6,8 @@ import pytest
 import fastattn
 from fastattn import _core
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 # (dtype, lowest argument that returns a normal number): below it the kernel returns exactly 0.
 RANGES = [(np.float32, -126.0), (np.float64, -1022.0)]
 

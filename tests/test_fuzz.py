@@ -46,6 +46,8 @@ from fuzz_calls import ARGUMENTS, DTYPES, Call, calls, ml_dtypes
 from layouts import assert_unchanged, copies, in_layout
 from tolerances import HALF_EXTRA_ULPS, ROW_SUM_EPS_PER_KEY, assert_close_to_reference
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 EXAMPLES = int(os.environ.get("FASTATTN_FUZZ_EXAMPLES", "800"))
 DOCUMENTED_ERRORS = (ValueError, TypeError)
 # Arguments of fastattn.attention that the fuzzer does not draw, and why.

@@ -12,6 +12,8 @@ import pytest
 
 import fastattn
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 KNOWN = ("amx", "avx512bf16", "avx512", "avx2", "baseline")
 AVAILABLE = fastattn.available_isas()
 # The automatic choice never takes "amx" (it has not yet run on an AMX CPU; see

@@ -20,6 +20,8 @@ from fastattn import reference
 from layouts import assert_unchanged, copies, in_layout
 from tolerances import assert_close_to_reference
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 F32, F64 = np.float32, np.float64
 # float64 end to end: projections, attention and the output projection each round a few times.
 RTOL64 = 1e-12

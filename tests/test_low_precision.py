@@ -15,6 +15,8 @@ from layouts import LAYOUTS, in_layout, qkv
 from test_properties import problems
 from tolerances import assert_close_to_reference, check
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 tests need ml_dtypes")
 HALVES = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 

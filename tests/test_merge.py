@@ -16,6 +16,8 @@ from layouts import assert_unchanged, copies
 from test_properties import problems
 from tolerances import assert_close_to_reference
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 
 def _key_slice(a, s0, s1, S):
     """``a`` (broadcastable to ``(..., L, S)``) restricted to keys ``s0:s1``; size-1 key axes

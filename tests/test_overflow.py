@@ -13,6 +13,8 @@ import pytest
 import fastattn
 from fastattn import _cpu, reference
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 BIG = {np.float32: 1e36, np.float64: 1e306}
 
 
@@ -141,6 +143,7 @@ def test_common_case_runs_the_kernel_once(rng, monkeypatch):
     assert len(launches) == 3  # overflowed, then scaled
 
 
+@pytest.mark.torch
 def test_torch_large_values(rng):
     torch = pytest.importorskip("torch", reason="the torch operator's test needs torch")
     import fastattn.torch as fat

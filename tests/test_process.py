@@ -14,9 +14,11 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir("/proc/self/task") or not hasattr(os, "fork"),
-    reason="needs fork() and Linux /proc/self/task")
+pytestmark = [
+    pytest.mark.skipif(not os.path.isdir("/proc/self/task") or not hasattr(os, "fork"),
+                       reason="needs fork() and Linux /proc/self/task"),
+    pytest.mark.native,  # the sanitizer build runs these (.ci/sanitize.sh)
+]
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -148,7 +150,10 @@ def _torch_available() -> bool:
     return True
 
 
-@pytest.mark.parametrize("mode", FORK_MODES + ["torch", "torch-only", "torch-dataloader"])
+@pytest.mark.parametrize(
+    "mode",
+    FORK_MODES + [pytest.param(m, marks=pytest.mark.torch)
+                  for m in ("torch", "torch-only", "torch-dataloader")])
 def test_forked_child_computes_with_all_its_cores(mode):
     if mode.startswith("torch") and not _torch_available():
         pytest.skip("needs torch (the 'torch' extra) for its OpenMP threads and DataLoader")
@@ -367,7 +372,8 @@ IDLE_SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("order", ["fastattn-only", "torch-first"])
+@pytest.mark.parametrize(
+    "order", ["fastattn-only", pytest.param("torch-first", marks=pytest.mark.torch)])
 def test_idle_threads_give_their_cores_back(order):
     if order == "torch-first" and not _torch_available():
         pytest.skip("needs torch (the 'torch' extra) to load its OpenMP runtime first")

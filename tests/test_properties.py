@@ -6,11 +6,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from layouts import LAYOUTS, in_layout, values
 from tolerances import check
+
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
 
 DTYPES = (np.float32, np.float64, np.float16, np.int64, np.int8, np.uint8, np.bool_)
 MASK_FORMS = ("0d", "S", "LS", "1S", "L1", "11", "batch", "full")

@@ -17,6 +17,8 @@ import fastattn
 from layouts import qkv
 from tolerances import check
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 # (batch, L, S): the tile kernel; a few queries with keys split across threads; a few queries
 # over many batch entries (no split).
 CASES = [((2, 2), 200, 300), ((1,), 2, 8192), ((1,), 1, 1500), ((16,), 3, 600)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch", reason="fastattn.torch needs torch (fastattn[torch])")
 pytest.importorskip("ml_dtypes", reason="bfloat16 tensors are viewed as ml_dtypes' bfloat16")
 
@@ -183,6 +184,7 @@ def test_torch_export_dynamic_keys():
     torch.testing.assert_close(exported.module()(q, k, v), _decode(q, k, v), atol=0, rtol=0)
 
 
+@pytest.mark.cuda
 def test_cuda_tensors_need_the_cuda_backend():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device for CUDA tensors")

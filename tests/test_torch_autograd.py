@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch", reason="fastattn.torch needs torch (fastattn[torch])")
 pytest.importorskip("ml_dtypes", reason="bfloat16 tensors are viewed as ml_dtypes' bfloat16")
 

@@ -15,7 +15,8 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa  # noqa: E4
 import fastattn.torch as ft  # noqa: E402
 
 # vmap runs the op once per batch entry (torch's fallback, with its performance warning)
-pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+pytestmark = [pytest.mark.torch,
+              pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")]
 
 OP = torch.ops.fastattn.attention.default
 BACKWARD_OP = torch.ops.fastattn.attention_backward.default

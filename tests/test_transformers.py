@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch", reason="fastattn.transformers needs torch (fastattn[torch])")
 transformers = pytest.importorskip(
     "transformers", reason="fastattn.transformers needs transformers (fastattn[transformers])")

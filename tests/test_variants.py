@@ -10,6 +10,8 @@ import pytest
 from layouts import qkv, values
 from tolerances import assert_close_to_reference, check
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
+
 SHAPES = [(1, 1), (7, 7), (3, 17), (17, 3), (100, 257), (257, 100), (2, 2000), (4, 700)]
 
 
