@@ -72,16 +72,17 @@ struct BackwardKernel {
     typename Tile::Workspace tw;  // tw.st: S^T, then P^T, then dS^T of one block (BN x BM)
     Buffer<T> qt;                 // Q^T, per tile: E x BM (the scale is the product's)
     Buffer<T> qr;                 // Q * scale, a row per query: L_pad x E_pad
-    Buffer<T> dot;                // dO^T, per tile: Ev x BM
-    Buffer<T> dor;                // dO, a row per query: L_pad x Ev_pad
-    Buffer<T> dlt;                // D = rowsum(dO * O), then lse: 2 x L_pad
+    Buffer<T> dout_t;             // dO^T, per tile: Ev x BM
+    Buffer<T> dout_rows;          // dO, a row per query: L_pad x Ev_pad
+    Buffer<T> delta;              // D = rowsum(dO * O), per query: L_pad
+    Buffer<T> lse;                // the forward's lse, as the products use it: L_pad
     // dQ^T of the item, per query tile: E x BM (rows BM apart, not L_pad: rows a power of two
     // of kilobytes apart would share the L1 cache's sets)
     Buffer<T> dqt;
     Buffer<T> dpt;                // dP^T of one block: BN x BM
     Buffer<T> zt;                 // softcap: the block's scores before capping, BN x BM
     Buffer<T> dk, dv;             // the key block's gradients: BN x E_pad, BN x Ev_pad
-    // Pairs mode, in place of qt, qr, dot and dor (as bfloat16 pairs, low half first):
+    // Pairs mode, in place of qt, qr, dout_t and dout_rows (as bfloat16 pairs, low half first):
     Buffer<uint32_t> qp;   // Q^T, feature pairs per tile: E2 x BM
     Buffer<uint32_t> qq;   // Q, query pairs: L_pad / 2 x E_pad
     Buffer<uint32_t> dop;  // dO^T, feature pairs per tile: Ev2 x BM
@@ -95,8 +96,9 @@ struct BackwardKernel {
 
   bool allocate(Workspace& ws) const {
     const int64_t blk = int64_t(BN) * BM;
-    const bool common = ws.tw.st.reserve(blk) && ws.dlt.reserve(2 * L_pad) &&
-                        ws.dqt.reserve(a.E * L_pad) && ws.dpt.reserve(blk) &&
+    const bool common = ws.tw.st.reserve(blk) && ws.delta.reserve(L_pad) &&
+                        ws.lse.reserve(L_pad) && ws.dqt.reserve(a.E * L_pad) &&
+                        ws.dpt.reserve(blk) &&
                         ws.zt.reserve(a.softcap > 0 ? blk : 0) && ws.dk.reserve(BN * E_pad) &&
                         ws.dv.reserve(BN * Ev_pad);
     if (kPairs)
@@ -105,7 +107,7 @@ struct BackwardKernel {
              ws.kr.reserve(BN * E2) && ws.kp.reserve(BN / 2 * a.E) && ws.vr.reserve(BN * Ev2) &&
              ws.pb.reserve(blk) && ws.dsp.reserve(blk / 2);
     return common && ws.qt.reserve(L_pad * a.E) && ws.qr.reserve(L_pad * E_pad) &&
-           ws.dot.reserve(L_pad * a.Ev) && ws.dor.reserve(L_pad * Ev_pad);
+           ws.dout_t.reserve(L_pad * a.Ev) && ws.dout_rows.reserve(L_pad * Ev_pad);
   }
 
   // C (+)= A B over `rows` rows of C and `panels` panels of QP columns: A(r, t) = A[r * ars +
@@ -214,10 +216,11 @@ struct BackwardKernel {
       // Q^T as given, the scores' scale applied in their product as the forward does (scores
       // rounded once, in natural units); Q rows times scale for dK = dS^T (Q scale).
       pack(Q, a.q.row_stride, a.q.col_stride, a.E, E_pad, T(a.scale), ws.qt.ptr, ws.qr.ptr);
-      pack(dO, a.dout.row_stride, a.dout.col_stride, a.Ev, Ev_pad, T(1), ws.dot.ptr, ws.dor.ptr);
+      pack(dO, a.dout.row_stride, a.dout.col_stride, a.Ev, Ev_pad, T(1), ws.dout_t.ptr,
+           ws.dout_rows.ptr);
     }
-    T* D = ws.dlt.ptr;
-    T* lse_use = ws.dlt.ptr + L_pad;
+    T* D = ws.delta.ptr;
+    T* lse_use = ws.lse.ptr;
 #if defined(__AVX512BF16__)
     if constexpr (kPairs) rowsum_pairs(ws, O, D);
 #endif
@@ -228,12 +231,12 @@ struct BackwardKernel {
         T d = T(0);
         if (i < a.L)
           for (int64_t c = 0; c < a.Ev; ++c)
-            d += ws.dor.ptr[i * Ev_pad + c] * O[i * a.out.row_stride + c * a.out.col_stride];
+            d += ws.dout_rows.ptr[i * Ev_pad + c] * O[i * a.out.row_stride + c * a.out.col_stride];
         D[i] = d;
       }
-      // A row with no key (lse -inf) subtracts 0 from scores that are all -inf: P = 0, not NaN.
-      const T l = i < a.L ? lse[i * a.lse.row_stride] : R::kNegInf;
-      lse_use[i] = i >= a.L ? -R::kNegInf : l == R::kNegInf ? T(0) : l;
+      // A row with no key (lse -inf) subtracts 0 from scores that are all -inf: P = 0, not NaN;
+      // padding rows subtract +inf (P = 0 there too).
+      lse_use[i] = i >= a.L ? -R::kNegInf : subtracted_max(lse[i * a.lse.row_stride]);
     }
   }
 
@@ -308,15 +311,15 @@ struct BackwardKernel {
       product<false>(nb, panels, K, a.k.row_stride, a.k.col_stride,
                      ws.qt.ptr + qtile * BM * a.E, BM, a.E, st, BM, T(a.scale));
       logits(ws, ep, m_off, i0, rows, j0, nb, user_mask);
-      const T* lse = ws.dlt.ptr + L_pad + i0;
+      const T* lse = ws.lse.ptr + i0;
       for (int64_t j = 0; j < nb; ++j)
         for (int v = 0; v < BM; v += kLanes)
           S::store(st + j * BM + v, exp_minus<T>(S::load(st + j * BM + v), S::load(lse + v)));
-      product<true>(nb, Ev_pad / QP, st, BM, 1, ws.dor.ptr + i0 * Ev_pad, Ev_pad, rows,
+      product<true>(nb, Ev_pad / QP, st, BM, 1, ws.dout_rows.ptr + i0 * Ev_pad, Ev_pad, rows,
                     ws.dv.ptr, Ev_pad);
       product<false>(nb, panels, Vs, a.v.row_stride, a.v.col_stride,
-                     ws.dot.ptr + qtile * BM * a.Ev, BM, a.Ev, ws.dpt.ptr, BM);
-      const T* D = ws.dlt.ptr + i0;
+                     ws.dout_t.ptr + qtile * BM * a.Ev, BM, a.Ev, ws.dpt.ptr, BM);
+      const T* D = ws.delta.ptr + i0;
       for (int64_t j = 0; j < nb; ++j)
         for (int v = 0; v < BM; v += kLanes) S::store(st + j * BM + v, ds_at(ws, D, j, v));
       product<true>(nb, E_pad / QP, st, BM, 1, ws.qr.ptr + i0 * E_pad, E_pad, rows, ws.dk.ptr,
@@ -338,7 +341,7 @@ struct BackwardKernel {
     product_pairs<false>(nb, panels, ws.kr.ptr, E2 * 4, 4, ws.qp.ptr + qtile * E2 * BM, BM, E2,
                          st, BM, float(a.scale));
     logits(ws, ep, m_off, i0, rows, j0, nb, user_mask);
-    const float* lse = ws.dlt.ptr + L_pad + i0;
+    const float* lse = ws.lse.ptr + i0;
     for (int64_t j = 0; j < nb; ++j)
       for (int v = 0; v < BM; v += kLanes) {
         const V p = exp_minus<T>(S::load(st + j * BM + v), S::load(lse + v));
@@ -352,7 +355,7 @@ struct BackwardKernel {
     product_pairs<false>(nb, panels, ws.vr.ptr, Ev2 * 4, 4, ws.dop.ptr + qtile * Ev2 * BM, BM,
                          Ev2, ws.dpt.ptr, BM);
     // dS^T, rounded once: bfloat16 rows for dK, key pairs for dQ^T.
-    const float* D = ws.dlt.ptr + i0;
+    const float* D = ws.delta.ptr + i0;
     for (int64_t j = 0; j < nb; j += 2)
       for (int v = 0; v < BM; v += kLanes) {
         const V d0 = ds_at(ws, D, j, v);

@@ -92,38 +92,78 @@ inline void softcap_scores(const KernelArgs& a, T* s, int64_t n) {
     S::store(s + j, Tanh<T>::eval(S::load(s + j) * inv) * c);
 }
 
-// Transforms one row of scores s[0:n_pad] of query i against keys j0 .. j0 + nb - 1 into
-// logits: softcap, then the ALiBi bias and the additive mask; padding keys (nb .. n_pad), keys
-// the user's bool mask removes and, last, keys outside the band become -inf.
+// 0, 1, .., kLanes - 1 as a vector (an integer-valued T is exact up to 2^24 and beyond).
+template <class T>
+inline typename Simd<T>::V iota() {
+  alignas(64) T lanes[Simd<T>::kLanes];
+  for (int i = 0; i < Simd<T>::kLanes; ++i) lanes[i] = T(i);
+  return Simd<T>::load(lanes);
+}
+
+// One line of scores on its way to logits. The row kernel's lines are the keys of one query,
+// the tile kernel's the queries of one key (a row of S^T); each view only says where the line
+// lies, and line_to_logits applies the one policy to both.
+template <class T>
+struct ScoreLine {
+  int64_t n = 0;      // scores on the line (its vectors' lanes past n are padding)
+  int64_t dist0 = 0;  // ALiBi: element t lies |dist0 + t| from its query's diagonal
+  MaskRow<T> mask;    // the user's mask along the line (kind 0: none, or not needed)
+  int64_t seen_lo = 0, seen_hi = 0;  // with a band: elements [seen_lo, seen_hi) lie inside it
+};
+
+// The user's mask at (query i, key j), advancing by `stride` elements along a line.
+template <class T>
+inline MaskRow<T> mask_at(const KernelArgs& a, int64_t m_off, int64_t i, int64_t j,
+                          int64_t stride) {
+  MaskRow<T> mk;
+  mk.kind = a.mask_kind;
+  mk.col_stride = stride;
+  const int64_t elem = a.mask_kind == 1 ? 1 : int64_t(sizeof(T));
+  mk.ptr = static_cast<const char*>(a.mask.data) +
+           (m_off + i * a.mask.row_stride + j * a.mask.col_stride) * elem;
+  return mk;
+}
+
+// Turns one line of scores into logits, in the reference's order after softcap (which the
+// callers apply to whole blocks first): the ALiBi bias, the user's mask (keys a bool mask
+// removes become -inf) and, last, -inf outside the band whatever the additive mask held (+inf
+// would make NaN). Its vectors' padding lanes may be touched; they hold -inf or are ignored.
+template <class T>
+inline void line_to_logits(const KernelArgs& a, const EntryParams<T>& e, T* s,
+                           const ScoreLine<T>& line) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  using R = RowOps<T>;
+  if (a.alibi.data) {  // distances in T: exact up to 2^24 for float32
+    const V d0 = iota<T>() + T(line.dist0);
+    for (int64_t t = 0; t < line.n; t += S::kLanes) {
+      const V d = d0 + T(t);
+      S::store(s + t, S::load(s + t) + (d < T(0) ? -d : d) * e.neg_slope);
+    }
+  }
+  if (line.mask.kind != 0) R::apply_mask(s, line.n, line.mask);
+  if (a.has_band) {
+    R::fill(s, line.seen_lo, R::kNegInf);
+    R::fill(s + line.seen_hi, line.n - line.seen_hi, R::kNegInf);
+  }
+}
+
+// The row view: one row of scores s[0:n_pad] of query i against keys j0 .. j0 + nb - 1 into
+// logits; softcap first, padding keys (nb .. n_pad) -inf. Key j0 + t lies j0 + t - i - offset
+// right of the diagonal; query i sees keys [i + band_lo, i + band_hi].
 template <class T>
 inline void mask_scores(const KernelArgs& a, const EntryParams<T>& e, T* srow, int64_t n_pad,
                         int64_t i, int64_t j0, int64_t nb, int64_t m_off) {
   using R = RowOps<T>;
   if (a.softcap > 0) softcap_scores(a, srow, n_pad);
   if (nb < n_pad) R::fill(srow + nb, n_pad - nb, R::kNegInf);
-  if (a.alibi.data) {
-    const int64_t d0 = j0 - i - a.offset;  // key j0 + j lies d0 + j right of the diagonal
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t d = d0 + j;
-      srow[j] += e.neg_slope * T(d < 0 ? -d : d);
-    }
-  }
-  if (a.mask_kind != 0) {
-    MaskRow<T> mk;
-    mk.kind = a.mask_kind;
-    mk.col_stride = a.mask.col_stride;
-    const int64_t elem = a.mask_kind == 1 ? 1 : int64_t(sizeof(T));
-    mk.ptr = static_cast<const char*>(a.mask.data) +
-             (m_off + i * a.mask.row_stride + j0 * a.mask.col_stride) * elem;
-    R::apply_mask(srow, nb, mk);
-  }
-  // Last: a hidden key is -inf whatever its additive mask (+inf included, which would make NaN).
-  if (a.has_band) {  // keys j < i + band_lo and j > i + band_hi are hidden
-    const int64_t lo = min64(max64(i + a.band_lo - j0, 0), nb);
-    const int64_t hi = min64(max64(i + a.band_hi + 1 - j0, lo), nb);
-    R::fill(srow, lo, R::kNegInf);
-    R::fill(srow + hi, nb - hi, R::kNegInf);
-  }
+  ScoreLine<T> line;
+  line.n = nb;
+  line.dist0 = j0 - i - a.offset;
+  if (a.mask_kind != 0) line.mask = mask_at<T>(a, m_off, i, j0, a.mask.col_stride);
+  line.seen_lo = min64(max64(i + a.band_lo - j0, 0), nb);
+  line.seen_hi = min64(max64(i + a.band_hi + 1 - j0, line.seen_lo), nb);
+  line_to_logits(a, e, srow, line);
 }
 
 // lse[i] of batch entry b: the natural log-sum-exp of the row's logits, from the maximum m that

@@ -31,6 +31,19 @@ inline T exp_minus(T x, T m) {
   return std::exp2((x - m) * T(kLog2e));
 }
 
+// The maximum a row subtracts from its scores: m, or 0 while m is -inf (the row has seen no key
+// that takes part): exp(-inf - (-inf)) would be NaN, exp(-inf - 0) is the weight 0 it must be.
+// The one statement of that rule, for a row (scalar) and for queries along the lanes (vector).
+template <class T>
+inline T subtracted_max(T m) {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+template <class T>
+inline typename Simd<T>::V subtracted_max(typename Simd<T>::V m) {
+  using S = Simd<T>;
+  return m == S::splat(-std::numeric_limits<T>::infinity()) ? S::splat(T(0)) : m;
+}
+
 // Where the mask of one query row lives: element (i, j) of the block is at ptr[j * col_stride].
 template <class T>
 struct MaskRow {
@@ -133,8 +146,7 @@ inline void online_softmax_update(T* s, int64_t n, T block_max, RowState<T>& st,
                                   int64_t n_o) {
   using R = RowOps<T>;
   const T m_new = block_max > st.m ? block_max : st.m;
-  // exp2(-inf - (-inf)) is NaN: a row with no key yet subtracts 0 instead, giving weights of 0.
-  const T m_use = m_new == R::kNegInf ? T(0) : m_new;
+  const T m_use = subtracted_max(m_new);
   if (m_use != st.m) {
     const T alpha = exp_minus(st.m, m_use);
     st.l *= alpha;

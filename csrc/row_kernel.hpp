@@ -284,7 +284,7 @@ struct RowKernel {
     for (int64_t r = 0; r < rows; ++r) {
       T m = R::kNegInf;
       for (int64_t sp = 0; sp < splits; ++sp) m = parts[sp].m[r] > m ? parts[sp].m[r] : m;
-      T m_use = m == R::kNegInf ? T(0) : m;
+      T m_use = subtracted_max(m);
       T l = 0;
       T w[kMaxSplits];
       for (int64_t sp = 0; sp < splits; ++sp) {

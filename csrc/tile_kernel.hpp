@@ -233,53 +233,29 @@ struct TileKernel {
     return in == 0 ? KeysIn::kNone : in == nb ? KeysIn::kAll : KeysIn::kSome;
   }
 
-  // Turns the S^T rows of keys j0 .. j0 + nb - 1 (queries i0 .. i0 + rows - 1 along each row)
-  // into logits as mask_scores does for one row: softcap, then ALiBi and (with user_mask) the
-  // mask; keys removed by a bool mask and, last, keys outside the band become -inf. Then
-  // recomputes the column maximum.
+  // The transposed view (line_to_logits): the S^T rows of keys j0 .. j0 + nb - 1, queries
+  // i0 .. i0 + rows - 1 along each, into logits; softcap first, with user_mask the mask (along
+  // a row of S^T it advances by its query stride). Query i0 + t lies i0 + t + offset - key
+  // from the key's diagonal and sees it when key - band_hi <= i0 + t <= key - band_lo. Then
+  // the column maximum anew.
   void mask_block(Workspace& ws, const EntryParams<T>& ep, int64_t i0, int64_t rows, int64_t j0,
                   int64_t nb, int64_t m_off, bool user_mask) const {
     if (a.softcap > 0) softcap_scores(a, ws.st.ptr, nb * BM);
     for (int64_t j = 0; j < nb; ++j) {
-      T* srow = ws.st.ptr + j * BM;
       const int64_t key = j0 + j;
-      if (a.alibi.data) {  // bias slope * |i + offset - key| along the queries of this row
-        const V dist0 = iota() + T(i0 + a.offset - key);
-        for (int v = 0; v < NV; ++v) {
-          const V d = dist0 + T(v * kLanes);
-          S::store(srow + v * kLanes, S::load(srow + v * kLanes) + (d < T(0) ? -d : d) *
-                                                                      ep.neg_slope);
-        }
-      }
-      if (user_mask) {
-        MaskRow<T> mk;  // along a S^T row the mask advances by its row (query) stride
-        mk.kind = a.mask_kind;
-        mk.col_stride = a.mask.row_stride;
-        const int64_t elem = a.mask_kind == 1 ? 1 : int64_t(sizeof(T));
-        mk.ptr = static_cast<const char*>(a.mask.data) +
-                 (m_off + i0 * a.mask.row_stride + key * a.mask.col_stride) * elem;
-        R::apply_mask(srow, rows, mk);
-      }
-      // Last: hidden is -inf whatever the additive mask holds (+inf would make NaN).
-      if (a.has_band) {  // query i sees the key only if key - band_hi <= i <= key - band_lo
-        const int64_t lo = min64(max64(key - a.band_hi - i0, 0), rows);
-        const int64_t hi = min64(max64(key - a.band_lo + 1 - i0, lo), rows);
-        R::fill(srow, lo, R::kNegInf);
-        R::fill(srow + hi, rows - hi, R::kNegInf);
-      }
+      ScoreLine<T> line;
+      line.n = rows;
+      line.dist0 = i0 + a.offset - key;
+      if (user_mask) line.mask = mask_at<T>(a, m_off, i0, key, a.mask.row_stride);
+      line.seen_lo = min64(max64(key - a.band_hi - i0, 0), rows);
+      line.seen_hi = min64(max64(key - a.band_lo + 1 - i0, line.seen_lo), rows);
+      line_to_logits(a, ep, ws.st.ptr + j * BM, line);
     }
     for (int v = 0; v < NV; ++v) {
       V cm = S::splat(R::kNegInf);
       for (int64_t j = 0; j < nb; ++j) cm = S::max(cm, S::load(ws.st.ptr + j * BM + v * kLanes));
       S::store(ws.colmax + v * kLanes, cm);
     }
-  }
-
-  // 0, 1, .., kLanes - 1 as a vector (an integer-valued T is exact up to 2^24 and beyond).
-  static V iota() {
-    alignas(64) T lanes[kLanes];
-    for (int i = 0; i < kLanes; ++i) lanes[i] = T(i);
-    return S::load(lanes);
   }
 
   // Whether a block needs mask_block: anything that changes scores, or a band edge in it.
@@ -295,8 +271,7 @@ struct TileKernel {
       const V m_old = S::load(ws.m + v * kLanes);
       const V cm = S::load(ws.colmax + v * kLanes);
       const V m_new = m_old > cm ? m_old : cm;
-      // exp(-inf - (-inf)) is NaN: a query with no key yet subtracts 0, giving weights of 0.
-      const V m_use = m_new == S::splat(R::kNegInf) ? S::splat(T(0)) : m_new;
+      const V m_use = subtracted_max<T>(m_new);
       const V alpha = exp_minus<T>(m_old, m_use);
       S::store(ws.m + v * kLanes, m_new);
       S::store(ws.mu + v * kLanes, m_use);
