@@ -15,35 +15,21 @@
 #include <cstring>
 #include <type_traits>
 
-#include "half.hpp"
-#if defined(FASTATTN_AMX)
-#include "amx_tiles.hpp"
-#endif
 #include "kernel_common.hpp"
 #include "micro_kernels.hpp"
 #include "online_softmax.hpp"
+#include "tile_products.hpp"
 
 namespace fastattn {
 namespace FASTATTN_ISA_NS {
 
-// In: how q, k and v are stored. T itself, or (AVX512-BF16 only) BFloat16 with k padded to an
-// even E, contiguous along it, and v packed as pairs of keys: v[j / 2][c] holds the bfloat16
-// values of keys j and j + 1 (even j), so both products run as bfloat16 dot products.
-// The amx variant (FASTATTN_AMX) runs bfloat16 tiles on AMX instead (amx_tiles.hpp): k padded
-// to a multiple of 32 features, v packed transposed (V^T, keys along a row, Ev and S padded to
-// multiples of 32 with zeros).
-#if defined(FASTATTN_AMX)
-constexpr bool kAmxBuild = true;
-#else
-constexpr bool kAmxBuild = false;
-#endif
-
+// In: how q and k are stored: T itself, or bfloat16 where a variant has products for it
+// (tile_products.hpp: vdpbf16ps pairs, AMX tiles). The products are the kernel's only
+// storage-specific part.
 template <class T, class In = T>
 struct TileKernel {
-  static constexpr bool kPairs = !std::is_same_v<In, T>;
-  static constexpr bool kAmx = kPairs && kAmxBuild;
-  // v's element: a value, a key pair (vdpbf16ps), or a bfloat16 of V^T (AMX)
-  using VIn = std::conditional_t<kAmx, In, std::conditional_t<kPairs, uint32_t, T>>;
+  using P = typename ProductsFor<T, In>::type;
+  using VIn = typename P::VIn;  // v's element: a value, a key pair, a bfloat16 of V^T
   using M = Micro<T>;
   using S = Simd<T>;
   using V = typename S::V;
@@ -68,15 +54,9 @@ struct TileKernel {
       : a(args), n_kblocks((args.S + BN - 1) / BN), n_qtiles((args.L + BM - 1) / BM) {}
 
   struct Workspace {
-    Buffer<T> qt;  // Q^T: BM / QP panels of E x QP
+    typename P::Scratch products;  // the products' own buffers: the packed queries, ...
     Buffer<T> st;  // S^T of one key block, then its unnormalized weights P^T: BN x BM
-    Buffer<T> ot;  // O^T: Ev x BM
-    Buffer<uint32_t> qp;  // bfloat16 pairs: Q^T unscaled, E / 2 x QP per panel
-    Buffer<uint32_t> pp;  // bfloat16 pairs: P^T of one block, BN / 2 x BM
-    Buffer<uint16_t> ktail;  // AMX: the last K rows of S, zero-padded to 32 rows
-#if defined(FASTATTN_AMX)
-    std::conditional_t<kAmx, amx::Session, char> tiles;  // the tile configuration, per thread
-#endif
+    Buffer<T> ot;  // O^T: ot_rows() x BM
     alignas(64) T m[BM];       // running maximum, -inf before any key
     alignas(64) T mu[BM];      // the maximum subtracted: m, or 0 while m is -inf
     alignas(64) T l[BM];       // running sum of weights
@@ -84,141 +64,24 @@ struct TileKernel {
     alignas(64) T colmax[BM];  // maximum score of this block
   };
 
-  // Rows of O^T: Ev, or for AMX Ev rounded up to its 2 x 16-row blocks of C tiles.
-  int64_t ot_rows() const { return kAmx ? round_up(a.Ev, 32) : a.Ev; }
+  // Rows of O^T: Ev, or rounded up where the products write whole blocks.
+  int64_t ot_rows() const { return P::ot_rows(a); }
 
   bool allocate(Workspace& ws) const {
-    if (kAmx)
-      return ws.qp.reserve(int64_t(BM) * (a.E / 2)) && ws.pp.reserve(int64_t(BM) * BN / 2) &&
-             ws.st.reserve(int64_t(BM) * BN) && ws.ot.reserve(int64_t(BM) * ot_rows()) &&
-             ws.ktail.reserve(32 * a.E);
-    if (kPairs)
-      return ws.qp.reserve(int64_t(BM) * (a.E / 2)) && ws.pp.reserve(int64_t(BM) * BN / 2) &&
-             ws.st.reserve(int64_t(BM) * BN) && ws.ot.reserve(int64_t(BM) * a.Ev);
-    return ws.qt.reserve(int64_t(BM) * a.E) && ws.st.reserve(int64_t(BM) * BN) &&
-           ws.ot.reserve(int64_t(BM) * a.Ev);
+    return P::allocate(*this, ws.products) && ws.st.reserve(int64_t(BM) * BN) &&
+           ws.ot.reserve(int64_t(BM) * ot_rows());
   }
 
   // S^T rows 0 .. nb - 1 for keys j0 .. of this entry's K (q . k * scale), and their column
   // maximum.
   void scores(Workspace& ws, const In* K, int64_t j0, int64_t nb) const {
     for (int i = 0; i < BM; ++i) ws.colmax[i] = R::kNegInf;
-#if defined(FASTATTN_AMX)
-    if constexpr (kAmx) {
-      scores_amx(ws, K, j0, nb);
-      return;
-    }
-#endif
-#if defined(__AVX512BF16__)
-    if constexpr (kPairs) {
-      const char* k0 = reinterpret_cast<const char*>(K + j0 * a.k.row_stride);
-      for (int p = 0; p < BM / QP; ++p)
-        for (int64_t j = 0; j < nb; j += MR)
-          gemm_bf16_rows<false>(int(min64(MR, nb - j)), k0 + j * a.k.row_stride * 2,
-                                a.k.row_stride * 2, 4, ws.qp.ptr + p * (a.E / 2) * QP, QP,
-                                a.E / 2, ws.st.ptr + j * BM + p * QP, BM, ws.colmax + p * QP,
-                                float(a.scale));
-      return;
-    }
-#endif
-    if constexpr (!kPairs) scores_plain(ws, K + j0 * a.k.row_stride, nb);
-  }
-
-#if defined(FASTATTN_AMX)
-  // S^T by AMX tiles, 32 keys (two C tile rows) at a time; K rows are read in place, but for
-  // the last 32 keys of S when S is not a multiple of 32 (copied, zero-padded, into ktail:
-  // a tile load reads 16 whole rows). Then the scale and the column maximum, rows < nb only.
-  void scores_amx(Workspace& ws, const In* K, int64_t j0, int64_t nb) const {
-    const int64_t E = a.E, krs = a.k.row_stride;
-    for (int64_t g = 0; g < nb; g += 32) {
-      const char* rows = reinterpret_cast<const char*>(K + (j0 + g) * krs);
-      int64_t lda = krs * 2;
-      if (j0 + g + 32 > a.S) {
-        const int64_t have = a.S - j0 - g;
-        std::memset(ws.ktail.ptr, 0, sizeof(uint16_t) * size_t(32 * E));
-        for (int64_t r = 0; r < have; ++r)
-          std::memcpy(ws.ktail.ptr + r * E, K + (j0 + g + r) * krs, sizeof(uint16_t) * size_t(E));
-        rows = reinterpret_cast<const char*>(ws.ktail.ptr);
-        lda = E * 2;
-      }
-      for (int p = 0; p < BM / QP; ++p)
-        amx::block_2x2<false>(reinterpret_cast<char*>(ws.st.ptr + g * BM + p * QP), BM * 4,
-                              16 * BM * 4, rows, lda, 16 * lda, amx::kBytes,
-                              reinterpret_cast<const char*>(ws.qp.ptr + p * (E / 2) * QP), QP * 4,
-                              16 * QP * 4, E / 32);
-    }
-    const V sc = S::splat(T(a.scale));
-    for (int v = 0; v < NV; ++v) {
-      V cm = S::splat(R::kNegInf);
-      for (int64_t j = 0; j < nb; ++j) {
-        T* s = ws.st.ptr + j * BM + v * kLanes;
-        const V x = S::load(s) * sc;
-        S::store(s, x);
-        cm = S::max(cm, x);
-      }
-      S::store(ws.colmax + v * kLanes, cm);
-    }
-  }
-#endif
-
-  void scores_plain(Workspace& ws, const T* K, int64_t nb) const {
-    for (int p = 0; p < BM / QP; ++p)
-      for (int64_t j = 0; j < nb; j += MR)
-        M::template gemm_rows<false>(int(min64(MR, nb - j)), K + j * a.k.row_stride,
-                                     a.k.row_stride, a.k.col_stride, ws.qt.ptr + p * a.E * QP,
-                                     QP, a.E, ws.st.ptr + j * BM + p * QP, BM,
-                                     ws.colmax + p * QP, T(a.scale));
+    P::scores(*this, ws, K, j0, nb);
   }
 
   // O^T += V^T P^T for keys j0 .. j0 + nb - 1 of this entry's V.
   void accumulate(Workspace& ws, const VIn* Vs, int64_t j0, int64_t nb) const {
-#if defined(__AVX512BF16__)
-    if constexpr (kPairs) {
-      // P^T to bfloat16 pairs of keys (an odd last key pairs with 0), then the pair products;
-      // for AMX zero pairs up to its 32-key chunks.
-      const int64_t np = (nb + 1) / 2;
-      for (int64_t t = 0; t < np; ++t)
-        for (int v = 0; v < NV; ++v) {
-          const __m512 x = _mm512_loadu_ps(ws.st.ptr + 2 * t * BM + v * kLanes);
-          const __m512 y = 2 * t + 1 < nb ? _mm512_loadu_ps(ws.st.ptr + (2 * t + 1) * BM + v * kLanes)
-                                          : _mm512_setzero_ps();
-          _mm512_storeu_si512(ws.pp.ptr + t * BM + v * kLanes, pair_bf16(x, y));
-        }
-#if defined(FASTATTN_AMX)
-      if constexpr (kAmx) {
-        const int64_t chunks = (nb + 31) / 32;
-        std::memset(ws.pp.ptr + np * BM, 0, sizeof(uint32_t) * size_t((chunks * 16 - np) * BM));
-        // V^T: keys along a row (row_stride 1), value columns col_stride apart.
-        const int64_t ldv = a.v.col_stride * 2;
-        const char* v0 = reinterpret_cast<const char*>(Vs + j0);
-        for (int64_t c = 0; c < ot_rows(); c += 32)
-          for (int p = 0; p < BM / QP; ++p)
-            amx::block_2x2<true>(reinterpret_cast<char*>(ws.ot.ptr + c * BM + p * QP), BM * 4,
-                                 16 * BM * 4, v0 + c * ldv, ldv, 16 * ldv, amx::kBytes,
-                                 reinterpret_cast<const char*>(ws.pp.ptr + p * QP), BM * 4,
-                                 16 * BM * 4, chunks);
-        return;
-      }
-#endif
-      const char* v0 = reinterpret_cast<const char*>(Vs + (j0 / 2) * a.v.row_stride);
-      for (int p = 0; p < BM / QP; ++p)
-        for (int64_t c = 0; c < a.Ev; c += MR)
-          gemm_bf16_rows<true>(int(min64(MR, a.Ev - c)), v0 + c * a.v.col_stride * 4,
-                               a.v.col_stride * 4, a.v.row_stride * 4,
-                               ws.pp.ptr + p * QP, BM, np, ws.ot.ptr + c * BM + p * QP, BM,
-                               nullptr, 1.0f);
-      return;
-    }
-#endif
-    if constexpr (!kPairs) accumulate_plain(ws, Vs + j0 * a.v.row_stride, nb);
-  }
-
-  void accumulate_plain(Workspace& ws, const T* Vs, int64_t nb) const {
-    for (int p = 0; p < BM / QP; ++p)
-      for (int64_t c = 0; c < a.Ev; c += MR)
-        M::template gemm_rows<true>(int(min64(MR, a.Ev - c)), Vs + c * a.v.col_stride,
-                                    a.v.col_stride, a.v.row_stride, ws.st.ptr + p * QP, BM, nb,
-                                    ws.ot.ptr + c * BM + p * QP, BM, nullptr);
+    P::accumulate(*this, ws, Vs, j0, nb);
   }
 
   // For a bool mask that is the same for every query (a key padding mask, (..., 1, S)): whether
@@ -348,49 +211,11 @@ struct TileKernel {
     finish(ws, ep, b, i0, rows, kb_begin, kb_end, K, m_off);
   }
 
-  // The tile's queries in panels: Q^T, or (bfloat16) pairs of features; the scale is applied to
-  // the products (see online_softmax.hpp). Padding is zero.
+  // The tile's queries, packed as the scores product reads them (the scale is applied to the
+  // products: see online_softmax.hpp). Padding is zero.
   void pack_queries(Workspace& ws, int64_t b, int64_t i0, int64_t rows) const {
-    const int64_t E = a.E;
     const In* Q = static_cast<const In*>(a.q.data) + batch_offset(a, a.q, b, 1);
-    if constexpr (kPairs) {
-      const int64_t E2 = E / 2;
-      for (int64_t i = 0; i < BM; ++i) {
-        uint32_t* dst = ws.qp.ptr + (i / QP) * E2 * QP + i % QP;
-        const In* src = Q + (i0 + i) * a.q.row_stride;
-        for (int64_t t = 0; t < E2; ++t)
-          dst[t * QP] = i < rows ? uint32_t(src[2 * t * a.q.col_stride].bits) |
-                                       uint32_t(src[(2 * t + 1) * a.q.col_stride].bits) << 16
-                                 : 0u;
-      }
-    } else {
-      pack_queries_plain(ws, Q, i0, rows);
-    }
-  }
-
-  void pack_queries_plain(Workspace& ws, const T* Q, int64_t i0, int64_t rows) const {
-    const int64_t E = a.E;
-    // Features by 16 x 16 blocks (transpose_block16) where q is contiguous along them and the
-    // panels hold whole blocks; the rest, and other layouts, element by element.
-    int64_t e16 = 0;
-    if (kBlocks16 && a.q.col_stride == 1) {
-      e16 = E / 16 * 16;
-      for (int64_t ib = 0; ib < BM; ib += 16) {
-        const T* src = ib < rows ? Q + (i0 + ib) * a.q.row_stride : Q;  // rows past L: zeros
-        T* dst = ws.qt.ptr + (ib / QP) * E * QP + ib % QP;
-        for (int64_t e0 = 0; e0 < e16; e0 += 16)
-          transpose_block16(src + e0, a.q.row_stride, rows - ib, dst + e0 * QP, int64_t(QP));
-      }
-    }
-    for (int64_t i = 0; i < BM; ++i) {
-      T* dst = ws.qt.ptr + (i / QP) * E * QP + i % QP;
-      if (i < rows) {
-        const T* src = Q + (i0 + i) * a.q.row_stride;
-        for (int64_t e = e16; e < E; ++e) dst[e * QP] = src[e * a.q.col_stride];
-      } else {
-        for (int64_t e = e16; e < E; ++e) dst[e * QP] = T(0);
-      }
-    }
+    P::pack_queries(*this, ws, Q, i0, rows);
   }
 
   void finish(Workspace& ws, const EntryParams<T>& ep, int64_t b, int64_t i0, int64_t rows,
