@@ -202,20 +202,25 @@ struct RowKernel {
     }
   }
 
-  // Attends query rows i0 .. i0 + rows - 1 of batch entry b to keys [k_begin, k_end).
-  void group(Workspace& ws, int64_t b, int64_t i0, int64_t k_begin, int64_t k_end,
-             Partial& part) const {
-    const int64_t rows = min64(RMAX, a.L - i0);
+  // The group's query rows, widened to T and zero-padded to Ep, into ws.qv.
+  void load_queries(Workspace& ws, int64_t b, int64_t i0, int64_t rows) const {
     const In* Q = static_cast<const In*>(a.q.data) + batch_offset(a, a.q, b, 1);
-    const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
-    const In* Vs = static_cast<const In*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
-    const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
     for (int64_t r = 0; r < rows; ++r) {
       const In* src = Q + (i0 + r) * a.q.row_stride;
       T* dst = ws.qv.ptr + r * Ep;
       for (int64_t e = 0; e < a.E; ++e) dst[e] = to_float<T>(src[e * a.q.col_stride]);
       for (int64_t e = a.E; e < Ep; ++e) dst[e] = T(0);
     }
+  }
+
+  // Attends query rows i0 .. i0 + rows - 1 of batch entry b to keys [k_begin, k_end).
+  void group(Workspace& ws, int64_t b, int64_t i0, int64_t k_begin, int64_t k_end,
+             Partial& part) const {
+    const int64_t rows = min64(RMAX, a.L - i0);
+    const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
+    const In* Vs = static_cast<const In*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
+    const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
+    load_queries(ws, b, i0, rows);
     RowState<T> st[RMAX];
     for (int64_t r = 0; r < rows; ++r) st[r] = row_state_init<T>();
     std::memset(part.o, 0, sizeof(T) * size_t(RMAX * Evp));
