@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from fastattn import _bench
+from fastattn.bench.timing import DEFAULT_THREADS
+from fastattn.bench.timing import blas_threads as limit_blas_threads
 
 
 def pytest_addoption(parser):
-    parser.addoption("--bench-threads", type=int, default=_bench.DEFAULT_THREADS,
+    parser.addoption("--bench-threads", type=int, default=DEFAULT_THREADS,
                      help="threads for every implementation (default %(default)s)")
 
 
@@ -20,5 +21,5 @@ def threads(request) -> int:
 @pytest.fixture(scope="session", autouse=True)
 def blas_threads(threads):
     """Holds NumPy's BLAS (the reference's and the NumPy version's matmuls) to `threads`."""
-    with _bench.blas_threads(threads):
+    with limit_blas_threads(threads):
         yield

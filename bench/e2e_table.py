@@ -5,7 +5,7 @@ Usage: python bench/e2e_table.py [--quick] [--rounds N] [--threads N]
 
 import sys
 
-from fastattn import _bench
+from fastattn.bench import cli
 
 if __name__ == "__main__":
-    sys.exit(_bench.main(["--e2e", *sys.argv[1:]]))
+    sys.exit(cli.main(["--e2e", *sys.argv[1:]]))

@@ -6,7 +6,7 @@ Usage: python bench/run_table.py [--quick] [--cases a,b] [--rounds N] [--threads
 
 import sys
 
-from fastattn import _bench
+from fastattn.bench import cli
 
 if __name__ == "__main__":
-    sys.exit(_bench.main(sys.argv[1:]))
+    sys.exit(cli.main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """pytest-benchmark comparisons: fastattn, its float64 reference, plain NumPy, PyTorch SDPA
 and ONNX Runtime MultiHeadAttention over a small grid of shapes.
 
-The implementations are the adapters of :mod:`fastattn._bench` (the ``python -m fastattn
+The implementations are the adapters of :mod:`fastattn.bench.peers` (the ``python -m fastattn
 bench`` table); each benchmark also checks its output against fastattn's.
 """
 
@@ -12,8 +12,8 @@ from functools import cache
 import numpy as np
 import pytest
 
-from fastattn import _bench
-from fastattn._bench import Case
+from fastattn.bench.cases import TOLERANCE, Case, Inputs, make_inputs
+from fastattn.bench.peers import ADAPTERS, Adapter
 
 GRID = (
     Case("small", 8, 8, 128, 128, 64),
@@ -27,20 +27,20 @@ IMPLS = ("fastattn", "reference", "numpy", "torch", "ort")
 
 
 @cache
-def inputs(case: Case) -> _bench.Inputs:
-    return _bench.make_inputs(case)
+def inputs(case: Case) -> Inputs:
+    return make_inputs(case)
 
 
 @cache
 def expected(case: Case) -> np.ndarray:
     """fastattn's output, which every implementation is checked against."""
-    runner = _bench.ADAPTERS["fastattn"].prepare(inputs(case), case, threads=None)
+    runner = ADAPTERS["fastattn"].prepare(inputs(case), case, threads=None)
     return runner.to_numpy(runner.call())
 
 
-def adapter_for(impl: str, case: Case) -> _bench.Adapter:
+def adapter_for(impl: str, case: Case) -> Adapter:
     """The adapter, or a skip naming the missing package or the unsupported case."""
-    adapter = _bench.ADAPTERS[impl]
+    adapter = ADAPTERS[impl]
     for module in adapter.modules:
         pytest.importorskip(module, reason=f"{impl} needs {module}, which is not installed")
     if not adapter.supports(case):
@@ -57,4 +57,4 @@ def test_attention(benchmark, impl, case, threads):
     benchmark.extra_info["gflops_counted"] = case.flops / 1e9
     result = benchmark(runner.call)
     out = runner.to_numpy(result)
-    np.testing.assert_allclose(out, expected(case), rtol=0, atol=_bench.TOLERANCE[case.dtype])
+    np.testing.assert_allclose(out, expected(case), rtol=0, atol=TOLERANCE[case.dtype])

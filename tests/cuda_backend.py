@@ -56,7 +56,8 @@ def fast_switching():
     IEEE (inf - inf is NaN, 0 * inf is NaN): the results are checked, the warnings are noise.
     (Added per call, inside the test: pytest restores the warning filters after each test.)
     """
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"fastattn\._cuda_kernel")
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            module=r"fastattn\.backends\.cuda_kernel")
     with _switching_lock:
         if _switching["depth"] == 0:
             _switching["saved"] = sys.getswitchinterval()
@@ -74,7 +75,7 @@ def fast_switching():
 def _sim_seconds(q, k, v, kwargs) -> float | None:
     """Estimated run time of a call on the simulator; None if the shapes do not even fit
     (the backend's own errors must then be seen)."""
-    from fastattn._cuda_kernel import TILES
+    from fastattn.backends.cuda_kernel import TILES
 
     try:
         qs, ks, vs = (np.shape(a) for a in (q, k, v))

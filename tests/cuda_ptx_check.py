@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         from numba import cuda
         from numba.cuda.cudadrv import nvvm
 
-        from fastattn import _cuda_kernel
+        from fastattn.backends import cuda_kernel
     except ImportError as e:
         print(f'numba-cuda is not installed ({e}); pip install "fastattn[cuda]"')
         return MISSING
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         return MISSING
 
     failures = 0
-    for name, kernel, sig, acc in _cuda_kernel.signatures():
+    for name, kernel, sig, acc in cuda_kernel.signatures():
         t0 = time.perf_counter()
         try:
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)

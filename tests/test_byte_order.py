@@ -324,7 +324,7 @@ def _fake_device(shape, dtype):
 def test_swapped_device_arrays_are_refused(name):
     # The CUDA backend reads device arrays in place; one in non-native order is a TypeError
     # naming the byte order (checked from its dtype alone: no GPU needed).
-    from fastattn._cuda import _prepare_device
+    from fastattn.backends.cuda import _prepare_device
 
     shapes = {"q": (2, 3, 4), "k": (2, 5, 4), "v": (2, 5, 6), "mask": (3, 5)}
     arrays = {n: _fake_device(s, ">f4" if n == name else "<f4") for n, s in shapes.items()}

@@ -106,7 +106,7 @@ def test_import_fastattn_does_not_import_numba():
     res = _python("""
         import sys
         import numpy as np
-        import fastattn, fastattn._cuda  # the CUDA dispatcher imports numba only when called
+        import fastattn, fastattn.backends.cuda  # the CUDA backend imports numba only when called
         q = np.ones((2, 3, 4), np.float32)
         fastattn.attention(q, q, q)
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("numba", "numba_cuda",
@@ -177,7 +177,7 @@ def _fake_device(shape, dtype):
 def test_device_inputs_are_checked_without_copies():
     # The checks of device inputs read only shapes and dtypes: a (nominal) 8 TiB q passes
     # through prepare with no host copy, and the plan has the right dtypes and shape.
-    from fastattn._cuda import _prepare_device
+    from fastattn.backends.cuda import _prepare_device
 
     q = _fake_device((1 << 20, 1 << 16, 64), np.float16)
     k = v = _fake_device((1 << 20, 1024, 64), np.float16)
@@ -205,7 +205,7 @@ def test_device_inputs_are_checked_without_copies():
     ],
 )
 def test_device_inputs_get_the_same_errors(shapes, dtypes, mask, exc, names):
-    from fastattn._cuda import _prepare_device
+    from fastattn.backends.cuda import _prepare_device
 
     arrays = dict(zip("qkv", (_fake_device(s, d) for s, d in zip(shapes, dtypes))))
     arrays["mask"] = None if mask is None else _fake_device(*mask)
@@ -293,7 +293,7 @@ def test_device_in_device_out(gpu, rng, dtype):
     m = rng.random((5, 11)) < 0.7
     dq, dk, dv, dm = (gpu.cuda.to_device(a) for a in (q, k, v, m))
     got = gpu.attention(dq, dk, dv, mask=dm, return_weights=True, return_lse=True)
-    assert all(fastattn._cuda.on_device(a) for a in got)
+    assert all(fastattn.backends.cuda.on_device(a) for a in got)
     assert [a.shape for a in got] == [(2, 3, 5, 6), (2, 3, 5, 11), (2, 3, 5)]
     assert [np.dtype(a.dtype) for a in got] == [np.dtype(dtype)] * 2 + [
         np.dtype(np.float32 if dtype == np.float16 else dtype)]  # lse in the compute dtype
@@ -307,7 +307,7 @@ def test_device_in_device_out(gpu, rng, dtype):
 def test_auto_runs_device_inputs_on_the_gpu(gpu, rng):
     q, k, v = qkv(rng, (2,), 4, 9, 8, 3)
     out = fastattn.attention(*(gpu.cuda.to_device(a) for a in (q, k, v)))
-    assert fastattn._cuda.on_device(out), f"backend='auto' returned {type(out).__name__}"
+    assert fastattn.backends.cuda.on_device(out), f"backend='auto' returned {type(out).__name__}"
     check(lambda *a, **kw: _host(out), q, k, v)
 
 
@@ -318,7 +318,7 @@ def test_device_and_numpy_operands_mix(gpu, rng, where):
     args = {"q": q, "k": k, "v": v, "mask": m}
     args[where] = gpu.cuda.to_device(args[where])
     out = gpu.attention(args["q"], args["k"], args["v"], mask=args["mask"])
-    assert fastattn._cuda.on_device(out)
+    assert fastattn.backends.cuda.on_device(out)
     check(lambda *a, **kw: _host(out), q, k, v, mask=m)
 
 
@@ -356,7 +356,7 @@ def test_bfloat16(gpu, rng):
 
 def test_unsupported_arguments_raise(gpu, rng, monkeypatch):
     # UNSUPPORTED is where an argument goes until the kernel implements it: softcap stands in.
-    monkeypatch.setitem(fastattn._cuda.UNSUPPORTED, "softcap", None)
+    monkeypatch.setitem(fastattn.backends.cuda.UNSUPPORTED, "softcap", None)
     q, k, v = qkv(rng, (2,), 4, 9, 8, 3)
     with pytest.raises(NotImplementedError, match="softcap=2.0"):
         gpu.attention(q, k, v, softcap=2.0)
@@ -374,14 +374,14 @@ def test_a_plan_field_the_kernel_does_not_know(gpu, rng, monkeypatch, value, rai
         bases=(Plan,),
         frozen=Plan.__dataclass_params__.frozen,
     )
-    prepare = fastattn._cuda.prepare
+    prepare = fastattn.backends.cuda.prepare
 
     def prepare_extended(*args, **kwargs):
         plan = prepare(*args, **kwargs)
         fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
         return extended(**fields, new_thing=value)
 
-    monkeypatch.setattr(fastattn._cuda, "prepare", prepare_extended)
+    monkeypatch.setattr(fastattn.backends.cuda, "prepare", prepare_extended)
     q, k, v = qkv(rng, (2,), 4, 9, 8, 3)
     if raises:
         with pytest.raises(NotImplementedError, match="new_thing=1"):

@@ -301,7 +301,7 @@ def test_mha_heads_are_views_not_copies(rng, monkeypatch):
         seen.update(q=q, k=k, v=v, **kwargs)
         return fastattn.attention(q, k, v, **kwargs)
 
-    monkeypatch.setattr("fastattn._layers.attention", spy)
+    monkeypatch.setattr("fastattn.nn.layers.attention", spy)
     x = normal(rng, 2, 5, 8, dtype=F32)
     w = mha_weights(rng, 8, 4, 2, 2, bias=False, dtype=F32)
     fastattn.multi_head_attention(x, num_heads=4, num_kv_heads=2, **w)

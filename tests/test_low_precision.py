@@ -24,7 +24,7 @@ HALVES = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
 @given(p=problems(max_len=200), data=st.data())
 def test_bfloat16_matches_reference(backend, p, data):
     # Every option and layout with q, k and v all in bfloat16, which the AVX512-BF16 tiles read
-    # as pairs (v packed by fastattn._cpu): a Fortran-ordered v once came out wrong there.
+    # as pairs (v packed by fastattn.backends.cpu): a Fortran-ordered v once came out wrong there.
     q, k, v = (in_layout(a.astype(HALVES[1]), data.draw(st.sampled_from(LAYOUTS), label=name))
                for a, name in zip((p.q, p.k, p.v), "qkv"))
     check(backend, q, k, v, **p.kwargs)

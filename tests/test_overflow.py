@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import _cpu, reference
+from fastattn import reference
+from fastattn.backends import cpu as cpu_backend
 
 pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
 
@@ -122,19 +123,19 @@ def test_inf_and_nan_inputs_as_in_the_reference(rng):
     out = fastattn.attention(q, k, v)
     ref = reference.attention(q, k, v)
     np.testing.assert_array_equal(np.isfinite(out), np.isfinite(ref))
-    assert _cpu.overflow_exponents(fastattn._validate.prepare(q, k, v), v) is None
+    assert cpu_backend.overflow_exponents(fastattn._validate.prepare(q, k, v), v) is None
 
 
 def test_common_case_runs_the_kernel_once(rng, monkeypatch):
     """Ordinary values: one launch, no pass over v (the check rides on the output's write)."""
     launches = []
-    real = _cpu._launch
+    real = cpu_backend._launch
 
     def counting(*args):
         launches.append(1)
         return real(*args)
 
-    monkeypatch.setattr(_cpu, "_launch", counting)
+    monkeypatch.setattr(cpu_backend, "_launch", counting)
     q, k, v = (rng.standard_normal((2, 70, 16)).astype(np.float32) for _ in range(3))
     fastattn.attention(q, k, v, return_lse=True)
     assert len(launches) == 1

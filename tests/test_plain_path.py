@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 import fastattn
-from fastattn import _core, _cpu
+from fastattn import _core
 from fastattn._validate import prepare
+from fastattn.backends import cpu as cpu_backend
 from layouts import assert_unchanged, copies, in_layout
 
 
 def _general(q, k, v, **kwargs):
-    return _cpu.run(prepare(q, k, v, **kwargs))[0]
+    return cpu_backend.run(prepare(q, k, v, **kwargs))[0]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

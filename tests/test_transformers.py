@@ -203,10 +203,10 @@ def test_end_to_end_bench_runs():
     # python -m fastattn bench --e2e, on a short prompt: both implementations, both dtypes.
     import io
 
-    from fastattn import _bench_e2e
+    from fastattn.bench import e2e
 
     report = io.StringIO()
-    rows = _bench_e2e.run(rounds=1, prompt=32, new_tokens=2, file=report)
+    rows = e2e.run(rounds=1, prompt=32, new_tokens=2, file=report)
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
     assert all(r["fastattn_prefill_s"] > 0 and r["sdpa_decode_s"] > 0 for r in rows)
     assert "| float32 |" in report.getvalue()

@@ -8,12 +8,15 @@
 
 from . import reference
 from ._api import attention, attention_backward
-from ._attention_layer import MultiHeadAttention
 from ._core import active_isa, available_isas, set_isa
-from ._layers import multi_head_attention, self_attention
 from ._merge import merge_attention
-from ._plot import plot_attention
-from ._positional import positional_encoding
+from .nn import (
+    MultiHeadAttention,
+    multi_head_attention,
+    plot_attention,
+    positional_encoding,
+    self_attention,
+)
 
 __version__ = "0.1.0"
 

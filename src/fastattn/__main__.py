@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, _core, attention, reference
-from ._cpuinfo import cpu_line
+from .bench.cpuinfo import cpu_line
 
 
 def describe_build(file=sys.stdout) -> None:
@@ -82,9 +82,9 @@ def check_against_reference(file=sys.stdout) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
-        from . import _bench
+        from .bench import cli
 
-        return _bench.main(argv[1:]) or 0
+        return cli.main(argv[1:]) or 0
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     describe_build()
     ok = check_against_reference()
     print()
-    from . import _bench
+    from .bench.forward import short_table
 
-    _bench.short_table()
+    short_table()
     return 0 if ok else 1
 
 

@@ -1,5 +1,6 @@
 # Type stubs for the compiled module fastattn._core (src/fastattn/_core.pyx); the docstrings are
-# there. Array arguments are read through the buffer protocol; fastattn._cpu passes ndarrays.
+# there. Array arguments are read through the buffer protocol; fastattn.backends.cpu passes
+# ndarrays.
 from typing import Final
 
 import numpy as np

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The compiled kernel: converts Python values to a ``fastattn::Problem`` and runs it without the GIL.
 
-Nothing here checks NumPy semantics; ``fastattn._cpu`` prepares every argument.
+Nothing here checks NumPy semantics; ``fastattn.backends.cpu`` prepares every argument.
 """
 
 from cpython.buffer cimport PyBUF_STRIDES, PyBuffer_Release, PyObject_GetBuffer
@@ -278,7 +278,7 @@ cdef object _run_plain(Problem& p, tuple batch, dtype, causal, scale, num_thread
         flags = c_attention(p)
     _raise_if_interrupted(&st)
     if flags & kOutputNonFinite:
-        return None  # the general path runs it again, v scaled down where that helps (_cpu.py)
+        return None  # the general path runs it again, v scaled down where that helps (backends/cpu.py)
     return out
 
 

@@ -47,6 +47,9 @@ class Plan:
     similarity: str = "dot"
     storage: np.dtype | None = None  # None: the same as dtype
     sinks: np.ndarray | None = None  # sink logits in ``dtype``, broadcastable to ``batch``
+    # Operands that live on a GPU, by name (q, k, v, mask), read in place by a device backend;
+    # the plan's arrays of those names are then stand-ins (see ``stand_in``). None: all on host.
+    device: dict | None = None
 
     def band(self) -> tuple[int | None, int | None]:
         """(lo, hi): query i sees keys i + lo <= j <= i + hi (None: unbounded), from the
@@ -228,6 +231,47 @@ def prepare(
     diagonal_offset=None,
 ) -> Plan:
     """Checks the arguments of ``attention`` and resolves broadcasting and dtypes."""
+    q, k, v = _operands(q, k, v)
+    L, E = q.shape[-2:]
+    S, Ev = v.shape[-2:]
+    batch, kv_group = _batch_shape(q, k, v, enable_gqa)
+    dtype, out_dtype = compute_dtypes(q.dtype, k.dtype, v.dtype)
+    storage = storage_dtype(dtype, q.dtype, k.dtype, v.dtype)
+    if mask is not None:
+        mask = _mask(mask, batch + (L, S), dtype, _shapes(q=q, k=k, v=v))
+    scale = _scale(scale, E)
+    num_threads = _num_threads(num_threads)
+    if align not in ALIGNS:
+        raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if diagonal_offset is None:
+        offset = S - L if align == "bottom_right" else 0
+    else:  # internal: a block of a larger problem keeps that problem's diagonal
+        offset = int(diagonal_offset)
+    shapes = (_shapes(q=q, k=k, v=v)
+              if alibi_slopes is not None or kv_lengths is not None or sinks is not None else "")
+    if alibi_slopes is not None:
+        alibi_slopes = _per_batch("alibi_slopes", alibi_slopes, batch, "fiub", dtype, shapes)
+    if sinks is not None:
+        sinks = _per_batch("sinks", sinks, batch, "fiub", dtype, shapes)
+    if kv_lengths is not None:
+        kv_lengths = _kv_lengths(kv_lengths, batch, S, shapes)
+    if softcap is not None:
+        softcap = _softcap(softcap)
+    return Plan(
+        q=_as_kernel_array(q, storage), k=_as_kernel_array(k, storage),
+        v=_as_kernel_array(v, storage), mask=mask, dtype=dtype, out_dtype=out_dtype,
+        batch=tuple(batch), L=L, S=S, E=E, Ev=Ev, kv_group=kv_group, causal=bool(causal),
+        scale=scale, return_weights=bool(return_weights), num_threads=num_threads,
+        offset=offset, window=window_bounds(window), alibi=alibi_slopes, softcap=softcap,
+        return_lse=bool(return_lse), kv_lengths=kv_lengths, similarity=similarity,
+        storage=storage, sinks=sinks,
+    )
+
+
+def _operands(q, k, v) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q, k and v as native-order arrays of dtypes fastattn reads, their matrix axes checked."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     if not (q.dtype.isnative and k.dtype.isnative and v.dtype.isnative):
         q, k, v = native(q), native(k), native(v)  # values, not bytes: ">f4" is read as such
@@ -235,14 +279,18 @@ def prepare(
         check_dtype(name, a)
     if min(q.ndim, k.ndim, v.ndim) < 2:
         raise ValueError(f"q, k and v must be at least 2-D; got {_shapes(q=q, k=k, v=v)}")
-    L, E = q.shape[-2:]
+    E = q.shape[-1]
     S, Ek = k.shape[-2:]
-    Sv, Ev = v.shape[-2:]
+    Sv = v.shape[-2]
     if Ek != E:
         raise ValueError(f"q and k must have the same last axis (E); got {_shapes(q=q, k=k)}")
     if Sv != S:
         raise ValueError(f"k and v must have the same number of keys (S); got {_shapes(k=k, v=v)}")
+    return q, k, v
 
+
+def _batch_shape(q: np.ndarray, k: np.ndarray, v: np.ndarray, enable_gqa) -> tuple[tuple, int]:
+    """(the broadcast batch shape, kv_group): q head h reads kv head h // kv_group."""
     kv_group = 1
     qb, kb, vb = q.shape[:-2], k.shape[:-2], v.shape[:-2]
     if enable_gqa:
@@ -267,110 +315,77 @@ def prepare(
         raise ValueError(
             f"the batch axes of q, k and v do not broadcast; got {_shapes(q=q, k=k, v=v)}"
         ) from None
+    return batch, kv_group
 
-    dtype, out_dtype = compute_dtypes(q.dtype, k.dtype, v.dtype)
-    storage = storage_dtype(dtype, q.dtype, k.dtype, v.dtype)
 
-    if mask is not None:
-        mask = np.asarray(mask)
-        if mask.dtype.kind == "b":
-            mask_array = mask
-        elif (mask.dtype.kind == "f" and mask.dtype.itemsize <= 8) or is_bfloat16(mask.dtype):
-            mask_array = native(mask)
-        else:
-            raise TypeError(
-                f"mask has dtype {mask.dtype}; it must be bool (True = the key takes part) or "
-                "float (added to the scores)"
-            )
-        target = batch + (L, S)
-        try:
-            ok = broadcast_shapes(mask.shape, target) == target
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
-                f"{target} of {_shapes(q=q, k=k, v=v)}"
-            )
-        if mask.ndim < 2:
-            mask_array = mask_array.reshape((1,) * (2 - mask.ndim) + mask.shape)
-        mask = _as_kernel_array(mask_array, np.dtype(np.bool_) if mask.dtype.kind == "b" else dtype)
-
-    if scale is None:
-        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
-    elif isinstance(scale, numbers.Real):
-        scale = float(scale)
+def _mask(mask, target: tuple, dtype: np.dtype, shapes: str) -> np.ndarray:
+    """The mask checked to broadcast to the scores' shape ``target``: bool as given, float in
+    ``dtype``, with at least two axes."""
+    mask = np.asarray(mask)
+    if mask.dtype.kind == "b":
+        mask_array = mask
+    elif (mask.dtype.kind == "f" and mask.dtype.itemsize <= 8) or is_bfloat16(mask.dtype):
+        mask_array = native(mask)
     else:
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+        raise TypeError(
+            f"mask has dtype {mask.dtype}; it must be bool (True = the key takes part) or "
+            "float (added to the scores)"
+        )
+    try:
+        ok = broadcast_shapes(mask.shape, target) == target
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
+            f"{target} of {shapes}"
+        )
+    if mask.ndim < 2:
+        mask_array = mask_array.reshape((1,) * (2 - mask.ndim) + mask.shape)
+    return _as_kernel_array(mask_array, np.dtype(np.bool_) if mask.dtype.kind == "b" else dtype)
 
-    if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
-            raise TypeError(f"num_threads must be an int or None, got {num_threads!r}")
-        if num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-        num_threads = int(num_threads)
 
-    if align not in ALIGNS:
-        raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    if diagonal_offset is None:
-        offset = S - L if align == "bottom_right" else 0
-    else:  # internal: a block of a larger problem keeps that problem's diagonal
-        offset = int(diagonal_offset)
-    shapes = (_shapes(q=q, k=k, v=v)
-              if alibi_slopes is not None or kv_lengths is not None or sinks is not None else "")
-    if alibi_slopes is not None:
-        alibi_slopes = _per_batch("alibi_slopes", alibi_slopes, batch, "fiub", dtype, shapes)
-    if sinks is not None:
-        sinks = _per_batch("sinks", sinks, batch, "fiub", dtype, shapes)
-    if kv_lengths is not None:
-        lengths = np.asarray(kv_lengths)
-        if lengths.dtype.kind not in "iu":
-            raise TypeError(f"kv_lengths has dtype {lengths.dtype}; it must be an integer array")
-        # A (B,) array counts along the first batch axis, as the number of batch axes it has.
-        given = tuple(lengths.shape)
-        lengths = lengths.reshape(given + (1,) * max(len(batch) - lengths.ndim, 0))
-        lengths = _per_batch("kv_lengths", lengths, batch, "iu", None, shapes, given)
-        # Checked in the dtype given: a uint64 2**64 - 1 is no int64 -1 to the message.
-        if lengths.size and (lengths.min() < 0 or lengths.max() > S):
-            raise ValueError(f"kv_lengths must lie in [0, S={S}]; got values from "
-                             f"{lengths.min()} to {lengths.max()}")
-        kv_lengths = _as_kernel_array(lengths, np.dtype(np.int64))
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-            raise TypeError(f"softcap must be a positive real number, got {softcap!r}")
-        softcap = float(softcap)
-        if not softcap > 0 or not math.isfinite(softcap):
-            raise ValueError(f"softcap must be a positive finite number, got {softcap}")
+def _scale(scale, E: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(E) if E > 0 else 1.0
+    if isinstance(scale, numbers.Real):
+        return float(scale)
+    raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
 
-    return Plan(
-        q=_as_kernel_array(q, storage),
-        k=_as_kernel_array(k, storage),
-        v=_as_kernel_array(v, storage),
-        mask=mask,
-        dtype=dtype,
-        out_dtype=out_dtype,
-        batch=tuple(batch),
-        L=L,
-        S=S,
-        E=E,
-        Ev=Ev,
-        kv_group=kv_group,
-        causal=bool(causal),
-        scale=scale,
-        return_weights=bool(return_weights),
-        num_threads=num_threads,
-        offset=offset,
-        window=window_bounds(window),
-        alibi=alibi_slopes,
-        softcap=softcap,
-        return_lse=bool(return_lse),
-        kv_lengths=kv_lengths,
-        similarity=similarity,
-        storage=storage,
-        sinks=sinks,
-    )
+
+def _num_threads(num_threads) -> int | None:
+    if num_threads is None:
+        return None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads must be an int or None, got {num_threads!r}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return int(num_threads)
+
+
+def _kv_lengths(kv_lengths, batch: tuple, S: int, shapes: str) -> np.ndarray:
+    """kv_lengths checked (integers in [0, S], one per batch entry) as int64."""
+    lengths = np.asarray(kv_lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"kv_lengths has dtype {lengths.dtype}; it must be an integer array")
+    # A (B,) array counts along the first batch axis, as the number of batch axes it has.
+    given = tuple(lengths.shape)
+    lengths = lengths.reshape(given + (1,) * max(len(batch) - lengths.ndim, 0))
+    lengths = _per_batch("kv_lengths", lengths, batch, "iu", None, shapes, given)
+    # Checked in the dtype given: a uint64 2**64 - 1 is no int64 -1 to the message.
+    if lengths.size and (lengths.min() < 0 or lengths.max() > S):
+        raise ValueError(f"kv_lengths must lie in [0, S={S}]; got values from "
+                         f"{lengths.min()} to {lengths.max()}")
+    return _as_kernel_array(lengths, np.dtype(np.int64))
+
+
+def _softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive real number, got {softcap!r}")
+    softcap = float(softcap)
+    if not softcap > 0 or not math.isfinite(softcap):
+        raise ValueError(f"softcap must be a positive finite number, got {softcap}")
+    return softcap
 
 
 def stand_in(shape, dtype) -> np.ndarray:
@@ -378,6 +393,13 @@ def stand_in(shape, dtype) -> np.ndarray:
     check a call and plan it (shapes, dtypes, options) from arrays it does not read, as the CUDA
     backend (device arrays), Dask (lazy arrays) and torch's fake tensors have them."""
     return np.broadcast_to(np.zeros((), dtype), tuple(int(n) for n in shape))
+
+
+def on_device(a) -> bool:
+    """Whether ``a`` lives on a GPU: CUDA Array Interface, or a (simulated) Numba device array."""
+    if type(a) is np.ndarray:  # the common call: no attribute lookups
+        return False
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
 
 
 def _float_operand(name: str, a, shape: tuple, dtype: np.dtype, shapes: str) -> np.ndarray:

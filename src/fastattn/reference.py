@@ -31,13 +31,19 @@ def attention(q, k, v, **kwargs):
     """
     kwargs.pop("backend", None)
     plan = prepare(q, k, v, **kwargs)
-    out, weights, lse = attention_in(np.float64, plan)
-    results = [out.astype(plan.out_dtype)]
-    if plan.return_weights:
-        results.append(weights.astype(plan.out_dtype))
-    if plan.return_lse:
-        results.append(lse.astype(plan.dtype))  # the compute dtype: float32 for 16-bit inputs
+    out, weights, lse = run(plan)
+    results = [out] + [weights] * plan.return_weights + [lse] * plan.return_lse
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(output, weights or None, lse or None) of a prepared plan, computed in float64: output
+    and weights in the plan's output dtype, lse in its compute dtype (float32 for 16-bit
+    inputs), as :func:`attention` returns them."""
+    out, weights, lse = attention_in(np.float64, plan)
+    return (out.astype(plan.out_dtype),
+            weights.astype(plan.out_dtype) if plan.return_weights else None,
+            lse.astype(plan.dtype) if plan.return_lse else None)
 
 
 def _unit_rows(x):
@@ -131,9 +137,18 @@ def attention_backward(q, k, v, out, lse, dout, **kwargs):
     """
     kwargs.pop("backend", None)
     plan, _, _, dout = prepare_backward(q, k, v, out, lse, dout, **kwargs)
+    dtypes = tuple(gradient_dtype(np.asarray(a).dtype, plan) for a in (q, k, v))
+    if plan.sinks is not None:
+        dtypes += (gradient_dtype(np.asarray(kwargs["sinks"]).dtype, plan),)
+    return run_backward(plan, dout, dtypes)
+
+
+def run_backward(plan: Plan, dout: np.ndarray, dtypes: tuple[np.dtype, ...]
+                 ) -> tuple[np.ndarray, ...]:
+    """(dq, dk, dv), and dsinks when the plan has sinks, of a prepared plan in float64, returned
+    in ``dtypes`` (q's, k's, v's and the sinks')."""
     dq, dk, dv = gradients_in(np.float64, plan, dout)
-    grads = tuple(g.astype(gradient_dtype(np.asarray(a).dtype, plan), copy=False)
-                  for g, a in zip((dq, dk, dv), (q, k, v)))
+    grads = tuple(g.astype(d, copy=False) for g, d in zip((dq, dk, dv), dtypes))
     if plan.sinks is None:
         return grads
     # The sink's weight in row i is exp(sink - lse_i); d out_i / d sink = -weight * out_i.
@@ -144,7 +159,7 @@ def attention_backward(q, k, v, out, lse, dout, **kwargs):
         weight = np.exp(sink - lse_ref)
     d = (dout.astype(np.float64) * out_ref).sum(axis=-1)
     dsinks = sum_to(-(weight * d).sum(axis=-1), plan.sinks.shape, 1)
-    return grads + (dsinks.astype(gradient_dtype(np.asarray(kwargs["sinks"]).dtype, plan)),)
+    return grads + (dsinks.astype(dtypes[3]),)
 
 
 def _unit_plan(dtype, plan: Plan) -> Plan:

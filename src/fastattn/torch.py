@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _core, _cpu
+from . import _core, backends
 from ._api import attention as _np_attention
 from ._validate import native, prepare, stand_in, window_bounds
 
@@ -125,7 +125,7 @@ def _run_cpu(q, k, v, opts: dict, return_weights: bool, return_lse: bool):
     _numpy_options(opts)
     plan = prepare(_to_numpy(q), _to_numpy(k), _to_numpy(v), **opts,
                    return_weights=return_weights, return_lse=return_lse)
-    out, weights, lse = _cpu.run(plan)
+    out, weights, lse = backends.run(backends.select("cpu", ()), plan)
     return out, lse, weights
 
 
@@ -429,24 +429,25 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         scale, softcap = _real("scale", scale), _real("softcap", softcap)
     _check_devices(q, k=k, v=v, mask=mask, alibi_slopes=alibi_slopes, kv_lengths=kv_lengths,
                    sinks=sinks)
+    out, lse, weights = _run(q, k, v, needs_grad, (
+        mask, bool(causal), scale, bool(enable_gqa), num_threads, align, left, right,
+        alibi_slopes, softcap, kv_lengths, similarity, sinks), bool(return_weights), return_lse)
+    results = [out] + [weights] * bool(return_weights) + [lse] * bool(return_lse)
+    return out if len(results) == 1 else tuple(results)
+
+
+def _run(q, k, v, needs_grad: bool, args: tuple, return_weights: bool, return_lse: bool):
+    """(out, lse, weights) as tensors (lse and weights None where not asked for, on the eager
+    path); ``args`` are the op's arguments between v and return_weights."""
     if (type(q) is type(k) is type(v) is torch.Tensor and q.is_cpu and not needs_grad
             and not torch.compiler.is_compiling() and _transform() is None):
         # Eager CPU calls skip the dispatcher (~10 us) and convert only what they return; the
         # op's own function runs, so the two paths cannot differ.
-        opts = _options(mask, causal, scale, enable_gqa, num_threads, align, left, right,
-                        alibi_slopes, softcap, kv_lengths, similarity, sinks)
+        opts = _options(*args)
         out, lse, weights = _run_cpu(q, k, v, opts, return_weights, return_lse)
-        out = _from_numpy(out)
-        if not (return_weights or return_lse):
-            return out
-        lse = None if lse is None else _from_numpy(lse)
-        weights = None if weights is None else _from_numpy(weights)
-    else:
-        # Under torch.func transforms, the op through an autograd.Function that they take
-        op = (_attention_op if _is_compiling() or _transform() is None
-              else _AttentionFunction.apply)
-        out, lse, weights = op(q, k, v, mask, bool(causal), scale, bool(enable_gqa), num_threads,
-                               align, left, right, alibi_slopes, softcap, kv_lengths, similarity,
-                               sinks, bool(return_weights))
-    results = [out] + [weights] * bool(return_weights) + [lse] * bool(return_lse)
-    return out if len(results) == 1 else tuple(results)
+        return (_from_numpy(out), None if lse is None else _from_numpy(lse),
+                None if weights is None else _from_numpy(weights))
+    # Under torch.func transforms, the op through an autograd.Function that they take
+    op = (_attention_op if _is_compiling() or _transform() is None
+          else _AttentionFunction.apply)
+    return op(q, k, v, *args, return_weights)

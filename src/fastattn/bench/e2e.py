@@ -50,8 +50,8 @@ def run(threads: int = 2, rounds: int = 2, prompt: int = PROMPT, new_tokens: int
         print(f"end-to-end benchmark skipped: {e.name} is not installed "
               "(pip install \"fastattn[transformers]\")", file=file)
         return []
-    from . import transformers as fa_transformers
-    from ._cpuinfo import cpu_line
+    from .. import transformers as fa_transformers
+    from .cpuinfo import cpu_line
 
     torch.set_num_threads(threads)
     name = fa_transformers.register()

@@ -1,4 +1,5 @@
-"""The CUDA backend: checks, device transfers and the launch of :mod:`fastattn._cuda_kernel`.
+"""The CUDA backend: checks, device transfers and the launch of
+:mod:`fastattn.backends.cuda_kernel` (``backend="cuda"``, and ``"auto"`` for device arrays).
 
 Importing this module does not import numba: that happens on the first call, so that
 ``import fastattn`` never does and a missing piece gives an error that says how to install it.
@@ -18,8 +19,17 @@ import threading
 
 import numpy as np
 
-from ._cpu import overflow_exponents, scale_up, scaled_down
-from ._validate import Plan, check_dtype, compute_dtypes, is_bfloat16, native, prepare, stand_in
+from .._validate import (
+    Plan,
+    check_dtype,
+    compute_dtypes,
+    is_bfloat16,
+    native,
+    on_device,
+    prepare,
+    stand_in,
+)
+from .cpu import overflow_exponents, scale_up, scaled_down
 
 INSTALL = 'pip install "fastattn[cuda]"'
 
@@ -30,10 +40,10 @@ INSTALL = 'pip install "fastattn[cuda]"'
 UNSUPPORTED: dict = {}
 
 # Plan fields the kernel reads. A field added to Plan later and not listed here is accepted only
-# at its dataclass default (see ``_check_plan``).
+# at its dataclass default (see ``_unsupported``).
 PLAN_FIELDS = set(
     "q k v mask dtype out_dtype batch L S E Ev kv_group causal scale return_weights num_threads "
-    "offset window alibi softcap return_lse kv_lengths similarity storage sinks".split()
+    "offset window alibi softcap return_lse kv_lengths similarity storage sinks device".split()
 )
 # dtypes the kernel reads and writes. bfloat16 (ml_dtypes) NumPy inputs are widened to float32
 # on the host and the result rounded back there; bfloat16 device arrays are not supported.
@@ -41,10 +51,15 @@ _KERNEL_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64)}
 
 # The simulator runs one kernel at a time (it patches the kernel's module while it runs).
 _SIM_LOCK = threading.Lock()
+# (numba.cuda, the kernel module) once _require_cuda has found them usable.
+_READY: tuple | None = None
 
 
 def _require_cuda():
     """(numba.cuda, the kernel module), or an error saying what is missing and how to get it."""
+    global _READY
+    if _READY is not None:
+        return _READY
     if importlib.util.find_spec("numba") is None:
         raise ImportError(
             f"the CUDA backend needs numba and numba-cuda, which are not installed; install "
@@ -71,9 +86,10 @@ def _require_cuda():
         )
     if cuda.config.ENABLE_CUDASIM:
         _lock_simulator_shared_arrays()
-    from . import _cuda_kernel
+    from . import cuda_kernel
 
-    return cuda, _cuda_kernel
+    _READY = (cuda, cuda_kernel)
+    return _READY
 
 
 def _lock_simulator_shared_arrays() -> None:
@@ -130,13 +146,6 @@ def _numpy_dtype(dtype) -> np.dtype:
     return numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else np.dtype(dtype)
 
 
-def on_device(a) -> bool:
-    """Whether ``a`` lives on a GPU: CUDA Array Interface, or a (simulated) Numba device array."""
-    if type(a) is np.ndarray:  # the common call: no attribute lookups
-        return False
-    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
-
-
 def _check_options(options: dict) -> None:
     for name, default in UNSUPPORTED.items():
         value = options.get(name, default)
@@ -146,22 +155,19 @@ def _check_options(options: dict) -> None:
             )
 
 
-def _check_plan(plan: Plan) -> None:
+def _unsupported(plan: Plan) -> str | None:
     """A Plan field the kernel does not know must be at its default, or the answer could be
-    wrong: NotImplementedError naming it."""
+    wrong: the message naming it, or None."""
     if plan.similarity not in ("dot", "cosine"):
-        raise NotImplementedError(
-            f"similarity={plan.similarity!r} is not supported by the CUDA backend yet; "
-            "use backend='cpu'"
-        )
+        return (f"similarity={plan.similarity!r} is not supported by the CUDA backend yet; "
+                "use backend='cpu'")
     for f in dataclasses.fields(plan):
         if f.name in PLAN_FIELDS:
             continue
         value = getattr(plan, f.name)
         if f.default is dataclasses.MISSING or not _equal(value, f.default):
-            raise NotImplementedError(
-                f"{f.name}={value!r} is not supported by the CUDA backend yet; use backend='cpu'"
-            )
+            return f"{f.name}={value!r} is not supported by the CUDA backend yet; use backend='cpu'"
+    return None
 
 
 def _equal(a, b) -> bool:
@@ -273,29 +279,12 @@ def _matrix_strides(op: _Operand, shape):
 # --- the call ---------------------------------------------------------------------------
 
 
-def attention(
-    q,
-    k,
-    v,
-    *,
-    mask=None,
-    causal=False,
-    scale=None,
-    enable_gqa=False,
-    return_weights=False,
-    num_threads=None,
-    **options,
-):
+class CudaBackend:
     """:func:`fastattn.attention` on the GPU; see there. ``num_threads`` is checked and ignored.
 
-    Raises
-    ------
-    ImportError
-        numba or numba-cuda is not installed (the message says how to install them).
-    RuntimeError
-        No usable NVIDIA GPU or driver.
-    NotImplementedError
-        An argument the GPU kernel does not implement (``UNSUPPORTED``), named.
+    ``plan`` raises ImportError when numba or numba-cuda is not installed (the message says how
+    to install them) and RuntimeError without a usable NVIDIA GPU or driver; ``supports`` names
+    an argument the GPU kernel does not implement (``UNSUPPORTED``).
 
     Examples
     --------
@@ -304,54 +293,72 @@ def attention(
     >>> fastattn.attention(q, q, q, backend="cuda").shape  # doctest: +SKIP
     (2, 3, 4)
     """
-    cuda, kernel = _require_cuda()
-    _check_options(options)
-    arrays = {"q": q, "k": k, "v": v, "mask": mask}
-    device = {name: on_device(a) for name, a in arrays.items() if a is not None}
-    options = {name: _to_host(cuda, a) for name, a in options.items()}
-    kwargs = dict(
-        causal=causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-        return_weights=return_weights,
-        num_threads=num_threads,
-        **options,
-    )
-    if not any(device.values()):
-        plan = prepare(q, k, v, mask=mask, **kwargs)
-    else:
-        plan = _prepare_device(arrays, device, kwargs)
-    _check_plan(plan)
 
-    ops = {}
-    for name in ("q", "k", "v", "mask"):
-        if arrays[name] is None:
-            continue
-        if device[name]:
-            ops[name] = _from_device(cuda, arrays[name])
-        else:
-            a = getattr(plan, name)
-            ops[name] = _from_host(
-                cuda,
-                a if a.dtype in _KERNEL_DTYPES or a.dtype == np.bool_ else a.astype(plan.dtype),
-            )
-    results = _run(cuda, kernel, plan, ops)
-    if not any(device.values()):
-        results = [r.copy_to_host() for r in results]
-        out = results[0]
-        # As on the CPU (_cpu.run): an output the accumulator could not hold runs again with v
-        # scaled down by a power of two per column, the output scaled back up.
-        exponents = None if np.isfinite(out).all() else overflow_exponents(plan, plan.v)
-        if exponents is not None:
-            kernel_v = plan.v.dtype if plan.v.dtype in _KERNEL_DTYPES else plan.dtype
-            ops["v"] = _from_host(cuda, scaled_down(plan, plan.v, exponents, kernel_v))
-            results[0] = _run(cuda, kernel, plan, ops)[0].copy_to_host()
-            scale_up(results[0], exponents)
-        # out and weights in the output dtype; lse (last) stays in the compute dtype.
-        n = len(results) - plan.return_lse
-        dtypes = [plan.out_dtype] * n + [plan.dtype] * plan.return_lse
-        results = [r.astype(d, copy=False) for r, d in zip(results, dtypes)]
-    return results[0] if len(results) == 1 else tuple(results)
+    name = "cuda"
+
+    def claims(self, arrays: tuple) -> bool:
+        return any(on_device(a) for a in arrays)
+
+    def plan(self, q, k, v, *, mask=None, **options) -> Plan:
+        """``prepare`` for the GPU: NumPy inputs as on the CPU; device inputs through stand-ins
+        (every check, no copy), named in ``plan.device`` to be read in place."""
+        cuda, _ = _require_cuda()
+        _check_options(options)
+        arrays = {"q": q, "k": k, "v": v, "mask": mask}
+        device = {name: on_device(a) for name, a in arrays.items() if a is not None}
+        options = {name: _to_host(cuda, a) for name, a in options.items()}
+        if not any(device.values()):
+            return prepare(q, k, v, mask=mask, **options)
+        plan = _prepare_device(arrays, device, options)
+        return dataclasses.replace(
+            plan, device={name: arrays[name] for name, on in device.items() if on})
+
+    def supports(self, plan: Plan) -> str | None:
+        return _unsupported(plan)
+
+    def forward(self, plan: Plan) -> tuple:
+        """(out, weights or None, lse or None): NumPy arrays for a plan of NumPy inputs, device
+        arrays where any input lives on the GPU."""
+        cuda, kernel = _require_cuda()
+        device = plan.device or {}
+        ops = {}
+        for name in ("q", "k", "v", "mask"):
+            if name in device:
+                ops[name] = _from_device(cuda, device[name])
+            elif getattr(plan, name) is not None:
+                a = getattr(plan, name)
+                ops[name] = _from_host(
+                    cuda,
+                    a if a.dtype in _KERNEL_DTYPES or a.dtype == np.bool_ else a.astype(plan.dtype),
+                )
+        results = _run(cuda, kernel, plan, ops)
+        if not device:
+            results = _to_numpy(cuda, kernel, plan, ops, results)
+        out, *rest = results
+        weights = rest.pop(0) if plan.return_weights else None
+        return out, weights, (rest[0] if plan.return_lse else None)
+
+    def backward(self, plan, out, lse, dout, dtypes, recompute_lse):
+        raise NotImplementedError("the CUDA backend has a forward kernel, not yet a backward "
+                                  "one; use backend='cpu'")
+
+
+def _to_numpy(cuda, kernel, plan: Plan, ops: dict, results: list) -> list:
+    """The results of a plan of NumPy inputs, copied back to the host: out and weights in the
+    output dtype, lse (last) in the compute dtype."""
+    results = [r.copy_to_host() for r in results]
+    out = results[0]
+    # As on the CPU (backends.cpu.run): an output the accumulator could not hold runs again
+    # with v scaled down by a power of two per column, the output scaled back up.
+    exponents = None if np.isfinite(out).all() else overflow_exponents(plan, plan.v)
+    if exponents is not None:
+        kernel_v = plan.v.dtype if plan.v.dtype in _KERNEL_DTYPES else plan.dtype
+        ops["v"] = _from_host(cuda, scaled_down(plan, plan.v, exponents, kernel_v))
+        results[0] = _run(cuda, kernel, plan, ops)[0].copy_to_host()
+        scale_up(results[0], exponents)
+    n = len(results) - plan.return_lse
+    dtypes = [plan.out_dtype] * n + [plan.dtype] * plan.return_lse
+    return [r.astype(d, copy=False) for r, d in zip(results, dtypes)]
 
 
 def _to_host(cuda, a):
@@ -408,7 +415,7 @@ def _prepare_device(arrays, device, kwargs) -> Plan:
 def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
     """Launches the kernel; [out, weights?, lse?] as flat-backed device arrays, lse in the
     compute dtype (float32 for 16-bit inputs)."""
-    batch, L, S, E, Ev = plan.batch, plan.L, plan.S, plan.E, plan.Ev
+    batch, L, S, Ev = plan.batch, plan.L, plan.S, plan.Ev
     nb = math.prod(batch)
     # What the kernel writes: the caller's dtype, or the compute dtype to be rounded by the host.
     out_dtype = plan.out_dtype if plan.out_dtype in _KERNEL_DTYPES else np.dtype(plan.dtype)
@@ -419,24 +426,73 @@ def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
     if plan.return_lse:
         shapes.append(batch + (L,))
     if nb == 0 or L == 0 or S == 0:  # nothing to launch: empty, or rows with no key
-        fills = [0] + [0] * plan.return_weights + [-np.inf] * plan.return_lse
-        dtypes = [out_dtype] * (1 + plan.return_weights) + [lse_dtype] * plan.return_lse
-        results = [np.full(s, f, d) for s, f, d in zip(shapes, fills, dtypes)]
-        if plan.return_lse and plan.sinks is not None:  # a row with no key: lse is the sink
-            results[-1][...] = plan.sinks[..., None]
-        return [cuda.to_device(r) for r in results]
+        return _no_launch(cuda, plan, shapes, out_dtype, lse_dtype)
 
     tiles = kernel.TILES[np.dtype(plan.dtype)]
-    acc = tiles.dtype.type
     out = cuda.device_array(nb * L * Ev, out_dtype) if Ev else _dummy(cuda, out_dtype)
     w = cuda.device_array(nb * L * S, out_dtype) if plan.return_weights else _dummy(cuda, out_dtype)
     lse = cuda.device_array(nb * L, lse_dtype) if plan.return_lse else _dummy(cuda, lse_dtype)
-
+    table, masks, m_strides, mask_kind = _batch_table(cuda, kernel, plan, ops, tiles.dtype.type)
     q, k, v = ops["q"], ops["k"], ops["v"]
+    simulator = bool(cuda.config.ENABLE_CUDASIM)
+    # One thread per query row; a whole number of warps on a GPU. The simulator runs each
+    # thread as a Python thread, so there it starts no more than there are rows.
+    rows = min(tiles.block_m, L if simulator else 32 * -(-L // 32))
+    grid = -(-L // rows) * nb
+    args = (
+        q.flat, k.flat, v.flat, *masks, out, w, lse,
+        *(cuda.to_device(a) for a in table),
+        L, S, plan.E, Ev,
+        *_matrix_strides(q, plan.q.shape),
+        *_matrix_strides(k, plan.k.shape),
+        *_matrix_strides(v, plan.v.shape),
+        *m_strides,
+        mask_kind,
+        *plan.band_within(kernel.NO_BOUND),
+        plan.offset,
+        tiles.dtype.type(plan.scale),
+        tiles.dtype.type(plan.softcap or 0.0),
+        int(plan.similarity == "cosine"),
+        int(plan.return_weights),
+        int(plan.return_lse),
+    )
+    if simulator:
+        # The simulator's kernel[grid, block] sets the dimensions on the one shared kernel
+        # object and returns it: configured and launched under one lock, or a concurrent call
+        # launches with another call's grid (found by test_concurrent_calls).
+        with _SIM_LOCK:
+            kernel.KERNELS[tiles.dtype][grid, rows](*args)
+    else:
+        kernel.KERNELS[tiles.dtype][grid, rows](*args)
+
+    results = [out.reshape(shapes[0]) if Ev else cuda.device_array(shapes[0], out_dtype)]
+    if plan.return_weights:
+        results.append(w.reshape(shapes[1]))
+    if plan.return_lse:
+        results.append(lse.reshape(shapes[-1]))
+    return results
+
+
+def _no_launch(cuda, plan: Plan, shapes: list, out_dtype, lse_dtype) -> list:
+    """The results of a plan with nothing to compute (an empty batch or no rows: empty arrays;
+    no keys: zero outputs and weights, an lse of -inf, or of the sink where there is one)."""
+    fills = [0] + [0] * plan.return_weights + [-np.inf] * plan.return_lse
+    dtypes = [out_dtype] * (1 + plan.return_weights) + [lse_dtype] * plan.return_lse
+    results = [np.full(s, f, d) for s, f, d in zip(shapes, fills, dtypes)]
+    if plan.return_lse and plan.sinks is not None:  # a row with no key: lse is the sink
+        results[-1][...] = plan.sinks[..., None]
+    return [cuda.to_device(r) for r in results]
+
+
+def _batch_table(cuda, kernel, plan: Plan, ops: dict, acc) -> tuple:
+    """What the kernel reads per batch entry and of the mask: ((offsets table, ALiBi slopes,
+    sink logits), (bool mask, float mask), the mask's matrix strides, the mask kind)."""
+    batch, S = plan.batch, plan.S
+    nb = math.prod(batch)
     table = np.empty((nb, 5), np.int64)
-    table[:, kernel.Q_OFF] = _batch_offsets(q, plan.q.shape, batch)
-    table[:, kernel.K_OFF] = _batch_offsets(k, plan.k.shape, batch, plan.kv_group)
-    table[:, kernel.V_OFF] = _batch_offsets(v, plan.v.shape, batch, plan.kv_group)
+    table[:, kernel.Q_OFF] = _batch_offsets(ops["q"], plan.q.shape, batch)
+    table[:, kernel.K_OFF] = _batch_offsets(ops["k"], plan.k.shape, batch, plan.kv_group)
+    table[:, kernel.V_OFF] = _batch_offsets(ops["v"], plan.v.shape, batch, plan.kv_group)
     table[:, kernel.KV_LEN] = (
         S if plan.kv_lengths is None else np.broadcast_to(plan.kv_lengths, batch).reshape(-1)
     )
@@ -461,55 +517,7 @@ def _run(cuda, kernel, plan: Plan, ops: dict) -> list:
         if plan.sinks is None
         else (np.broadcast_to(plan.sinks, batch).reshape(-1).astype(acc))
     )
-    lo, hi = plan.band_within(kernel.NO_BOUND)
+    return (table, alibi, sinks), (bmask, fmask), m_strides, mask_kind
 
-    simulator = bool(cuda.config.ENABLE_CUDASIM)
-    # One thread per query row; a whole number of warps on a GPU. The simulator runs each
-    # thread as a Python thread, so there it starts no more than there are rows.
-    rows = min(tiles.block_m, L if simulator else 32 * -(-L // 32))
-    grid = -(-L // rows) * nb
-    args = (
-        q.flat,
-        k.flat,
-        v.flat,
-        bmask,
-        fmask,
-        out,
-        w,
-        lse,
-        cuda.to_device(table),
-        cuda.to_device(alibi),
-        cuda.to_device(sinks),
-        L,
-        S,
-        E,
-        Ev,
-        *_matrix_strides(q, plan.q.shape),
-        *_matrix_strides(k, plan.k.shape),
-        *_matrix_strides(v, plan.v.shape),
-        *m_strides,
-        mask_kind,
-        lo,
-        hi,
-        plan.offset,
-        acc(plan.scale),
-        acc(plan.softcap or 0.0),
-        int(plan.similarity == "cosine"),
-        int(plan.return_weights),
-        int(plan.return_lse),
-    )
-    if simulator:
-        # The simulator's kernel[grid, block] sets the dimensions on the one shared kernel
-        # object and returns it: configured and launched under one lock, or a concurrent call
-        # launches with another call's grid (found by test_concurrent_calls).
-        with _SIM_LOCK:
-            kernel.KERNELS[tiles.dtype][grid, rows](*args)
-    else:
-        kernel.KERNELS[tiles.dtype][grid, rows](*args)
 
-    results = [out.reshape(shapes[0]) if Ev else cuda.device_array(shapes[0], out_dtype)]
-    if plan.return_weights:
-        results.append(w.reshape(shapes[1]))
-    if plan.return_lse:
-        results.append(lse.reshape(shapes[-1]))
-    return results
+BACKEND = CudaBackend()

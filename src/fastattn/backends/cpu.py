@@ -1,4 +1,5 @@
-"""The CPU backend: runs a :class:`~fastattn._validate.Plan` on the compiled C++ kernel."""
+"""The CPU backend: runs a :class:`~fastattn._validate.Plan` on the compiled C++ kernel
+(``backend="cpu"``, and ``"auto"`` for arrays on the host)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
-from ._gradients import sinks_gradient, sum_to
-from ._validate import Plan, is_bfloat16
+from .. import _core
+from .._gradients import sinks_gradient, sum_to
+from .._validate import Plan, is_bfloat16, on_device, prepare
 
 # 16-bit storage codes of the compiled kernel (fastattn::Storage).
 _STORAGE = {"float16": 1, "bfloat16": 2}
@@ -287,3 +288,31 @@ def _bfloat16_backward(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray, 
     if status == _core.WIDEN:
         return None
     return [g.view(q.dtype) for g in grads] if direct else grads
+
+
+class CpuBackend:
+    """The compiled C++ kernel on NumPy arrays: every option, forward and backward."""
+
+    name = "cpu"
+
+    def claims(self, arrays: tuple) -> bool:
+        return not any(on_device(a) for a in arrays)
+
+    def plan(self, q, k, v, **options) -> Plan:
+        return prepare(q, k, v, **options)
+
+    def supports(self, plan: Plan) -> str | None:
+        if plan.device:
+            return ("the CPU backend takes NumPy arrays; device arrays run on backend='cuda' "
+                    "(or 'auto')")
+        return None
+
+    def forward(self, plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        return run(plan)
+
+    def backward(self, plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
+                 dtypes: tuple[np.dtype, ...], recompute_lse: bool) -> tuple[np.ndarray, ...]:
+        return run_backward(plan, out, lse, dout, dtypes, recompute_lse)
+
+
+BACKEND = CpuBackend()

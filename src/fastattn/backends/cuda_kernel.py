@@ -1,6 +1,6 @@
 """The Numba CUDA kernels: FlashAttention-2 forward, and the attention weights when asked for.
 
-Imported only by :mod:`fastattn._cuda`, after it has checked that numba-cuda is installed.
+Imported only by :mod:`fastattn.backends.cuda`, after it has checked that numba-cuda is installed.
 
 Layout (FlashAttention-2, as Triton's fused-attention tutorial): one thread block per
 (query tile, batch entry), one thread per query row. The block walks the key tiles its rows can

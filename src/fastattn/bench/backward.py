@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ._api import attention, attention_backward
-from ._bench import aligned, best_of, blas_threads, calibrate, machine_info, machine_line
+from .._api import attention, attention_backward
+from .machine import machine_info, machine_line
+from .timing import aligned, best_of, blas_threads, calibrate
 
 
 @dataclass(frozen=True)

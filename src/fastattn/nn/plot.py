@@ -80,14 +80,7 @@ def plot_attention(weights, query_tokens, key_tokens=None, ax=None, *, title=Non
     >>> ax.figure.savefig("attention.png")  # doctest: +SKIP
     """
     _matplotlib()
-    w = np.asarray(weights)
-    if w.dtype.kind not in "fiub" and not (w.dtype.kind == "V" and w.dtype.name == "bfloat16"):
-        raise TypeError(f"weights have dtype {w.dtype}; they must be real numbers")
-    if w.ndim != 2:
-        raise ValueError(
-            f"weights must be 2-D (queries, keys), one head's weights; got shape {tuple(w.shape)}"
-        )
-    w = w.astype(np.float64)  # bfloat16/float16 are not colour-mapped by matplotlib
+    w = _checked_weights(weights)
     L, S = w.shape
     rows = _labels("query_tokens", query_tokens, L, "rows", w.shape)
     cols = rows if key_tokens is None else _labels("key_tokens", key_tokens, S, "columns", w.shape)
@@ -115,11 +108,28 @@ def plot_attention(weights, query_tokens, key_tokens=None, ax=None, *, title=Non
     if annotate is None:
         annotate = L <= _ANNOTATE_UP_TO and S <= _ANNOTATE_UP_TO
     if annotate:
-        norm = image.norm
-        for i in range(L):
-            for j in range(S):
-                # Light text on the dark (low) end of viridis, dark text on the bright end.
-                dark = not np.isfinite(w[i, j]) or norm(w[i, j]) < 0.6
-                ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=9,
-                        color="white" if dark else "black")
+        _annotate(ax, image.norm, w)
     return ax
+
+
+def _checked_weights(weights) -> np.ndarray:
+    """One head's weights as a float64 matrix; TypeError or ValueError naming what is wrong."""
+    w = np.asarray(weights)
+    if w.dtype.kind not in "fiub" and not (w.dtype.kind == "V" and w.dtype.name == "bfloat16"):
+        raise TypeError(f"weights have dtype {w.dtype}; they must be real numbers")
+    if w.ndim != 2:
+        raise ValueError(
+            f"weights must be 2-D (queries, keys), one head's weights; got shape {tuple(w.shape)}"
+        )
+    return w.astype(np.float64)  # bfloat16/float16 are not colour-mapped by matplotlib
+
+
+def _annotate(ax, norm, w: np.ndarray) -> None:
+    """Writes each weight into its cell."""
+    L, S = w.shape
+    for i in range(L):
+        for j in range(S):
+            # Light text on the dark (low) end of viridis, dark text on the bright end.
+            dark = not np.isfinite(w[i, j]) or norm(w[i, j]) < 0.6
+            ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")

@@ -7,8 +7,8 @@ import numbers
 
 import numpy as np
 
-from ._layers import multi_head_attention
-from ._validate import is_bfloat16
+from .._validate import is_bfloat16
+from .layers import multi_head_attention
 
 
 def _glorot_uniform(rng: np.random.Generator, fan_in: int, fan_out: int, dtype) -> np.ndarray:

@@ -1,0 +1,159 @@
+"""The package's layout rules, read from the source with ``ast`` (nothing is imported):
+
+* no function longer than ``MAX_LINES`` lines, from its ``def`` to the end of its body,
+  docstring included;
+* no private name (``_x``, not a dunder and not a module of the package) imported from another
+  module;
+* ``backends/`` imports neither ``nn/`` nor ``bench/`` nor the integrations built on top of the
+  core (``dask``, ``torch``, ``transformers``), and ``nn/`` does not import ``bench/``;
+* no circle among the package's modules, counting the imports made inside functions too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "fastattn"
+MAX_LINES = 80
+# The one exception: the Numba CUDA kernel, one @cuda.jit function (and the factory that closes
+# it over a dtype's tile sizes). Split into @cuda.jit(device=True) helpers it would need to stay
+# free of float64 arithmetic in its float32 PTX, which only tests/cuda_ptx_check.py can show
+# and which needs the CUDA toolkit; until that check has run on a split version it stays whole.
+LONG_ALLOWED = {("backends/cuda_kernel.py", "_make_kernel"), ("backends/cuda_kernel.py", "flash")}
+
+pytestmark = pytest.mark.skipif(not SRC.is_dir(), reason="needs the source tree (src/fastattn)")
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every Python module of the package."""
+    out = {}
+    for path in sorted(SRC.rglob("*.py")):
+        parts = ("fastattn",) + path.relative_to(SRC).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+# Compiled modules (their stubs): importable names that are modules, though not .py files.
+COMPILED = {"fastattn." + p.stem for p in SRC.rglob("*.pyi")}
+
+
+def _is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def _imports(name: str) -> list[tuple[str, str | None, int]]:
+    """(module imported from, name imported or None, line) of every import in a module, those
+    inside functions included; relative imports resolved."""
+    tree = ast.parse(MODULES[name].read_text())
+    package = name if _is_package(name) else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            found += [(base, alias.name, node.lineno) for alias in node.names]
+    return found
+
+
+def _targets(name: str) -> set[str]:
+    """The package's modules a module imports (a name that is a submodule counts as it)."""
+    out = set()
+    for base, imported, _ in _imports(name):
+        sub = f"{base}.{imported}" if imported else None
+        if sub in MODULES:
+            out.add(sub)
+        elif sub in COMPILED:  # a compiled module imports none of the package's
+            continue
+        elif base in MODULES:
+            out.add(base)
+    out.discard(name)
+    return out
+
+
+def test_no_function_is_too_long():
+    long = []
+    for path in MODULES.values():
+        rel = path.relative_to(SRC).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_LINES and (rel, node.name) not in LONG_ALLOWED:
+                    long.append(f"{rel}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, f"functions over {MAX_LINES} lines:\n" + "\n".join(long)
+
+
+def test_no_private_name_is_imported_across_modules():
+    found = []
+    for name in MODULES:
+        for base, imported, line in _imports(name):
+            if not base.startswith("fastattn") or imported is None:
+                continue
+            private = imported.startswith("_") and not imported.startswith("__")
+            module = f"{base}.{imported}"
+            if private and module not in MODULES and module not in COMPILED:
+                found.append(f"{name}:{line} imports {imported} from {base}")
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("importer,forbidden", [
+    ("fastattn.backends", ("fastattn.nn", "fastattn.bench", "fastattn.dask", "fastattn.torch",
+                           "fastattn.transformers", "fastattn.__main__")),
+    ("fastattn.nn", ("fastattn.bench", "fastattn.backends", "fastattn.__main__")),
+    ("fastattn._", ("fastattn.nn", "fastattn.bench", "fastattn.__main__")),  # core modules
+])
+def test_no_upward_import(importer, forbidden):
+    found = []
+    for name in MODULES:
+        if not name.startswith(importer) or name == "fastattn.__main__":
+            continue
+        for target in _targets(name):
+            if any(target == f or target.startswith(f + ".") for f in forbidden):
+                found.append(f"{name} imports {target}")
+    assert not found, "\n".join(found)
+
+
+def test_no_import_circle():
+    graph = {name: _targets(name) for name in MODULES}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                circle = visit(nxt)
+                if circle:
+                    return circle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            circle = visit(start)
+            assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+def test_the_layout():
+    # What the README's "Layout" section describes.
+    for name in ("fastattn.backends", "fastattn.backends.cpu", "fastattn.backends.cuda",
+                 "fastattn.backends.cuda_kernel", "fastattn.backends.reference", "fastattn.nn",
+                 "fastattn.bench", "fastattn.bench.peers", "fastattn.bench.cli"):
+        assert name in MODULES, name
+    # every module says what it is
+    for name, path in MODULES.items():
+        assert ast.get_docstring(ast.parse(path.read_text())), f"{name} has no docstring"
