@@ -12,128 +12,124 @@ from ._validate import Plan, is_half, prepare_backward
 _PLAIN_BACKENDS = ("auto", "cpu")
 
 
-ATTENTION_DOC = """\
-Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, by a fused C++ kernel.
-
-The semantics are those of PyTorch's ``scaled_dot_product_attention``. The kernel never
-builds the ``L x S`` score matrix (unless ``return_weights`` asks for it), releases the GIL
-while it runs, and never modifies its inputs.
-
-Parameters
-----------
-q : array_like, shape (..., L, E)
-    Queries. Leading axes are batch axes and broadcast (NumPy rules) against k's and v's.
-k : array_like, shape (..., S, E)
-    Keys.
-v : array_like, shape (..., S, Ev)
-    Values.
-mask : array_like of bool or float, optional
-    Broadcastable to ``(..., L, S)``. Bool: True means the key takes part. Float: added to the
-    scaled scores. A broadcast mask is read by strides, never expanded.
-causal : bool, default False
-    Query ``i`` attends to keys ``j <= i`` (top-left aligned, as PyTorch's ``is_causal``;
-    see ``align``). Combines with ``mask`` and ``window``.
-scale : float, optional
-    Multiplies ``q kᵀ``; defaults to ``1 / sqrt(E)``.
-enable_gqa : bool, default False
-    Grouped-query attention: k and v may have ``Hkv`` heads on axis -3 where q has ``Hq``,
-    ``Hq % Hkv == 0``; query head ``h`` reads kv head ``h // (Hq // Hkv)``, without copies.
-return_weights : bool, default False
-    Also return the attention weights, shape ``(..., L, S)``, rows summing to 1.
-num_threads : int, optional
-    Threads for this call. None uses all cores, within ``OMP_NUM_THREADS`` and threadpoolctl's
-    limits. Never more than the cores this process may run on (its CPU affinity): a larger
-    number runs one thread per core.
-align : {"top_left", "bottom_right"}, default "top_left"
-    Where query ``i``'s diagonal sits when ``L != S``: key ``i`` (top-left, PyTorch) or key
-    ``i + S - L`` (bottom-right, FlashAttention: the last query sees the last key, as a
-    KV-cache decode step needs). Applies to ``causal``, ``window`` and ``alibi_slopes``.
-window : (int or None, int or None), optional
-    Sliding window ``(left, right)``: query ``i`` sees key ``j`` only when
-    ``d - left <= j <= d + right``, ``d`` its aligned diagonal; None leaves a side unbounded.
-    Key blocks outside the band are never computed.
-alibi_slopes : array_like, shape (H,) or (B, H), optional
-    ALiBi: adds ``-slope * |d - j|`` to the scores (``d`` the aligned diagonal). Broadcasts
-    against the batch axes like any batch operand ((H,) is per head, axis -3).
-softcap : float, optional
-    Scores become ``softcap * tanh(scores / softcap)`` after scaling, before masks and ALiBi.
-return_lse : bool, default False
-    Also return the natural log-sum-exp of each row's final scores, shape ``(..., L)``,
-    ``-inf`` for a row with no key (used to merge partial attentions exactly), in the
-    compute dtype: float32 for float16 and bfloat16 inputs.
-kv_lengths : array_like of int, optional
-    Key padding without a mask: in batch entry ``b`` only the first ``kv_lengths[b]`` keys
-    take part. Its axes are the leading batch axes (shape ``(B,)`` for ``(B, H, L, E)``
-    inputs), size-1 axes broadcast; values must lie in ``[0, S]``.
-similarity : {"dot", "cosine"}, default "dot"
-    ``"cosine"`` scales query and key rows to unit length before the product (cosine
-    similarity, as in the seed documents); ``scale`` still applies. A zero row stays zero.
-sinks : array_like, shape (H,) or (B, H), optional
-    Attention sinks (gpt-oss): one logit per head that joins the softmax's denominator and
-    nothing else, ``weights_j = exp(s_j) / (exp(sink) + sum_i exp(s_i))``, so a row may
-    attend to "nothing". Broadcasts like ``alibi_slopes``; the lse includes it.
-backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
-    ``"auto"`` runs NumPy inputs on the CPU and inputs that live on a GPU (anything with
-    ``__cuda_array_interface__``) on the GPU, returning device arrays for them. ``"cuda"`` on
-    NumPy inputs copies them to the GPU and returns NumPy arrays. The GPU needs the ``cuda``
-    extra (``pip install "fastattn[cuda]"``). ``"reference"`` computes the textbook formula
-    in float64 with NumPy (:mod:`fastattn.reference`: slow, for checking), returning the
-    same dtypes. The backends are those of :mod:`fastattn.backends`.
-
-Returns
--------
-out : ndarray, shape (..., L, Ev)
-    float32 or float64 as the inputs promote (``np.result_type``); integer and bool inputs
-    compute in float64; float16 computes in float32 and is returned as float16.
-weights : ndarray, shape (..., L, S)
-    Only with ``return_weights=True``.
-lse : ndarray, shape (..., L)
-    Only with ``return_lse=True``. Outputs come as ``(out, weights?, lse?)`` in that order.
-    In the compute dtype, not the output's: float32 for float16 and bfloat16 inputs (as
-    FlashAttention's ``softmax_lse``), since a 16-bit lse is too coarse to rebuild the
-    weights from or to merge partial results exactly (bfloat16 rounds an lse of 8 by up to
-    0.016, every weight of the row by 1.6%); float32 and float64 as ``out``.
-
-Raises
-------
-ValueError
-    Shapes that do not fit (the message names them), a bad ``num_threads``, ``align``,
-    ``window``, ``softcap`` or ``kv_lengths`` value.
-TypeError
-    Complex, object or string inputs, a mask that is neither bool nor float.
-
-Notes
------
-A query row with no key left (all masked, or ``S == 0``) gives zeros, not NaN, as long as
-``v`` is finite: the output is ``weights @ v``, and ``0 * NaN`` is NaN here as in the reference.
-
-A call made on Python's main thread runs the pending signal handlers about every 20 ms while
-the kernel works: Ctrl-C raises ``KeyboardInterrupt`` out of a long call within that time.
-
-Arrays in non-native byte order (``">f4"`` on a little-endian machine, byte-swapped
-bfloat16) are read as the values they hold, through a native-order copy; results come in
-the native-order dtype, equal bit for bit to those of the same values in native order.
-(Device arrays in non-native order are a TypeError.)
-
-Examples
---------
->>> import numpy as np
->>> import fastattn
->>> rng = np.random.default_rng(0)
->>> q, k, v = (rng.standard_normal((2, 4, 16, 8), dtype=np.float32) for _ in range(3))
->>> out = fastattn.attention(q, k, v, causal=True)
->>> out.shape, out.dtype
-((2, 4, 16, 8), dtype('float32'))
->>> bool(np.allclose(out, fastattn.reference.attention(q, k, v, causal=True), atol=1e-5))
-True
-"""
-
-
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
               return_weights=False, num_threads=None, align="top_left", window=None,
               alibi_slopes=None, softcap=None, return_lse=False, kv_lengths=None,
               similarity="dot", sinks=None, backend="auto"):
-    # The docstring is ATTENTION_DOC, set below: the function's own lines stay few.
+    """Scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, by a fused C++ kernel.
+
+    The semantics are those of PyTorch's ``scaled_dot_product_attention``. The kernel never
+    builds the ``L x S`` score matrix (unless ``return_weights`` asks for it), releases the GIL
+    while it runs, and never modifies its inputs.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., L, E)
+        Queries. Leading axes are batch axes and broadcast (NumPy rules) against k's and v's.
+    k : array_like, shape (..., S, E)
+        Keys.
+    v : array_like, shape (..., S, Ev)
+        Values.
+    mask : array_like of bool or float, optional
+        Broadcastable to ``(..., L, S)``. Bool: True means the key takes part. Float: added to the
+        scaled scores. A broadcast mask is read by strides, never expanded.
+    causal : bool, default False
+        Query ``i`` attends to keys ``j <= i`` (top-left aligned, as PyTorch's ``is_causal``;
+        see ``align``). Combines with ``mask`` and ``window``.
+    scale : float, optional
+        Multiplies ``q kᵀ``; defaults to ``1 / sqrt(E)``.
+    enable_gqa : bool, default False
+        Grouped-query attention: k and v may have ``Hkv`` heads on axis -3 where q has ``Hq``,
+        ``Hq % Hkv == 0``; query head ``h`` reads kv head ``h // (Hq // Hkv)``, without copies.
+    return_weights : bool, default False
+        Also return the attention weights, shape ``(..., L, S)``, rows summing to 1.
+    num_threads : int, optional
+        Threads for this call. None uses all cores, within ``OMP_NUM_THREADS`` and threadpoolctl's
+        limits. Never more than the cores this process may run on (its CPU affinity): a larger
+        number runs one thread per core.
+    align : {"top_left", "bottom_right"}, default "top_left"
+        Where query ``i``'s diagonal sits when ``L != S``: key ``i`` (top-left, PyTorch) or key
+        ``i + S - L`` (bottom-right, FlashAttention: the last query sees the last key, as a
+        KV-cache decode step needs). Applies to ``causal``, ``window`` and ``alibi_slopes``.
+    window : (int or None, int or None), optional
+        Sliding window ``(left, right)``: query ``i`` sees key ``j`` only when
+        ``d - left <= j <= d + right``, ``d`` its aligned diagonal; None leaves a side unbounded.
+        Key blocks outside the band are never computed.
+    alibi_slopes : array_like, shape (H,) or (B, H), optional
+        ALiBi: adds ``-slope * |d - j|`` to the scores (``d`` the aligned diagonal). Broadcasts
+        against the batch axes like any batch operand ((H,) is per head, axis -3).
+    softcap : float, optional
+        Scores become ``softcap * tanh(scores / softcap)`` after scaling, before masks and ALiBi.
+    return_lse : bool, default False
+        Also return the natural log-sum-exp of each row's final scores, shape ``(..., L)``,
+        ``-inf`` for a row with no key (used to merge partial attentions exactly), in the
+        compute dtype: float32 for float16 and bfloat16 inputs.
+    kv_lengths : array_like of int, optional
+        Key padding without a mask: in batch entry ``b`` only the first ``kv_lengths[b]`` keys
+        take part. Its axes are the leading batch axes (shape ``(B,)`` for ``(B, H, L, E)``
+        inputs), size-1 axes broadcast; values must lie in ``[0, S]``.
+    similarity : {"dot", "cosine"}, default "dot"
+        ``"cosine"`` scales query and key rows to unit length before the product (cosine
+        similarity, as in the seed documents); ``scale`` still applies. A zero row stays zero.
+    sinks : array_like, shape (H,) or (B, H), optional
+        Attention sinks (gpt-oss): one logit per head that joins the softmax's denominator and
+        nothing else, ``weights_j = exp(s_j) / (exp(sink) + sum_i exp(s_i))``, so a row may
+        attend to "nothing". Broadcasts like ``alibi_slopes``; the lse includes it.
+    backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
+        ``"auto"`` runs NumPy inputs on the CPU and inputs that live on a GPU (anything with
+        ``__cuda_array_interface__``) on the GPU, returning device arrays for them. ``"cuda"`` on
+        NumPy inputs copies them to the GPU and returns NumPy arrays. The GPU needs the ``cuda``
+        extra (``pip install "fastattn[cuda]"``). ``"reference"`` computes the textbook formula
+        in float64 with NumPy (:mod:`fastattn.reference`: slow, for checking), returning the
+        same dtypes. The backends are those of :mod:`fastattn.backends`.
+
+    Returns
+    -------
+    out : ndarray, shape (..., L, Ev)
+        float32 or float64 as the inputs promote (``np.result_type``); integer and bool inputs
+        compute in float64; float16 computes in float32 and is returned as float16.
+    weights : ndarray, shape (..., L, S)
+        Only with ``return_weights=True``.
+    lse : ndarray, shape (..., L)
+        Only with ``return_lse=True``. Outputs come as ``(out, weights?, lse?)`` in that order.
+        In the compute dtype, not the output's: float32 for float16 and bfloat16 inputs (as
+        FlashAttention's ``softmax_lse``), since a 16-bit lse is too coarse to rebuild the
+        weights from or to merge partial results exactly (bfloat16 rounds an lse of 8 by up to
+        0.016, every weight of the row by 1.6%); float32 and float64 as ``out``.
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not fit (the message names them), a bad ``num_threads``, ``align``,
+        ``window``, ``softcap`` or ``kv_lengths`` value.
+    TypeError
+        Complex, object or string inputs, a mask that is neither bool nor float.
+
+    Notes
+    -----
+    A query row with no key left (all masked, or ``S == 0``) gives zeros, not NaN, as long as
+    ``v`` is finite: the output is ``weights @ v``, and ``0 * NaN`` is NaN here as in the reference.
+
+    A call made on Python's main thread runs the pending signal handlers about every 20 ms while
+    the kernel works: Ctrl-C raises ``KeyboardInterrupt`` out of a long call within that time.
+
+    Arrays in non-native byte order (``">f4"`` on a little-endian machine, byte-swapped
+    bfloat16) are read as the values they hold, through a native-order copy; results come in
+    the native-order dtype, equal bit for bit to those of the same values in native order.
+    (Device arrays in non-native order are a TypeError.)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 4, 16, 8), dtype=np.float32) for _ in range(3))
+    >>> out = fastattn.attention(q, k, v, causal=True)
+    >>> out.shape, out.dtype
+    ((2, 4, 16, 8), dtype('float32'))
+    >>> bool(np.allclose(out, fastattn.reference.attention(q, k, v, causal=True), atol=1e-5))
+    True
+    """
     # The common call (no option but causal, scale and num_threads; NumPy arrays of one native
     # dtype and batch shape) is checked and run at C level; anything else, including every
     # call that needs an error message, takes the general path below.
@@ -151,9 +147,6 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
                      return_lse=return_lse, kv_lengths=kv_lengths, similarity=similarity,
                      sinks=sinks)
     return results(plan, backends.run(impl, plan))
-
-
-attention.__doc__ = ATTENTION_DOC
 
 
 def results(plan: Plan, outputs: tuple):

@@ -39,86 +39,82 @@ from ._validate import (
 __all__ = ["attention"]
 
 
-ATTENTION_DOC = """\
-:func:`fastattn.attention` over Dask arrays, lazily, with the kernel run on each chunk.
-
-Takes the arguments of :func:`fastattn.attention`, with the same meaning, and returns Dask
-arrays; nothing is computed until the result is (``.compute()``, ``dask.compute``, or on a
-``dask.distributed`` cluster once a ``Client`` is open). Chunks of the batch and head axes map
-one to one to chunks of the output; query chunks are independent; each key/value chunk gives a
-partial result that is merged exactly with the others by a tree of
-:func:`fastattn.merge_attention` tasks. Masks, causal (either alignment), windows, ALiBi,
-``kv_lengths``, GQA and ``return_weights`` all work across chunks.
-
-Parameters
-----------
-q, k, v : dask.array.Array or array_like
-    As for :func:`fastattn.attention`, any chunking; NumPy inputs are wrapped with
-    ``dask.array.asarray``. Chunk sizes must be known. The feature axes (E, Ev) are brought
-    to one chunk; v's key axis and k's and v's batch axes are rechunked to match k's keys and
-    q's batch chunks. Under GQA a q head chunk that straddles a group of ``Hq // Hkv`` heads
-    without being aligned to it is split there, so that each chunk reads one block of kv heads.
-mask : dask.array.Array or array_like, optional
-    Broadcastable to ``(..., L, S)``, as for :func:`fastattn.attention`; its axes are
-    chunked along with the scores' (size-1 axes stay broadcast).
-alibi_slopes, kv_lengths, sinks : array_like, optional
-    Small per-batch arrays, taken as NumPy (a Dask array is computed) and sliced per block.
-    The partial results never see ``sinks``: the sink joins each row's merged result once.
-split_every : int, default 8
-    Fan-in of the merge tree: how many partial results one merge task combines.
-causal, scale, enable_gqa, return_weights, num_threads, align, window, softcap, return_lse, \
-similarity
-    As for :func:`fastattn.attention`. ``num_threads`` is per task: None lets each task use
-    what its process allows. ``dask.distributed`` workers set ``OMP_NUM_THREADS=1``, which
-    the kernel respects, so one worker thread runs one kernel thread; under dask's local
-    threaded scheduler pass ``num_threads=1``, or each of its threads runs a kernel on every
-    core.
-backend : {"auto", "cpu"}, default "auto"
-    Chunks run on the CPU kernel; GPU chunks are not supported (NotImplementedError).
-
-Returns
--------
-out : dask.array.Array, shape (..., L, Ev)
-    Chunked as q along the query axis and the batch axes (as k or v where q broadcasts; under
-    GQA head chunks maybe split, see above).
-weights : dask.array.Array, shape (..., L, S)
-    Only with ``return_weights=True``, chunked as the scores; blocks outside the band are
-    zeros made without running the kernel.
-lse : dask.array.Array, shape (..., L)
-    Only with ``return_lse=True``. Outputs come as ``(out, weights?, lse?)``. In the compute
-    dtype, as :func:`fastattn.attention` returns it: float32 for float16 and bfloat16
-    inputs (the partial results are merged in it and never rounded to 16 bits).
-
-Raises
-------
-ValueError, TypeError
-    As :func:`fastattn.attention` (checked at once, from shapes and dtypes alone), and a
-    ValueError for unknown chunk sizes or a bad ``split_every``.
-NotImplementedError
-    ``backend="cuda"``, or dask's experimental array query planning turned on
-    (``array.query-planning: True``; the graph is built with ``HighLevelGraph``).
-
-Examples
---------
->>> import dask.array as da
->>> import numpy as np
->>> import fastattn, fastattn.dask
->>> rng = np.random.default_rng(0)
->>> q, k, v = (rng.standard_normal((2, 4, 64, 16)) for _ in range(3))
->>> dq, dk, dv = (da.from_array(x, chunks=(1, 2, 32, 16)) for x in (q, k, v))
->>> out = fastattn.dask.attention(dq, dk, dv, causal=True)
->>> out.chunks[:3]
-((1, 1), (2, 2), (32, 32))
->>> bool(np.allclose(out.compute(), fastattn.attention(q, k, v, causal=True)))
-True
-"""
-
-
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
               return_weights=False, num_threads=None, align="top_left", window=None,
               alibi_slopes=None, softcap=None, return_lse=False, kv_lengths=None,
               similarity="dot", sinks=None, backend="auto", split_every=8):
-    # The docstring is ATTENTION_DOC, set below: the function's own lines stay few.
+    """:func:`fastattn.attention` over Dask arrays, lazily, with the kernel run on each chunk.
+
+    Takes the arguments of :func:`fastattn.attention`, with the same meaning, and returns Dask
+    arrays; nothing is computed until the result is (``.compute()``, ``dask.compute``, or on a
+    ``dask.distributed`` cluster once a ``Client`` is open). Chunks of the batch and head axes map
+    one to one to chunks of the output; query chunks are independent; each key/value chunk gives a
+    partial result that is merged exactly with the others by a tree of
+    :func:`fastattn.merge_attention` tasks. Masks, causal (either alignment), windows, ALiBi,
+    ``kv_lengths``, GQA and ``return_weights`` all work across chunks.
+
+    Parameters
+    ----------
+    q, k, v : dask.array.Array or array_like
+        As for :func:`fastattn.attention`, any chunking; NumPy inputs are wrapped with
+        ``dask.array.asarray``. Chunk sizes must be known. The feature axes (E, Ev) are brought
+        to one chunk; v's key axis and k's and v's batch axes are rechunked to match k's keys and
+        q's batch chunks. Under GQA a q head chunk that straddles a group of ``Hq // Hkv`` heads
+        without being aligned to it is split there, so that each chunk reads one block of kv heads.
+    mask : dask.array.Array or array_like, optional
+        Broadcastable to ``(..., L, S)``, as for :func:`fastattn.attention`; its axes are
+        chunked along with the scores' (size-1 axes stay broadcast).
+    alibi_slopes, kv_lengths, sinks : array_like, optional
+        Small per-batch arrays, taken as NumPy (a Dask array is computed) and sliced per block.
+        The partial results never see ``sinks``: the sink joins each row's merged result once.
+    split_every : int, default 8
+        Fan-in of the merge tree: how many partial results one merge task combines.
+    causal, scale, enable_gqa, return_weights, num_threads, align, window, softcap, return_lse, \
+    similarity
+        As for :func:`fastattn.attention`. ``num_threads`` is per task: None lets each task use
+        what its process allows. ``dask.distributed`` workers set ``OMP_NUM_THREADS=1``, which
+        the kernel respects, so one worker thread runs one kernel thread; under dask's local
+        threaded scheduler pass ``num_threads=1``, or each of its threads runs a kernel on every
+        core.
+    backend : {"auto", "cpu"}, default "auto"
+        Chunks run on the CPU kernel; GPU chunks are not supported (NotImplementedError).
+
+    Returns
+    -------
+    out : dask.array.Array, shape (..., L, Ev)
+        Chunked as q along the query axis and the batch axes (as k or v where q broadcasts; under
+        GQA head chunks maybe split, see above).
+    weights : dask.array.Array, shape (..., L, S)
+        Only with ``return_weights=True``, chunked as the scores; blocks outside the band are
+        zeros made without running the kernel.
+    lse : dask.array.Array, shape (..., L)
+        Only with ``return_lse=True``. Outputs come as ``(out, weights?, lse?)``. In the compute
+        dtype, as :func:`fastattn.attention` returns it: float32 for float16 and bfloat16
+        inputs (the partial results are merged in it and never rounded to 16 bits).
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`fastattn.attention` (checked at once, from shapes and dtypes alone), and a
+        ValueError for unknown chunk sizes or a bad ``split_every``.
+    NotImplementedError
+        ``backend="cuda"``, or dask's experimental array query planning turned on
+        (``array.query-planning: True``; the graph is built with ``HighLevelGraph``).
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> import fastattn, fastattn.dask
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 4, 64, 16)) for _ in range(3))
+    >>> dq, dk, dv = (da.from_array(x, chunks=(1, 2, 32, 16)) for x in (q, k, v))
+    >>> out = fastattn.dask.attention(dq, dk, dv, causal=True)
+    >>> out.chunks[:3]
+    ((1, 1), (2, 2), (32, 32))
+    >>> bool(np.allclose(out.compute(), fastattn.attention(q, k, v, causal=True)))
+    True
+    """
     if backend == "cuda":
         raise NotImplementedError("fastattn.dask runs its chunks on the CPU kernel; backend='cuda'"
                                   " is not supported over Dask arrays")
@@ -149,9 +145,6 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
                      return_weights=plan.return_weights, num_threads=num_threads,
                      window=window, softcap=softcap, similarity=similarity)
     return _build(blocks, plan, dtype, out_dtype, task_opts, split_every, return_lse, name)
-
-
-attention.__doc__ = ATTENTION_DOC
 
 
 def _check(q, k, v, mask, opts) -> tuple[Plan, np.dtype, np.dtype]:

@@ -173,84 +173,80 @@ def _merge_heads(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[:-2] + (a.shape[-2] * a.shape[-1],))
 
 
-MULTI_HEAD_ATTENTION_DOC = """\
-Multi-head attention: project, split into heads, attend, concatenate the heads, project out.
-
-Query head ``h`` reads columns ``h * d_head : (h + 1) * d_head`` of ``x @ w_q``; key/value head
-``g`` the same columns of ``context @ w_k`` and ``context @ w_v``. With ``num_kv_heads`` smaller
-than ``num_heads`` (grouped-query attention) query head ``h`` reads key/value head
-``h // (num_heads // num_kv_heads)``, without repeating them. The heads' outputs are
-concatenated in head order and multiplied by ``w_o``.
-
-Parameters
-----------
-x : array_like, shape (..., L, d_model)
-    The sequence whose tokens ask (the queries). Leading axes are batch axes.
-w_q : array_like, shape (d_model, num_heads * d_head)
-    Query weights, used as ``x @ w_q``.
-w_k : array_like, shape (d_context, num_kv_heads * d_head)
-    Key weights, used as ``context @ w_k``.
-w_v : array_like, shape (d_context, num_kv_heads * d_v)
-    Value weights; ``d_v`` (per head) may differ from ``d_head``.
-w_o : array_like, shape (num_heads * d_v, d_out)
-    Output projection of the concatenated heads.
-num_heads : int
-    Number of query heads; must divide ``w_q``'s columns.
-context : array_like, shape (..., S, d_context), optional
-    The sequence that supplies keys and values (cross attention, e.g. a decoder attending to
-    an encoder's output). Defaults to ``x`` (self-attention). Its batch axes broadcast
-    against ``x``'s.
-num_kv_heads : int, optional
-    Number of key/value heads (grouped-query attention); must divide ``num_heads``. Defaults
-    to ``num_heads``.
-b_q, b_k, b_v, b_o : array_like, optional
-    Biases of the four projections, one entry per column of the matching weight.
-**attention_kwargs
-    Passed to :func:`fastattn.attention`, which sees ``q`` of shape
-    ``(..., num_heads, L, d_head)`` and ``k``, ``v`` of ``(..., num_kv_heads, S, d)``: a mask
-    broadcasts against ``(..., num_heads, L, S)`` (a key padding mask of shape ``(B, S)``
-    becomes ``mask[:, None, None, :]``). The default scale is ``1 / sqrt(d_head)``.
-    ``enable_gqa`` is set from ``num_kv_heads`` and may not be passed.
-
-Returns
--------
-out : ndarray, shape (..., L, d_out)
-    With ``return_weights=True`` (or other arguments that make :func:`fastattn.attention`
-    return a tuple), a tuple whose first item is ``out`` and whose other items are the
-    attention's, per head: e.g. ``(out, weights)`` with ``weights`` of shape
-    ``(..., num_heads, L, S)`` (not averaged over heads).
-
-Raises
-------
-ValueError
-    Shapes that do not fit (the message names them), head counts that do not divide.
-TypeError
-    Bad dtypes, non-integer head counts, or ``enable_gqa`` among the keyword arguments.
-
-Notes
------
-The head split is a view of each projection (a reshape and an axis swap), read by the kernel
-through its strides; only the merge before ``w_o`` copies, ``L x num_heads * d_v`` values.
-Dtypes are handled as in :func:`self_attention`. Inputs are never modified.
-
-Examples
---------
->>> import numpy as np
->>> import fastattn
->>> rng = np.random.default_rng(0)
->>> x = rng.standard_normal((2, 6, 16), dtype=np.float32)
->>> w_q, w_o = (rng.standard_normal((16, 16), dtype=np.float32) / 4 for _ in range(2))
->>> w_k, w_v = (rng.standard_normal((16, 8), dtype=np.float32) / 4 for _ in range(2))
->>> out, weights = fastattn.multi_head_attention(
-...     x, w_q, w_k, w_v, w_o, num_heads=4, num_kv_heads=2, causal=True, return_weights=True)
->>> out.shape, weights.shape
-((2, 6, 16), (2, 4, 6, 6))
-"""
-
-
 def multi_head_attention(x, w_q, w_k, w_v, w_o, *, num_heads, context=None, num_kv_heads=None,
                          b_q=None, b_k=None, b_v=None, b_o=None, **attention_kwargs):
-    # The docstring is MULTI_HEAD_ATTENTION_DOC, set below: the function's own lines stay few.
+    """Multi-head attention: project, split into heads, attend, concatenate the heads, project out.
+
+    Query head ``h`` reads columns ``h * d_head : (h + 1) * d_head`` of ``x @ w_q``; key/value head
+    ``g`` the same columns of ``context @ w_k`` and ``context @ w_v``. With ``num_kv_heads`` smaller
+    than ``num_heads`` (grouped-query attention) query head ``h`` reads key/value head
+    ``h // (num_heads // num_kv_heads)``, without repeating them. The heads' outputs are
+    concatenated in head order and multiplied by ``w_o``.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., L, d_model)
+        The sequence whose tokens ask (the queries). Leading axes are batch axes.
+    w_q : array_like, shape (d_model, num_heads * d_head)
+        Query weights, used as ``x @ w_q``.
+    w_k : array_like, shape (d_context, num_kv_heads * d_head)
+        Key weights, used as ``context @ w_k``.
+    w_v : array_like, shape (d_context, num_kv_heads * d_v)
+        Value weights; ``d_v`` (per head) may differ from ``d_head``.
+    w_o : array_like, shape (num_heads * d_v, d_out)
+        Output projection of the concatenated heads.
+    num_heads : int
+        Number of query heads; must divide ``w_q``'s columns.
+    context : array_like, shape (..., S, d_context), optional
+        The sequence that supplies keys and values (cross attention, e.g. a decoder attending to
+        an encoder's output). Defaults to ``x`` (self-attention). Its batch axes broadcast
+        against ``x``'s.
+    num_kv_heads : int, optional
+        Number of key/value heads (grouped-query attention); must divide ``num_heads``. Defaults
+        to ``num_heads``.
+    b_q, b_k, b_v, b_o : array_like, optional
+        Biases of the four projections, one entry per column of the matching weight.
+    **attention_kwargs
+        Passed to :func:`fastattn.attention`, which sees ``q`` of shape
+        ``(..., num_heads, L, d_head)`` and ``k``, ``v`` of ``(..., num_kv_heads, S, d)``: a mask
+        broadcasts against ``(..., num_heads, L, S)`` (a key padding mask of shape ``(B, S)``
+        becomes ``mask[:, None, None, :]``). The default scale is ``1 / sqrt(d_head)``.
+        ``enable_gqa`` is set from ``num_kv_heads`` and may not be passed.
+
+    Returns
+    -------
+    out : ndarray, shape (..., L, d_out)
+        With ``return_weights=True`` (or other arguments that make :func:`fastattn.attention`
+        return a tuple), a tuple whose first item is ``out`` and whose other items are the
+        attention's, per head: e.g. ``(out, weights)`` with ``weights`` of shape
+        ``(..., num_heads, L, S)`` (not averaged over heads).
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not fit (the message names them), head counts that do not divide.
+    TypeError
+        Bad dtypes, non-integer head counts, or ``enable_gqa`` among the keyword arguments.
+
+    Notes
+    -----
+    The head split is a view of each projection (a reshape and an axis swap), read by the kernel
+    through its strides; only the merge before ``w_o`` copies, ``L x num_heads * d_v`` values.
+    Dtypes are handled as in :func:`self_attention`. Inputs are never modified.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastattn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((2, 6, 16), dtype=np.float32)
+    >>> w_q, w_o = (rng.standard_normal((16, 16), dtype=np.float32) / 4 for _ in range(2))
+    >>> w_k, w_v = (rng.standard_normal((16, 8), dtype=np.float32) / 4 for _ in range(2))
+    >>> out, weights = fastattn.multi_head_attention(
+    ...     x, w_q, w_k, w_v, w_o, num_heads=4, num_kv_heads=2, causal=True, return_weights=True)
+    >>> out.shape, weights.shape
+    ((2, 6, 16), (2, 4, 6, 6))
+    """
     if "enable_gqa" in attention_kwargs:
         raise TypeError("multi_head_attention sets enable_gqa itself from num_kv_heads")
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -312,4 +308,3 @@ def multi_head_attention(x, w_q, w_k, w_v, w_o, *, num_heads, context=None, num_
     return out if extras is None else (out, *extras)
 
 
-multi_head_attention.__doc__ = MULTI_HEAD_ATTENTION_DOC
