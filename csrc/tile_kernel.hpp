@@ -29,9 +29,9 @@ namespace FASTATTN_ISA_NS {
 // In: how q, k and v are stored. T itself, or (AVX512-BF16 only) BFloat16 with k padded to an
 // even E, contiguous along it, and v packed as pairs of keys: v[j / 2][c] holds the bfloat16
 // values of keys j and j + 1 (even j), so both products run as bfloat16 dot products.
-// The amx variant (FASTATTN_AMX) runs bfloat16 tiles on AMX instead (amx_tiles.hpp): k padded
-// to a multiple of 32 features, v packed transposed (V^T, keys along a row, Ev and S padded to
-// multiples of 32 with zeros).
+// The amx variant (FASTATTN_AMX, defined by its flags in isa_table.def) runs bfloat16 tiles on
+// AMX instead (amx_tiles.hpp): k padded to a multiple of 32 features, v packed transposed (V^T,
+// keys along a row, Ev and S padded to multiples of 32 with zeros).
 #if defined(FASTATTN_AMX)
 constexpr bool kAmxBuild = true;
 #else
