@@ -1,11 +1,15 @@
-// Checks a Problem, flattens it into KernelArgs and runs the kernel variant for this CPU.
+// Checks a Problem, flattens it into KernelArgs and runs the kernel variant for this CPU: the
+// selected variant's table of entry points (selected_kernels(), cpu_features.hpp), one atomic
+// load and an indirect call per call.
 #include "attention.hpp"
 
 #include <new>
 #include <stdexcept>
+#include <type_traits>
 
 #include "cpu_features.hpp"
 #include "kernel_args.hpp"
+#include "kernel_table.hpp"
 #include "thread_pool.hpp"
 
 #ifdef FASTATTN_OPENMP
@@ -14,85 +18,7 @@
 
 namespace fastattn {
 
-#define FASTATTN_DECLARE_VARIANT(ns)                      \
-  namespace ns {                                           \
-  KernelStatus run_attention(const KernelArgs& args);      \
-  KernelStatus run_backward(const KernelArgs& args);       \
-  int reads_storage(const KernelArgs& args);               \
-  int backward_reads_storage(const KernelArgs& args);      \
-  template <class T>                                       \
-  void exp2_array(const T* x, T* y, int64_t n);            \
-  extern template void exp2_array<float>(const float*, float*, int64_t); \
-  extern template void exp2_array<double>(const double*, double*, int64_t); \
-  }
-FASTATTN_DECLARE_VARIANT(baseline)
-#ifdef FASTATTN_HAVE_AVX2
-FASTATTN_DECLARE_VARIANT(avx2)
-#endif
-#ifdef FASTATTN_HAVE_AVX512
-FASTATTN_DECLARE_VARIANT(avx512)
-#endif
-#ifdef FASTATTN_HAVE_AVX512BF16
-FASTATTN_DECLARE_VARIANT(avx512bf16)
-#endif
-#ifdef FASTATTN_HAVE_AMX
-FASTATTN_DECLARE_VARIANT(amx)
-#endif
-#undef FASTATTN_DECLARE_VARIANT
-
 namespace {
-
-// Calls fn with the entry points of the kernel variant for the selected instruction set.
-#define FASTATTN_VARIANT(ns)                                                                \
-  struct Variant_##ns {                                                                     \
-    KernelStatus run(const KernelArgs& a) const { return ns::run_attention(a); }            \
-    KernelStatus backward(const KernelArgs& a) const { return ns::run_backward(a); }        \
-    int reads_storage(const KernelArgs& a) const { return ns::reads_storage(a); }           \
-    int backward_reads(const KernelArgs& a) const { return ns::backward_reads_storage(a); } \
-    template <class T>                                                                      \
-    int exp2(const T* x, T* y, int64_t n) const {                                           \
-      ns::exp2_array<T>(x, y, n);                                                           \
-      return 0;                                                                             \
-    }                                                                                       \
-  };
-FASTATTN_VARIANT(baseline)
-#ifdef FASTATTN_HAVE_AVX2
-FASTATTN_VARIANT(avx2)
-#endif
-#ifdef FASTATTN_HAVE_AVX512
-FASTATTN_VARIANT(avx512)
-#endif
-#ifdef FASTATTN_HAVE_AVX512BF16
-FASTATTN_VARIANT(avx512bf16)
-#endif
-#ifdef FASTATTN_HAVE_AMX
-FASTATTN_VARIANT(amx)
-#endif
-#undef FASTATTN_VARIANT
-
-template <class Fn>
-auto on_selected_isa(Fn fn) {
-  switch (selected_isa_id()) {  // an atomic load: no string, no lock on the per-call path
-#ifdef FASTATTN_HAVE_AMX
-    case IsaId::kAmx:
-      return fn(Variant_amx{});
-#endif
-#ifdef FASTATTN_HAVE_AVX512BF16
-    case IsaId::kAvx512Bf16:
-      return fn(Variant_avx512bf16{});
-#endif
-#ifdef FASTATTN_HAVE_AVX512
-    case IsaId::kAvx512:
-      return fn(Variant_avx512{});
-#endif
-#ifdef FASTATTN_HAVE_AVX2
-    case IsaId::kAvx2:
-      return fn(Variant_avx2{});
-#endif
-    default:
-      return fn(Variant_baseline{});
-  }
-}
 
 // Messages are string literals: a check that passes costs a branch, not a std::string (a tiny
 // call made ~16 of them, a quarter of its time in the core).
@@ -204,7 +130,7 @@ KernelArgs make_args(const Problem& p) {
 
 int reads_storage(const Problem& p) {
   const KernelArgs a = make_args(p);
-  return on_selected_isa([&](auto variant) { return variant.reads_storage(a); });
+  return selected_kernels().reads_storage(a);
 }
 
 namespace {
@@ -229,7 +155,7 @@ int attention(const Problem& p) {
   const Control control(p, a);
   int nonfinite = 0;
   a.nonfinite = &nonfinite;
-  const KernelStatus status = on_selected_isa([&](auto variant) { return variant.run(a); });
+  const KernelStatus status = selected_kernels().run(a);
   if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
   require(status != KernelStatus::kBadStorage,
           "16-bit storage is read only where reads_storage says so");
@@ -238,7 +164,7 @@ int attention(const Problem& p) {
 
 int backward_reads_storage(const Problem& p) {
   const KernelArgs a = make_args(p);
-  return on_selected_isa([&](auto variant) { return variant.backward_reads(a); });
+  return selected_kernels().backward_reads(a);
 }
 
 int attention_backward(const Problem& p) {
@@ -256,7 +182,7 @@ int attention_backward(const Problem& p) {
   copy_view(p.dq, nd, "dq", a.dq, true);
   copy_view(p.dk, nd, "dk", a.dk, true);
   copy_view(p.dv, nd, "dv", a.dv, true);
-  const KernelStatus status = on_selected_isa([&](auto variant) { return variant.backward(a); });
+  const KernelStatus status = selected_kernels().backward(a);
   if (status == KernelStatus::kOutOfMemory) throw std::bad_alloc();
   require(status != KernelStatus::kBadStorage,
           "the backward pass reads 16-bit storage only where backward_reads_storage says so");
@@ -265,7 +191,10 @@ int attention_backward(const Problem& p) {
 
 template <class T>
 void exp2(const T* x, T* y, int64_t n) {
-  on_selected_isa([&](auto variant) { return variant.exp2(x, y, n); });
+  if constexpr (std::is_same_v<T, float>)
+    selected_kernels().exp2_float(x, y, n);
+  else
+    selected_kernels().exp2_double(x, y, n);
 }
 template void exp2<float>(const float*, float*, int64_t);
 template void exp2<double>(const double*, double*, int64_t);

@@ -121,7 +121,7 @@ template <class T>
 void exp2(const T* x, T* y, int64_t n);
 
 // The instruction set the dispatcher uses now ("amx", "avx512bf16", "avx512", "avx2" or
-// "baseline").
+// "baseline": the rows of isa_table.def).
 std::string active_isa();
 // Every instruction set this build has a kernel for and this CPU can run, best first.
 std::vector<std::string> available_isas();

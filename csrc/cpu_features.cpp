@@ -4,8 +4,11 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <mutex>
 #include <stdexcept>
+
+#include "kernel_table.hpp"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
 #include <cpuid.h>
@@ -15,9 +18,50 @@
 
 namespace fastattn {
 
+std::atomic<const KernelTable*> detail::g_selected_kernels{nullptr};
+
 namespace {
 
-bool cpu_has(const std::string& isa);
+bool amx_usable();
+
+// cpu_supports(feature), in isa_table.def's CPU checks. __builtin_cpu_supports also checks that
+// the OS saves the wider registers (XCR0). Off x86-64 only the baseline is built, and no x86
+// feature is there.
+#if defined(__x86_64__) || defined(_M_X64)
+#define cpu_supports(feature) __builtin_cpu_supports(feature)
+#else
+#define cpu_supports(feature) false
+#endif
+
+// FASTATTN_KERNELS_OF(name): &name::kernels where CMake built the variant (FASTATTN_HAVE_<name>
+// is 1), else nullptr. Chosen by the preprocessor, so that a variant not built is never named:
+// its table does not exist to link against.
+#define FASTATTN_KERNELS_OF(name) FASTATTN_KERNELS_IF(FASTATTN_HAVE_##name, name)
+#define FASTATTN_KERNELS_IF(have, name) FASTATTN_KERNELS_IF_(have, name)  // expands `have`
+#define FASTATTN_KERNELS_IF_(have, name) FASTATTN_KERNELS_IF_##have(name)
+#define FASTATTN_KERNELS_IF_1(name) &name::kernels
+#define FASTATTN_KERNELS_IF_0(name) nullptr
+
+// A row of isa_table.def as the selection sees it; kRows[int(IsaId)].
+struct IsaRow {
+  const char* name;
+  const KernelTable* kernels;  // null where the variant is not in this build
+  bool (*cpu_check)();         // whether this CPU (and OS) runs it
+};
+
+constexpr IsaRow kRows[] = {
+#define FASTATTN_ISA(name, id, vector_bytes, arch, flags, cpu_check) \
+  {#name, FASTATTN_KERNELS_OF(name), [] { return bool(cpu_check); }},
+#include "isa_table.def"
+#undef FASTATTN_ISA
+};
+
+bool cpu_runs(IsaId id) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+#endif
+  return kRows[int(id)].cpu_check();
+}
 
 struct AmxCheck {
   bool ok;
@@ -29,16 +73,17 @@ struct AmxCheck {
 // (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA): the first tile instruction without
 // it faults.
 AmxCheck check_amx() {
-#if !defined(FASTATTN_HAVE_AMX)
+#if !FASTATTN_HAVE_amx
   return {false, "not in this build"};
 #elif defined(FASTATTN_AMX_EMULATE)
-  if (!cpu_has("avx512bf16")) return {false, "emulated build, but this CPU lacks AVX512-BF16"};
+  if (!cpu_runs(IsaId::kAvx512Bf16))
+    return {false, "emulated build, but this CPU lacks AVX512-BF16"};
   return {true, "emulated in software (test build FASTATTN_AMX_EMULATE: layouts, not speed)"};
 #elif (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22)))
     return {false, "this CPU has no AMX-TILE and AMX-BF16"};
-  if (!cpu_has("avx512bf16")) return {false, "this CPU has AMX but no AVX512-BF16"};
+  if (!cpu_runs(IsaId::kAvx512Bf16)) return {false, "this CPU has AMX but no AVX512-BF16"};
   unsigned lo = 0, hi = 0;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));  // OSXSAVE holds with AVX-512
   if ((lo & (3u << 17)) != (3u << 17)) return {false, "the OS does not enable the tile state"};
@@ -57,53 +102,35 @@ const AmxCheck& amx_check() {
   return check;
 }
 
-bool cpu_has(const std::string& isa) {
-  if (isa == "baseline") return true;
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0).
-  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  if (isa == "avx512bf16") return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
-#endif
-  if (isa == "amx") return amx_check().ok;
-  return false;
-}
+bool amx_usable() { return amx_check().ok; }
 
-bool compiled_in(const std::string& isa) {
-#ifdef FASTATTN_HAVE_AMX
-  if (isa == "amx") return true;
-#endif
-#ifdef FASTATTN_HAVE_AVX512
-  if (isa == "avx512") return true;
-#endif
-#ifdef FASTATTN_HAVE_AVX512BF16
-  if (isa == "avx512bf16") return true;
-#endif
-#ifdef FASTATTN_HAVE_AVX2
-  if (isa == "avx2") return true;
-#endif
-  return isa == "baseline";
+// The variants built and run by this CPU, best first (found once: neither changes).
+const std::vector<IsaId>& supported_ids() {
+  static const std::vector<IsaId> ids = [] {
+    std::vector<IsaId> out;
+    for (size_t i = 0; i < std::size(kRows); ++i)
+      if (kRows[i].kernels && cpu_runs(IsaId(i))) out.push_back(IsaId(i));
+    return out;
+  }();
+  return ids;
 }
 
 std::mutex g_mutex;
-std::string g_forced;     // set by force_isa
+bool g_forced = false;    // set by force_isa or FASTATTN_ISA: then g_forced_id is used
+IsaId g_forced_id{};
 bool g_env_read = false;  // FASTATTN_ISA is read on first use
-std::atomic<int> g_selected_id{0};  // IsaId of selected_isa(), kUnknown until first asked
+std::atomic<bool> g_pairs_forced{false};  // g_forced && g_forced_id == kAvx512Bf16
 
-IsaId id_of(const std::string& isa) {
-  if (isa == "amx") return IsaId::kAmx;
-  if (isa == "avx512bf16") return IsaId::kAvx512Bf16;
-  if (isa == "avx512") return IsaId::kAvx512;
-  if (isa == "avx2") return IsaId::kAvx2;
-  return IsaId::kBaseline;
+void set_forced(bool forced, IsaId id) {  // under g_mutex
+  g_forced = forced;
+  g_forced_id = id;
+  g_pairs_forced.store(forced && id == IsaId::kAvx512Bf16, std::memory_order_relaxed);
 }
 
-void check_available(const std::string& name, const char* origin) {
-  for (const auto& isa : supported_isas())
-    if (isa == name) return;
+// The one place a variant is looked up by name: where a user names one (force_isa, FASTATTN_ISA).
+IsaId check_available(const std::string& name, const char* origin) {
+  for (IsaId id : supported_ids())
+    if (name == kRows[int(id)].name) return id;
   std::string have;
   for (const auto& isa : supported_isas()) have += (have.empty() ? "" : ", ") + isa;
   throw std::invalid_argument(std::string(origin) + "='" + name +
@@ -111,7 +138,30 @@ void check_available(const std::string& name, const char* origin) {
                               ")");
 }
 
+// The variant calls use now, published for the per-call dispatch. Under g_mutex.
+IsaId select_locked() {
+  if (!g_env_read) {
+    const char* env = std::getenv("FASTATTN_ISA");
+    // An unavailable name throws here, so every call fails alike until it is fixed.
+    if (env && *env) set_forced(true, check_available(env, "FASTATTN_ISA"));
+    g_env_read = true;
+  }
+  // The automatic choice skips "amx" (see amx_state in cpu_features.hpp); the baseline is
+  // always supported, so a second variant follows it.
+  const std::vector<IsaId>& ids = supported_ids();
+  const IsaId id = g_forced                     ? g_forced_id
+                   : ids.front() == IsaId::kAmx ? ids[1]
+                                                : ids.front();
+  detail::g_selected_kernels.store(kRows[int(id)].kernels, std::memory_order_release);
+  return id;
+}
+
 }  // namespace
+
+const KernelTable& detail::select_kernels() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return *kRows[int(select_locked())].kernels;
+}
 
 // vdpbf16ps against float32 FMA tiles, bfloat16 prefill (1, 8, 4096, 4096, 64), 2 threads:
 // AMD Zen 4 and Zen 5 run the pairs 1.6-1.7x faster than float32 (two bfloat16 products per
@@ -130,8 +180,7 @@ bool pairs_faster_here() {
 std::vector<std::string> supported_isas() {
   static const std::vector<std::string> isas = [] {
     std::vector<std::string> out;
-    for (const char* isa : {"amx", "avx512bf16", "avx512", "avx2", "baseline"})
-      if (compiled_in(isa) && cpu_has(isa)) out.push_back(isa);
+    for (IsaId id : supported_ids()) out.push_back(kRows[int(id)].name);
     return out;
   }();
   return isas;
@@ -139,21 +188,7 @@ std::vector<std::string> supported_isas() {
 
 std::string selected_isa() {
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (!g_env_read) {
-    const char* env = std::getenv("FASTATTN_ISA");
-    if (env && *env) {
-      check_available(env, "FASTATTN_ISA");  // every call fails alike until it is fixed
-      g_forced = env;
-    }
-    g_env_read = true;
-  }
-  // The automatic choice skips "amx" (see amx_state in cpu_features.hpp).
-  const std::vector<std::string>& isas = supported_isas();
-  const std::string isa = !g_forced.empty() ? g_forced
-                          : isas.front() == "amx" ? isas[1]
-                                                  : isas.front();
-  g_selected_id.store(int(id_of(isa)), std::memory_order_release);
-  return isa;
+  return kRows[int(select_locked())].name;
 }
 
 std::string amx_state() {
@@ -161,25 +196,21 @@ std::string amx_state() {
   return (c.ok ? "available: " : "unavailable: ") + c.why;
 }
 
+// Per 16-bit call: an atomic load, no lock, where the pairs are not the automatic choice.
 bool bf16_pairs_enabled() {
   static const bool faster = pairs_faster_here();
-  if (faster) return true;
-  std::lock_guard<std::mutex> lock(g_mutex);
-  return g_forced == "avx512bf16";
-}
-
-IsaId selected_isa_id() {
-  const int id = g_selected_id.load(std::memory_order_acquire);
-  if (id != int(IsaId::kUnknown)) return IsaId(id);
-  return id_of(selected_isa());
+  return faster || g_pairs_forced.load(std::memory_order_relaxed);
 }
 
 void force_isa(const std::string& name) {
-  if (!name.empty()) check_available(name, "isa");
+  const IsaId id = name.empty() ? IsaId() : check_available(name, "isa");
   std::lock_guard<std::mutex> lock(g_mutex);
   g_env_read = !name.empty();  // "" goes back to FASTATTN_ISA, then to the best variant
-  g_forced = name;
-  g_selected_id.store(int(IsaId::kUnknown), std::memory_order_release);  // asked anew
+  set_forced(!name.empty(), id);
+  // A named variant is selected now; "" selects anew on the next call (which reads
+  // FASTATTN_ISA, and throws there if it names no available variant).
+  detail::g_selected_kernels.store(name.empty() ? nullptr : kRows[int(id)].kernels,
+                                   std::memory_order_release);
 }
 
 }  // namespace fastattn

@@ -1,10 +1,20 @@
 // Which kernel variants this CPU can run, and which one calls use.
 #pragma once
 
+#include <atomic>
 #include <string>
 #include <vector>
 
 namespace fastattn {
+
+struct KernelTable;  // kernel_table.hpp
+
+// The variants are the rows of isa_table.def, best first; IsaId numbers them in that order.
+enum class IsaId : int {
+#define FASTATTN_ISA(name, id, ...) k##id,
+#include "isa_table.def"
+#undef FASTATTN_ISA
+};
 
 // Variants compiled into this build and supported by this CPU (and its OS), best first.
 std::vector<std::string> supported_isas();
@@ -20,10 +30,17 @@ std::string amx_state();
 std::string selected_isa();
 void force_isa(const std::string& name);  // "" goes back to FASTATTN_ISA or the best variant
 
-// selected_isa() as a number, for the per-call dispatch: after the first call (which reads
-// FASTATTN_ISA, and throws as selected_isa does) one atomic load.
-enum class IsaId : int { kUnknown = 0, kBaseline, kAvx2, kAvx512, kAvx512Bf16, kAmx };
-IsaId selected_isa_id();
+// The entry points of selected_isa(), for the per-call dispatch: one atomic load of the pointer
+// that selection (the first call, which reads FASTATTN_ISA and throws as selected_isa does,
+// selected_isa itself, force_isa) stores.
+namespace detail {
+extern std::atomic<const KernelTable*> g_selected_kernels;  // null: select anew
+const KernelTable& select_kernels();
+}  // namespace detail
+inline const KernelTable& selected_kernels() {
+  const KernelTable* kernels = detail::g_selected_kernels.load(std::memory_order_acquire);
+  return kernels ? *kernels : detail::select_kernels();
+}
 
 // Whether the avx512bf16 variant runs bfloat16 tiles as vdpbf16ps pairs (else it widens them to
 // float32 once and runs its float32 tiles). Always when that variant was forced (set_isa or

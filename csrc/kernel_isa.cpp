@@ -1,7 +1,9 @@
-// One copy of the kernel, compiled once per instruction set by CMakeLists.txt with
-// FASTATTN_ISA_NS (its namespace) and FASTATTN_VBYTES (its vector width) defined.
+// One copy of the kernel, compiled once per row of isa_table.def by CMakeLists.txt with
+// FASTATTN_ISA_NS (its namespace: the row's name), FASTATTN_VBYTES (its vector width) and the
+// row's flags. It exports one symbol the core uses, its table of entry points (kernels, below).
 #include "backward_kernel.hpp"
 #include "kernel_args.hpp"
+#include "kernel_table.hpp"
 #include "row_kernel.hpp"
 #include "tile_kernel.hpp"
 
@@ -81,8 +83,10 @@ void exp2_array(const T* x, T* y, int64_t n) {
     for (int64_t j = i; j < n; ++j) y[j] = buf[j - i];
   }
 }
-template void exp2_array<float>(const float*, float*, int64_t);
-template void exp2_array<double>(const double*, double*, int64_t);
+
+// Constant-initialized (addresses only), so it is valid before any constructor runs.
+const KernelTable kernels = {&run_attention,          &run_backward,      &reads_storage,
+                             &backward_reads_storage, &exp2_array<float>, &exp2_array<double>};
 
 }  // namespace FASTATTN_ISA_NS
 }  // namespace fastattn

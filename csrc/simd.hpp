@@ -15,7 +15,7 @@
 #endif
 
 #ifndef FASTATTN_VBYTES
-#error "FASTATTN_VBYTES (vector width in bytes) must be defined by the build"
+#error "FASTATTN_VBYTES (vector width in bytes) must be defined by the build (isa_table.def)"
 #endif
 
 namespace fastattn {

@@ -181,7 +181,8 @@ struct Bf16PairProducts {
 #endif
 
 #if defined(FASTATTN_AMX)
-// bfloat16 on AMX tiles (amx_tiles.hpp): the queries and P^T packed as for vdpbf16ps, k padded
+// bfloat16 on AMX tiles (amx_tiles.hpp), in the amx variant (FASTATTN_AMX, defined by its flags
+// in isa_table.def): the queries and P^T packed as for vdpbf16ps, k padded
 // to a multiple of 32 features, v packed transposed (V^T, keys along a row, Ev and S padded to
 // multiples of 32 with zeros).
 struct AmxProducts : Bf16PairProducts {
