@@ -1,5 +1,6 @@
-"""pytest-benchmark comparisons: fastattn, its float64 reference, plain NumPy, PyTorch SDPA
-and ONNX Runtime MultiHeadAttention over a small grid of shapes.
+"""pytest-benchmark comparisons: fastattn, its float64 reference, plain NumPy and every
+registered peer (PyTorch SDPA, ONNX Runtime MultiHeadAttention, OpenVINO
+ScaledDotProductAttention) over a small grid of shapes.
 
 The implementations are the adapters of :mod:`fastattn.bench.peers` (the ``python -m fastattn
 bench`` table); each benchmark also checks its output against fastattn's.
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from fastattn.bench.cases import TOLERANCE, Case, Inputs, make_inputs
-from fastattn.bench.peers import ADAPTERS, Adapter
+from fastattn.bench.peers import ADAPTERS, Adapter, peers
 
 GRID = (
     Case("small", 8, 8, 128, 128, 64),
@@ -23,7 +24,7 @@ GRID = (
     Case("long", 1, 8, 2048, 2048, 64),
     Case("decode", 4, 8, 1, 4096, 128, memory_bound=True),
 )
-IMPLS = ("fastattn", "reference", "numpy", "torch", "ort")
+IMPLS = ("fastattn", "reference", "numpy", *peers())
 
 
 @cache

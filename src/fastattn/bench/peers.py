@@ -9,6 +9,8 @@ itself, its float64 reference and plain NumPy (timed by ``pytest bench/``), and 
   ``torch.from_numpy`` before timing.
 * ``ort``: ONNX Runtime's ``com.microsoft.MultiHeadAttention`` in a one-node model built in
   memory; inputs laid out as ``(B, L, H*E)`` before timing.
+* ``openvino``: OpenVINO's ``ScaledDotProductAttention`` (opset 13) in a one-node model
+  compiled for the case on the CPU plugin, float32 and bfloat16.
 
 A peer is available when the packages it names in ``modules`` import (:meth:`Adapter.missing`);
 one that is not shows as ``absent``, and one that lacks a case (:meth:`Adapter.supports`) as
@@ -247,6 +249,64 @@ class OrtAdapter(Adapter):
         return Runner(call, to_numpy)
 
 
+class OpenVinoAdapter(Adapter):
+    """OpenVINO's fused ``ScaledDotProductAttention`` (opset 13) on its CPU plugin.
+
+    A one-node model per case, compiled for its shapes with the inputs' precision as the
+    inference precision: float32, and bfloat16 (parameters of type bf16 fed the arrays' bits,
+    ``INFERENCE_PRECISION_HINT`` bf16). ``causal=True`` is the top-left causal mask, as
+    PyTorch's ``is_causal``; the padding mask goes in as a boolean ``attention_mask`` (True =
+    the key takes part). Grouped-query cases are declined (the op broadcasts k and v over
+    heads only by NumPy rules), and so are float64 and float16 (no such inference precision
+    on every CPU).
+    """
+
+    name = "openvino"
+    modules = ("openvino",)
+    package = "openvino"
+    title = "OpenVINO ScaledDotProductAttention"
+
+    def version(self):
+        import openvino
+
+        return openvino.__version__.split("-")[0]
+
+    def supports(self, case):
+        return case.dtype in ("float32", "bfloat16") and not case.gqa
+
+    def prepare(self, inp, case, threads):
+        import openvino as ov
+        import openvino.opset13 as ops
+
+        bf16 = case.dtype == "bfloat16"
+        arrays = [inp.q, inp.k, inp.v] + ([] if inp.mask is None else [inp.mask])
+        types = [ov.Type.bf16 if bf16 else ov.Type.f32] * 3 + [ov.Type.boolean]
+        params = [ops.parameter(list(a.shape), t) for a, t in zip(arrays, types)]
+        node = ops.scaled_dot_product_attention(*params, causal=case.causal)
+        config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if bf16
+                  else "f32"}
+        compiled = ov.Core().compile_model(ov.Model([node], params), "CPU", config)
+        request = compiled.create_infer_request()
+        for i, (a, t) in enumerate(zip(arrays, types)):
+            tensor = ov.Tensor(t, list(a.shape))
+            np.copyto(tensor.data.view(np.uint16) if t == ov.Type.bf16 else tensor.data,
+                      a.view(np.uint16) if t == ov.Type.bf16 else a)
+            request.set_input_tensor(i, tensor)
+
+        def call():
+            request.infer()
+            return request.get_output_tensor(0)
+
+        def to_numpy(out):
+            data = np.array(out.data)
+            if bf16:  # bfloat16 bits to float32
+                return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            return data
+
+        return Runner(call, to_numpy)
+
+
 #: Every implementation by name: fastattn, the reference, NumPy and the peers.
 ADAPTERS: dict[str, Adapter] = {}
 #: The peers' names, in the table's column order.
@@ -272,3 +332,4 @@ register(ReferenceAdapter(), peer=False)
 register(NumpyAdapter(), peer=False)
 register(TorchAdapter())
 register(OrtAdapter())
+register(OpenVinoAdapter())
