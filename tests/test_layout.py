@@ -1,7 +1,9 @@
 """The package's layout rules, read from the source with ``ast`` (nothing is imported):
 
 * no function longer than ``MAX_LINES`` lines, from its ``def`` to the end of its body, its
-  docstring not counted (documentation, however long, is not logic);
+  docstring not counted (documentation, however long, is not logic); no C++ function of the
+  core (``csrc/``, its test driver aside) longer than ``MAX_KERNEL_LINES``, from its signature
+  to its closing brace;
 * no private name (``_x``, not a dunder and not a module of the package) imported from another
   module;
 * ``backends/`` imports neither ``nn/`` nor ``bench/`` nor the integrations built on top of the
@@ -12,12 +14,15 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "fastattn"
+CSRC = SRC.parent.parent / "csrc"
 MAX_LINES = 80
+MAX_KERNEL_LINES = 70
 # The one exception: the Numba CUDA kernel, one @cuda.jit function (and the factory that closes
 # it over a dtype's tile sizes). Split into @cuda.jit(device=True) helpers it would need to stay
 # free of float64 arithmetic in its float32 PTX, which only tests/cuda_ptx_check.py can show
@@ -98,6 +103,63 @@ def test_no_function_is_too_long():
                 if lines > MAX_LINES and (rel, node.name) not in LONG_ALLOWED:
                     long.append(f"{rel}:{node.lineno} {node.name}: {lines} lines")
     assert not long, f"functions over {MAX_LINES} lines:\n" + "\n".join(long)
+
+
+def _cpp_code(text: str) -> str:
+    """C++ source with comments, string and character literals and preprocessor lines blanked
+    (newlines kept, so positions keep their line numbers)."""
+    def blank(m):
+        return re.sub(r"[^\n]", " ", m.group(0))
+
+    code = re.sub(r"//[^\n]*|/\*.*?\*/|\"(?:\\.|[^\"\\])*\"|'(?:\\.|[^'\\])*'", blank, text,
+                  flags=re.S)
+    return re.sub(r"^\s*#[^\n]*", blank, code, flags=re.M)
+
+
+# What precedes a function body's brace: a parameter list and its qualifiers, or a constructor's
+# initializer list; what precedes other braces: a type or namespace, a control statement, an
+# initializer.
+_CPP_SIGNATURE = re.compile(r"\)\s*(?:const\s*|noexcept\s*|override\s*|final\s*)*(?:->[^;{}]*)?$")
+_CPP_CTOR_INIT = re.compile(r"\)\s*:\s*[\w:<>]+\s*\(.*\)\s*$", re.S)
+_CPP_SCOPE = re.compile(r"^(?:template\s*<.*>\s*)?(?:struct|class|union|enum|namespace|extern)\b",
+                        re.S)
+_CPP_CONTROL = re.compile(r"\b(?:if|for|while|switch|catch|do|else)\s*(?:\(.*\))?\s*$", re.S)
+
+
+def _cpp_functions(text: str) -> list[tuple[str, int, int]]:
+    """(name, first line, lines) of every function defined in a C++ source, by its braces (a
+    lambda or local type inside a function counts as the function's)."""
+    code = _cpp_code(text)
+    stack, seg, found = [], 0, []
+    for i, c in enumerate(code):
+        if c == "{":
+            head = code[seg:i].strip()
+            is_fn = (not any(kind == "fn" for kind, _, _ in stack) and bool(head)
+                     and not _CPP_SCOPE.match(head) and not _CPP_CONTROL.search(head)
+                     and not head.endswith(("=", ",", "(", "]"))
+                     and bool(_CPP_SIGNATURE.search(head) or _CPP_CTOR_INIT.search(head)))
+            start = code.count("\n", 0, i - len(code[seg:i].lstrip())) + 1
+            names = re.findall(r"([~\w]+)\s*\(", head.split(")")[0] + ")")
+            stack.append(("fn" if is_fn else "other", start, names[-1] if names else head))
+            seg = i + 1
+        elif c == "}":
+            kind, start, name = stack.pop()
+            if kind == "fn":
+                found.append((name, start, code.count("\n", 0, i) + 2 - start))
+            seg = i + 1
+        elif c == ";":
+            seg = i + 1
+    return found
+
+
+@pytest.mark.skipif(not CSRC.is_dir(), reason="needs the source tree (csrc)")
+def test_no_kernel_function_is_too_long():
+    sources = sorted(CSRC.glob("*.hpp")) + sorted(CSRC.glob("*.cpp"))
+    found = {p.name: _cpp_functions(p.read_text()) for p in sources}
+    assert sum(map(len, found.values())) > 100, "the reader found almost no function"
+    long = [f"csrc/{name}:{start} {fn}: {lines} lines" for name, fns in found.items()
+            for fn, start, lines in fns if lines > MAX_KERNEL_LINES]
+    assert not long, f"C++ functions over {MAX_KERNEL_LINES} lines:\n" + "\n".join(long)
 
 
 def test_no_private_name_is_imported_across_modules():
