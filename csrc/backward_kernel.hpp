@@ -16,19 +16,21 @@
 // accumulates in the item's own buffer; the dK and dV of a key block are the item's alone. So no
 // two threads write the same memory, and per thread the scratch is O((L + BN) * (E + Ev)).
 //
-// bfloat16 (AVX512-BF16, In = BFloat16): the same five products as vdpbf16ps dot products of
-// bfloat16 pairs (gemm_bf16), accumulated in float32, as the forward's pairs tiles run. Every
-// operand comes as pairs along its product's sum: Q^T and dO^T as feature pairs per tile, Q and
-// dO as query pairs, K and V rows as feature pairs, K^T as key pairs (the last three per key
-// block); P^T and dS^T are rounded to bfloat16 rows (pairs of queries) for dV and dK, and dS^T
-// to key pairs for dQ^T, as FlashAttention rounds P and dS to the inputs' type for its products.
-// The softmax, dS and D stay in float32. The scale is applied to dK and dQ once, at the end.
+// bfloat16 (AVX512-BF16, In = BFloat16; in backward_pairs.hpp): the five products as vdpbf16ps
+// dot products of bfloat16 pairs (gemm_bf16), accumulated in float32, as the forward's pairs
+// tiles run. Every operand comes as pairs along its product's sum: Q^T and dO^T as feature
+// pairs per tile, Q and dO as query pairs, K and V rows as feature pairs, K^T as key pairs (the
+// last three per key block); P^T and dS^T are rounded to bfloat16 rows (pairs of queries) for
+// dV and dK, and dS^T to key pairs for dQ^T, as FlashAttention rounds P and dS to the inputs'
+// type for its products. The softmax, dS and D stay in float32. The scale is applied to dK and
+// dQ once, at the end.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
+#include "backward_pairs.hpp"
 #include "kernel_common.hpp"
 #include "micro_kernels.hpp"
 #include "tile_kernel.hpp"
@@ -39,6 +41,7 @@ namespace FASTATTN_ISA_NS {
 template <class T, class In = T>
 struct BackwardKernel {
   static constexpr bool kPairs = !std::is_same_v<In, T>;  // bfloat16 pairs (see above)
+  using Pairs = typename BackwardPairsFor<T, In>::type;  // their products (backward_pairs.hpp)
   using Tile = TileKernel<T>;
   using M = Micro<T>;
   using S = Simd<T>;
@@ -123,21 +126,6 @@ struct BackwardKernel {
                                            nullptr, mul);
   }
 
-#if defined(__AVX512BF16__)
-  // product on bfloat16 pairs: A(r, t) the pair at byte offset r * ars + t * acs, B rows of
-  // ldb pairs, n pairs; C in float32 (times mul, then added when kAccumulate).
-  template <bool kAccumulate>
-  static void product_pairs(int64_t rows, int64_t panels, const void* A, int64_t ars,
-                            int64_t acs, const uint32_t* B, int64_t ldb, int64_t n, float* C,
-                            int64_t ldc, float mul = 1.0f) {
-    const char* a0 = static_cast<const char*>(A);
-    for (int64_t p = 0; p < panels; ++p)
-      for (int64_t r = 0; r < rows; r += MR)
-        gemm_bf16_rows<kAccumulate>(int(min64(MR, rows - r)), a0 + r * ars, ars, acs,
-                                    B + p * QP, ldb, n, C + r * ldc + p * QP, ldc, nullptr, mul);
-  }
-#endif
-
   // x (the entry's L rows of cols, at x[i * rs + c * cs]) into a transposed block per query
   // tile (cols x BM) and into rows (L_pad x pad, times mul_r), zero-padded.
   void pack(const T* x, int64_t rs, int64_t cs, int64_t cols, int64_t pad, T mul_r, T* xt,
@@ -221,9 +209,7 @@ struct BackwardKernel {
     }
     T* D = ws.delta.ptr;
     T* lse_use = ws.lse.ptr;
-#if defined(__AVX512BF16__)
-    if constexpr (kPairs) rowsum_pairs(ws, O, D);
-#endif
+    if constexpr (kPairs) Pairs::template rowsum<BackwardKernel>(*this, ws, O, D);
     for (int64_t i = 0; i < L_pad; ++i) {
       if constexpr (!kPairs) {
         // dO as packed (contiguous), not through its strides: so read, D's last bit came out
@@ -239,28 +225,6 @@ struct BackwardKernel {
       lse_use[i] = i >= a.L ? -R::kNegInf : subtracted_max(lse[i * a.lse.row_stride]);
     }
   }
-
-#if defined(__AVX512BF16__)
-  // D = rowsum(dO * O) in pairs mode, 16 rows along the lanes, each lane summing its row in
-  // column order: dO from its feature pairs per tile, O widened as it is read.
-  void rowsum_pairs(const Workspace& ws, const In* O, float* D) const {
-    const int64_t rs = a.out.row_stride, cs = a.out.col_stride;
-    for (int64_t i0 = 0; i0 < L_pad; i0 += kLanes) {
-      const uint32_t* dp = ws.dop.ptr + (i0 / BM) * Ev2 * BM + i0 % BM;
-      const int64_t n = min64(kLanes, a.L - i0);  // rows past L (n <= 0: all) keep o = 0
-      alignas(64) float o[kLanes] = {};
-      __m512 d = _mm512_setzero_ps();
-      for (int64_t c = 0; c < a.Ev; ++c) {
-        for (int64_t r = 0; r < n; ++r) o[r] = to_float<float>(O[(i0 + r) * rs + c * cs]);
-        const __m512i u = _mm512_loadu_si512(dp + (c / 2) * BM);
-        const __m512i h = c % 2 ? _mm512_and_si512(u, _mm512_set1_epi32(int(0xffff0000u)))
-                                : _mm512_slli_epi32(u, 16);
-        d = _mm512_fmadd_ps(_mm512_castsi512_ps(h), _mm512_load_ps(o), d);
-      }
-      _mm512_storeu_ps(D + i0, d);
-    }
-  }
-#endif
 
   // Pairs mode, per key block: K rows and V rows as feature pairs, K^T as key pairs.
   void pack_keys(Workspace& ws, const In* K, const In* Vs, int64_t nb) const {
@@ -299,12 +263,10 @@ struct BackwardKernel {
   // One key block against one query tile: P, dP, dS, and the four accumulations.
   void block(Workspace& ws, const EntryParams<T>& ep, const In* K, const In* Vs, int64_t m_off,
              int64_t i0, int64_t j0, int64_t nb, bool user_mask) const {
-#if defined(__AVX512BF16__)
     if constexpr (kPairs) {
-      block_pairs(ws, ep, m_off, i0, j0, nb, user_mask);
+      Pairs::template block<BackwardKernel>(*this, ws, ep, m_off, i0, j0, nb, user_mask);
       return;
     }
-#endif
     if constexpr (!kPairs) {
       const int64_t rows = min64(BM, a.L - i0), qtile = i0 / BM, panels = BM / QP;
       T* st = ws.tw.st.ptr;
@@ -328,50 +290,6 @@ struct BackwardKernel {
                     ws.dqt.ptr + qtile * a.E * BM, BM);
     }
   }
-
-#if defined(__AVX512BF16__)
-  // block on bfloat16 pairs (the operands packed by pack_queries and pack_keys). Queries past L
-  // and keys past nb are zero pairs, so the sums run over whole pairs.
-  void block_pairs(Workspace& ws, const EntryParams<T>& ep, int64_t m_off, int64_t i0,
-                   int64_t j0, int64_t nb, bool user_mask) const {
-    const int64_t rows = min64(BM, a.L - i0), qtile = i0 / BM, panels = BM / QP;
-    const int64_t qpairs = (rows + 1) / 2, kpairs = (nb + 1) / 2;
-    float* st = ws.tw.st.ptr;
-    uint16_t* pb = ws.pb.ptr;
-    product_pairs<false>(nb, panels, ws.kr.ptr, E2 * 4, 4, ws.qp.ptr + qtile * E2 * BM, BM, E2,
-                         st, BM, float(a.scale));
-    logits(ws, ep, m_off, i0, rows, j0, nb, user_mask);
-    const float* lse = ws.lse.ptr + i0;
-    for (int64_t j = 0; j < nb; ++j)
-      for (int v = 0; v < BM; v += kLanes) {
-        const V p = exp_minus<T>(S::load(st + j * BM + v), S::load(lse + v));
-        S::store(st + j * BM + v, p);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j * BM + v),
-                            (__m256i)_mm512_cvtneps_pbh(__m512(p)));
-      }
-    // dV += P^T dO: P^T's bfloat16 rows read as pairs of queries.
-    product_pairs<true>(nb, Ev_pad / QP, pb, BM * 2, 4, ws.doq.ptr + i0 / 2 * Ev_pad, Ev_pad,
-                        qpairs, ws.dv.ptr, Ev_pad);
-    product_pairs<false>(nb, panels, ws.vr.ptr, Ev2 * 4, 4, ws.dop.ptr + qtile * Ev2 * BM, BM,
-                         Ev2, ws.dpt.ptr, BM);
-    // dS^T, rounded once: bfloat16 rows for dK, key pairs for dQ^T.
-    const float* D = ws.delta.ptr + i0;
-    for (int64_t j = 0; j < nb; j += 2)
-      for (int v = 0; v < BM; v += kLanes) {
-        const V d0 = ds_at(ws, D, j, v);
-        const V d1 = j + 1 < nb ? ds_at(ws, D, j + 1, v) : S::splat(0.0f);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j * BM + v),
-                            (__m256i)_mm512_cvtneps_pbh(__m512(d0)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + (j + 1) * BM + v),
-                            (__m256i)_mm512_cvtneps_pbh(__m512(d1)));
-        _mm512_storeu_si512(ws.dsp.ptr + j / 2 * BM + v, pair_bf16(__m512(d0), __m512(d1)));
-      }
-    product_pairs<true>(nb, E_pad / QP, pb, BM * 2, 4, ws.qq.ptr + i0 / 2 * E_pad, E_pad, qpairs,
-                        ws.dk.ptr, E_pad);
-    product_pairs<true>(a.E, panels, ws.kp.ptr, 4, a.E * 4, ws.dsp.ptr, BM, kpairs,
-                        ws.dqt.ptr + qtile * a.E * BM, BM);
-  }
-#endif
 
   // Query tiles [first, last) that see some key of [j0, j0 + nb): the band read from the keys'
   // side (query i sees key j when j - band_hi <= i <= j - band_lo).
