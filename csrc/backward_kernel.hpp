@@ -53,13 +53,13 @@ struct BackwardKernel {
   static constexpr int BM = Tile::BM;  // the forward's tile, so that its masking applies as is
   static constexpr int BN = Tile::BN;
 
-  const KernelArgs& a;
+  const Problem& a;
   const Tile tile;
   const int64_t n_kblocks, n_qtiles, L_pad, E_pad, Ev_pad;
   int64_t n_chunks = 1;  // items per batch entry, each taking every n_chunks-th key block
   T* partial = nullptr;  // n_chunks > 1: dQ of every (entry, chunk), reduced after the items
 
-  explicit BackwardKernel(const KernelArgs& args)
+  explicit BackwardKernel(const Problem& args)
       : a(args),
         tile(args),
         n_kblocks((args.S + BN - 1) / BN),
@@ -324,7 +324,7 @@ struct BackwardKernel {
   void item(Workspace& ws, int64_t b, int64_t chunk) const {
     const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
     const In* Vs = static_cast<const In*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
-    const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
+    const int64_t m_off = a.mask_kind != MaskKind::kNone ? batch_offset(a, a.mask, b, 1) : 0;
     const EntryParams<T> ep = entry_params<T>(a, b);
     const int64_t kb_live = (ep.keys + BN - 1) / BN;  // keys >= kv_lengths[b] keep dK = dV = 0
     if (kb_live == 0 && n_chunks == 1) return;  // dq stays zero
@@ -339,7 +339,7 @@ struct BackwardKernel {
       const int64_t j0 = kb * BN, nb = min64(BN, ep.keys - j0);
       const typename Tile::KeysIn in = tile.keys_in(m_off, j0, nb);
       if (in == Tile::KeysIn::kNone) continue;
-      const bool user_mask = a.mask_kind != 0 && in == Tile::KeysIn::kSome;
+      const bool user_mask = a.mask_kind != MaskKind::kNone && in == Tile::KeysIn::kSome;
       std::memset(ws.dk.ptr, 0, sizeof(T) * size_t(nb * E_pad));
       std::memset(ws.dv.ptr, 0, sizeof(T) * size_t(nb * Ev_pad));
       int64_t qt_first, qt_last;

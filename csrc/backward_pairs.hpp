@@ -44,7 +44,7 @@ struct Bf16PairBackward {
   template <class Kr, class W>
   static void rowsum(const Kr& kr, const W& ws, const BFloat16* O, float* D) {
     constexpr int BM = Kr::BM, kLanes = Kr::kLanes;
-    const KernelArgs& a = kr.a;
+    const Problem& a = kr.a;
     const int64_t rs = a.out.row_stride, cs = a.out.col_stride;
     for (int64_t i0 = 0; i0 < kr.L_pad; i0 += kLanes) {
       const uint32_t* dp = ws.dop.ptr + (i0 / BM) * kr.Ev2 * BM + i0 % BM;
@@ -71,7 +71,7 @@ struct Bf16PairBackward {
     using S = typename Kr::S;
     using V = typename Kr::V;
     constexpr int BM = Kr::BM, QP = Kr::QP, kLanes = Kr::kLanes;
-    const KernelArgs& a = kr.a;
+    const Problem& a = kr.a;
     const int64_t E2 = kr.E2, Ev2 = kr.Ev2, E_pad = kr.E_pad, Ev_pad = kr.Ev_pad;
     const int64_t rows = min64(BM, a.L - i0), qtile = i0 / BM, panels = BM / QP;
     const int64_t qpairs = (rows + 1) / 2, kpairs = (nb + 1) / 2;

@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <cstdlib>
 
-#include "kernel_args.hpp"
+#include "problem.hpp"
 #include "online_softmax.hpp"
 #include "thread_pool.hpp"
 
@@ -38,7 +38,7 @@ struct Buffer {
 
 // Offset (in elements) of one batch entry of a strided view. For k and v under grouped-query
 // attention, the last batch axis (heads) is divided by the group size.
-inline int64_t batch_offset(const KernelArgs& a, const StridedView& view, int64_t b,
+inline int64_t batch_offset(const Problem& a, const StridedView& view, int64_t b,
                             int64_t group) {
   int64_t off = 0;
   for (int d = a.n_batch_dims - 1; d >= 0; --d) {
@@ -61,7 +61,7 @@ struct EntryParams {
 };
 
 template <class T>
-inline EntryParams<T> entry_params(const KernelArgs& a, int64_t b) {
+inline EntryParams<T> entry_params(const Problem& a, int64_t b) {
   EntryParams<T> e;
   e.keys = a.S;
   if (a.kv_lengths.data) {
@@ -76,7 +76,7 @@ inline EntryParams<T> entry_params(const KernelArgs& a, int64_t b) {
 }
 
 // Keys [first, last) that some query of rows i0 .. i_last can see: the band and kv_lengths.
-inline void key_range(const KernelArgs& a, int64_t i0, int64_t i_last, int64_t keys,
+inline void key_range(const Problem& a, int64_t i0, int64_t i_last, int64_t keys,
                       int64_t& first, int64_t& last) {
   first = max64(0, i0 + a.band_lo);
   last = min64(keys, i_last + a.band_hi + 1);
@@ -85,7 +85,7 @@ inline void key_range(const KernelArgs& a, int64_t i0, int64_t i_last, int64_t k
 
 // softcap * tanh(s / softcap) on n scores (n a multiple of the vector width).
 template <class T>
-inline void softcap_scores(const KernelArgs& a, T* s, int64_t n) {
+inline void softcap_scores(const Problem& a, T* s, int64_t n) {
   using S = Simd<T>;
   const T c = T(a.softcap), inv = T(1) / c;
   for (int64_t j = 0; j < n; j += S::kLanes)
@@ -107,18 +107,18 @@ template <class T>
 struct ScoreLine {
   int64_t n = 0;      // scores on the line (its vectors' lanes past n are padding)
   int64_t dist0 = 0;  // ALiBi: element t lies |dist0 + t| from its query's diagonal
-  MaskRow<T> mask;    // the user's mask along the line (kind 0: none, or not needed)
+  MaskRow<T> mask;    // the user's mask along the line (kind kNone: none, or not needed)
   int64_t seen_lo = 0, seen_hi = 0;  // with a band: elements [seen_lo, seen_hi) lie inside it
 };
 
 // The user's mask at (query i, key j), advancing by `stride` elements along a line.
 template <class T>
-inline MaskRow<T> mask_at(const KernelArgs& a, int64_t m_off, int64_t i, int64_t j,
+inline MaskRow<T> mask_at(const Problem& a, int64_t m_off, int64_t i, int64_t j,
                           int64_t stride) {
   MaskRow<T> mk;
   mk.kind = a.mask_kind;
   mk.col_stride = stride;
-  const int64_t elem = a.mask_kind == 1 ? 1 : int64_t(sizeof(T));
+  const int64_t elem = a.mask_kind == MaskKind::kBool ? 1 : int64_t(sizeof(T));
   mk.ptr = static_cast<const char*>(a.mask.data) +
            (m_off + i * a.mask.row_stride + j * a.mask.col_stride) * elem;
   return mk;
@@ -129,7 +129,7 @@ inline MaskRow<T> mask_at(const KernelArgs& a, int64_t m_off, int64_t i, int64_t
 // removes become -inf) and, last, -inf outside the band whatever the additive mask held (+inf
 // would make NaN). Its vectors' padding lanes may be touched; they hold -inf or are ignored.
 template <class T>
-inline void line_to_logits(const KernelArgs& a, const EntryParams<T>& e, T* s,
+inline void line_to_logits(const Problem& a, const EntryParams<T>& e, T* s,
                            const ScoreLine<T>& line) {
   using S = Simd<T>;
   using V = typename S::V;
@@ -141,7 +141,7 @@ inline void line_to_logits(const KernelArgs& a, const EntryParams<T>& e, T* s,
       S::store(s + t, S::load(s + t) + (d < T(0) ? -d : d) * e.neg_slope);
     }
   }
-  if (line.mask.kind != 0) R::apply_mask(s, line.n, line.mask);
+  if (line.mask.kind != MaskKind::kNone) R::apply_mask(s, line.n, line.mask);
   if (a.has_band) {
     R::fill(s, line.seen_lo, R::kNegInf);
     R::fill(s + line.seen_hi, line.n - line.seen_hi, R::kNegInf);
@@ -152,7 +152,7 @@ inline void line_to_logits(const KernelArgs& a, const EntryParams<T>& e, T* s,
 // logits; softcap first, padding keys (nb .. n_pad) -inf. Key j0 + t lies j0 + t - i - offset
 // right of the diagonal; query i sees keys [i + band_lo, i + band_hi].
 template <class T>
-inline void mask_scores(const KernelArgs& a, const EntryParams<T>& e, T* srow, int64_t n_pad,
+inline void mask_scores(const Problem& a, const EntryParams<T>& e, T* srow, int64_t n_pad,
                         int64_t i, int64_t j0, int64_t nb, int64_t m_off) {
   using R = RowOps<T>;
   if (a.softcap > 0) softcap_scores(a, srow, n_pad);
@@ -160,7 +160,7 @@ inline void mask_scores(const KernelArgs& a, const EntryParams<T>& e, T* srow, i
   ScoreLine<T> line;
   line.n = nb;
   line.dist0 = j0 - i - a.offset;
-  if (a.mask_kind != 0) line.mask = mask_at<T>(a, m_off, i, j0, a.mask.col_stride);
+  if (a.mask_kind != MaskKind::kNone) line.mask = mask_at<T>(a, m_off, i, j0, a.mask.col_stride);
   line.seen_lo = min64(max64(i + a.band_lo - j0, 0), nb);
   line.seen_hi = min64(max64(i + a.band_hi + 1 - j0, line.seen_lo), nb);
   line_to_logits(a, e, srow, line);
@@ -169,7 +169,7 @@ inline void mask_scores(const KernelArgs& a, const EntryParams<T>& e, T* srow, i
 // lse[i] of batch entry b: the natural log-sum-exp of the row's logits, from the maximum m that
 // was subtracted and the sum l of the weights; -inf for a row with no key (l == 0).
 template <class T>
-inline void write_lse(const KernelArgs& a, int64_t b, int64_t i, T m, T l) {
+inline void write_lse(const Problem& a, int64_t b, int64_t i, T m, T l) {
   T* lse = static_cast<T*>(const_cast<void*>(a.lse.data)) + batch_offset(a, a.lse, b, 1);
   lse[i * a.lse.row_stride] = l == T(0) ? RowOps<T>::kNegInf : m + std::log(l);
 }
@@ -190,7 +190,7 @@ inline T fold_sink(T sink, T& m, T& l) {
 }
 
 // Whether the band hides some key of block [j0, j0 + nb) from some query of rows i0 .. i_last.
-inline bool band_cuts(const KernelArgs& a, int64_t i0, int64_t i_last, int64_t j0, int64_t nb) {
+inline bool band_cuts(const Problem& a, int64_t i0, int64_t i_last, int64_t j0, int64_t nb) {
   return j0 < i_last + a.band_lo || j0 + nb - 1 > i0 + a.band_hi;
 }
 
@@ -198,7 +198,7 @@ inline bool band_cuts(const KernelArgs& a, int64_t i0, int64_t i_last, int64_t j
 // between blocks of a long item, so a stop is noticed within one block of work. A call without
 // an interrupt check (the C++ driver, calls from threads other than Python's main thread) pays
 // one compare.
-inline bool stop_requested(const KernelArgs& a) {
+inline bool stop_requested(const Problem& a) {
   return a.control && ::fastattn::stop_requested(a.control);
 }
 
@@ -212,8 +212,8 @@ inline bool any_nonfinite(const T* x, int64_t n) {
   return !(S::hsum(acc) == T(0));
 }
 
-// Records that an output of the call is not finite (see KernelArgs::nonfinite).
-inline void report_nonfinite(const KernelArgs& a) {
+// Records that an output of the call is not finite (see Problem::nonfinite).
+inline void report_nonfinite(const Problem& a) {
   if (a.nonfinite) __atomic_store_n(a.nonfinite, 1, __ATOMIC_RELAXED);
 }
 
@@ -224,7 +224,7 @@ inline void report_nonfinite(const KernelArgs& a) {
 // would not start only slows the call. False when an allocation failed (the call then fails).
 // Items left when the call is asked to stop are skipped.
 template <class Workspace, class Allocate, class Body>
-bool for_each_item(const KernelArgs& a, int threads, int64_t items, Allocate allocate, Body body) {
+bool for_each_item(const Problem& a, int threads, int64_t items, Allocate allocate, Body body) {
   struct Run {
     Allocate& allocate;
     Body& body;

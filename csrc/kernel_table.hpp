@@ -8,15 +8,13 @@
 
 #include <cstdint>
 
-#include "kernel_args.hpp"
+#include "problem.hpp"
 
 namespace fastattn {
 
 struct KernelTable {
-  KernelStatus (*run)(const KernelArgs& args);       // the forward pass
-  KernelStatus (*backward)(const KernelArgs& args);  // the backward pass
-  int (*reads_storage)(const KernelArgs& args);      // see reads_storage in attention.hpp
-  int (*backward_reads)(const KernelArgs& args);     // see backward_reads_storage there
+  KernelStatus (*run)(const Problem& args);       // the forward pass
+  KernelStatus (*backward)(const Problem& args);  // the backward pass
   void (*exp2_float)(const float* x, float* y, int64_t n);     // the softmax's exp2, for tests
   void (*exp2_double)(const double* x, double* y, int64_t n);  // of its error bound
 };

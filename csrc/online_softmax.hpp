@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "problem.hpp"
 #include "simd.hpp"
 
 namespace fastattn {
@@ -47,7 +48,7 @@ inline typename Simd<T>::V subtracted_max(typename Simd<T>::V m) {
 // Where the mask of one query row lives: element (i, j) of the block is at ptr[j * col_stride].
 template <class T>
 struct MaskRow {
-  int kind = 0;  // 0 none, 1 bool bytes, 2 additive (T)
+  MaskKind kind = MaskKind::kNone;  // bool masks as bytes, additive ones in T
   const void* ptr = nullptr;
   int64_t col_stride = 0;
 };
@@ -65,7 +66,7 @@ struct RowOps {
 
   // Applies the mask to s[0:n] (n keys of this block). Masked-out keys become -inf.
   static inline void apply_mask(T* s, int64_t n, const MaskRow<T>& mk) {
-    if (mk.kind == 1) {
+    if (mk.kind == MaskKind::kBool) {
       const uint8_t* m = static_cast<const uint8_t*>(mk.ptr);
       if (mk.col_stride == 0) {
         if (!m[0]) fill(s, n, kNegInf);
@@ -84,7 +85,7 @@ struct RowOps {
       }
       for (; j < n; ++j)
         if (!m[j * mk.col_stride]) s[j] = kNegInf;
-    } else if (mk.kind == 2) {
+    } else if (mk.kind == MaskKind::kAdditive) {
       const T* a = static_cast<const T*>(mk.ptr);
       if (mk.col_stride == 0) {
         const T add = a[0];

@@ -42,11 +42,11 @@ struct RowKernel {
   static constexpr int64_t kMinKeysPerSplit = 512;
   static constexpr int64_t kMaxSplits = 64;
 
-  const KernelArgs& a;
+  const Problem& a;
   const int64_t Ep, Evp, n_groups;
   int64_t splits = 1, keys_per_split = 0;
 
-  explicit RowKernel(const KernelArgs& args)
+  explicit RowKernel(const Problem& args)
       : a(args),
         Ep(round_up(args.E, kLanes)),
         Evp(round_up(args.Ev, kLanes)),
@@ -219,7 +219,7 @@ struct RowKernel {
     const int64_t rows = min64(RMAX, a.L - i0);
     const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
     const In* Vs = static_cast<const In*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
-    const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
+    const int64_t m_off = a.mask_kind != MaskKind::kNone ? batch_offset(a, a.mask, b, 1) : 0;
     load_queries(ws, b, i0, rows);
     RowState<T> st[RMAX];
     for (int64_t r = 0; r < rows; ++r) st[r] = row_state_init<T>();

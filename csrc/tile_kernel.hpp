@@ -47,10 +47,10 @@ struct TileKernel {
   // Whether a panel holds whole 16-query blocks, for transpose_block16 (AVX2 and AVX-512).
   static constexpr bool kBlocks16 = QP % 16 == 0;
 
-  const KernelArgs& a;
+  const Problem& a;
   const int64_t n_kblocks, n_qtiles;
 
-  explicit TileKernel(const KernelArgs& args)
+  explicit TileKernel(const Problem& args)
       : a(args), n_kblocks((args.S + BN - 1) / BN), n_qtiles((args.L + BM - 1) / BM) {}
 
   struct Workspace {
@@ -89,7 +89,7 @@ struct TileKernel {
   // with no key in is skipped, one with every key in needs no masking.
   enum class KeysIn { kNone, kAll, kSome };
   KeysIn keys_in(int64_t m_off, int64_t j0, int64_t nb) const {
-    if (a.mask_kind != 1 || a.mask.row_stride != 0) return KeysIn::kSome;
+    if (a.mask_kind != MaskKind::kBool || a.mask.row_stride != 0) return KeysIn::kSome;
     const uint8_t* m = static_cast<const uint8_t*>(a.mask.data) + m_off + j0 * a.mask.col_stride;
     int64_t in = 0;
     for (int64_t j = 0; j < nb; ++j) in += m[j * a.mask.col_stride] != 0;
@@ -177,7 +177,7 @@ struct TileKernel {
     const int64_t rows = min64(BM, a.L - i0);
     const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
     const VIn* Vs = static_cast<const VIn*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
-    const int64_t m_off = a.mask_kind ? batch_offset(a, a.mask, b, 1) : 0;
+    const int64_t m_off = a.mask_kind != MaskKind::kNone ? batch_offset(a, a.mask, b, 1) : 0;
 
     // Key blocks this tile needs: those with a key inside some row's band and kv_lengths.
     const EntryParams<T> ep = entry_params<T>(a, b);
@@ -201,7 +201,7 @@ struct TileKernel {
       const KeysIn in = keys_in(m_off, j0, nb);
       if (in == KeysIn::kNone) continue;
       scores(ws, K, j0, nb);
-      const bool user_mask = a.mask_kind != 0 && in == KeysIn::kSome;
+      const bool user_mask = a.mask_kind != MaskKind::kNone && in == KeysIn::kSome;
       if (needs_mask(i0, rows, j0, nb, user_mask))
         mask_block(ws, ep, i0, rows, j0, nb, m_off, user_mask);
       softmax_block(ws, nb, first);
@@ -270,8 +270,8 @@ struct TileKernel {
         for (int64_t j = nk; j < nb; ++j) W[(i0 + i) * wrs + (j0 + j) * wcs] = T(0) * ws.alpha[i];
       if (nk == 0) continue;
       scores(ws, K, j0, nk);
-      if (needs_mask(i0, rows, j0, nk, a.mask_kind != 0))
-        mask_block(ws, ep, i0, rows, j0, nk, m_off, a.mask_kind != 0);
+      if (needs_mask(i0, rows, j0, nk, a.mask_kind != MaskKind::kNone))
+        mask_block(ws, ep, i0, rows, j0, nk, m_off, a.mask_kind != MaskKind::kNone);
       for (int64_t j = 0; j < nk; ++j)
         for (int v = 0; v < NV; ++v) {
           T* s = ws.st.ptr + j * BM + v * kLanes;

@@ -42,14 +42,14 @@ struct PlainProducts {
   static bool allocate(const Kr& kr, Scratch& sc) {
     return sc.qt.reserve(int64_t(Kr::BM) * kr.a.E);
   }
-  static int64_t ot_rows(const KernelArgs& a) { return a.Ev; }
+  static int64_t ot_rows(const Problem& a) { return a.Ev; }
 
   // Features by 16 x 16 blocks (transpose_block16) where q is contiguous along them and the
   // panels hold whole blocks; the rest, and other layouts, element by element. Padding is zero.
   template <class Kr, class W>
   static void pack_queries(const Kr& kr, W& ws, const T* Q, int64_t i0, int64_t rows) {
     constexpr int BM = Kr::BM, QP = Kr::QP;
-    const KernelArgs& a = kr.a;
+    const Problem& a = kr.a;
     const int64_t E = a.E;
     T* qt = ws.products.qt.ptr;
     int64_t e16 = 0;
@@ -77,7 +77,7 @@ struct PlainProducts {
   static void scores(const Kr& kr, W& ws, const T* K, int64_t j0, int64_t nb) {
     using M = Micro<T>;
     constexpr int BM = Kr::BM, QP = Kr::QP, MR = M::MR;
-    const KernelArgs& a = kr.a;
+    const Problem& a = kr.a;
     const T* k0 = K + j0 * a.k.row_stride;
     for (int p = 0; p < BM / QP; ++p)
       for (int64_t j = 0; j < nb; j += MR)
@@ -92,7 +92,7 @@ struct PlainProducts {
   static void accumulate(const Kr& kr, W& ws, const T* Vs, int64_t j0, int64_t nb) {
     using M = Micro<T>;
     constexpr int BM = Kr::BM, QP = Kr::QP, MR = M::MR;
-    const KernelArgs& a = kr.a;
+    const Problem& a = kr.a;
     const T* v0 = Vs + j0 * a.v.row_stride;
     for (int p = 0; p < BM / QP; ++p)
       for (int64_t c = 0; c < a.Ev; c += MR)
@@ -119,13 +119,13 @@ struct Bf16PairProducts {
     return sc.qp.reserve(int64_t(Kr::BM) * (kr.a.E / 2)) &&
            sc.pp.reserve(int64_t(Kr::BM) * Kr::BN / 2);
   }
-  static int64_t ot_rows(const KernelArgs& a) { return a.Ev; }
+  static int64_t ot_rows(const Problem& a) { return a.Ev; }
 
   // The scale is applied to the products (see online_softmax.hpp). Padding is zero.
   template <class Kr, class W>
   static void pack_queries(const Kr& kr, W& ws, const In* Q, int64_t i0, int64_t rows) {
     constexpr int BM = Kr::BM, QP = Kr::QP;
-    const KernelArgs& a = kr.a;
+    const Problem& a = kr.a;
     const int64_t E2 = a.E / 2;
     for (int64_t i = 0; i < BM; ++i) {
       uint32_t* dst = ws.products.qp.ptr + (i / QP) * E2 * QP + i % QP;
@@ -140,7 +140,7 @@ struct Bf16PairProducts {
   template <class Kr, class W>
   static void scores(const Kr& kr, W& ws, const In* K, int64_t j0, int64_t nb) {
     constexpr int BM = Kr::BM, QP = Kr::QP, MR = Kr::MR;
-    const KernelArgs& a = kr.a;
+    const Problem& a = kr.a;
     const char* k0 = reinterpret_cast<const char*>(K + j0 * a.k.row_stride);
     for (int p = 0; p < BM / QP; ++p)
       for (int64_t j = 0; j < nb; j += MR)
@@ -168,7 +168,7 @@ struct Bf16PairProducts {
   template <class Kr, class W>
   static void accumulate(const Kr& kr, W& ws, const VIn* Vs, int64_t j0, int64_t nb) {
     constexpr int BM = Kr::BM, QP = Kr::QP, MR = Kr::MR;
-    const KernelArgs& a = kr.a;
+    const Problem& a = kr.a;
     const int64_t np = pair_weights<Kr>(ws, nb);
     const char* v0 = reinterpret_cast<const char*>(Vs + (j0 / 2) * a.v.row_stride);
     for (int p = 0; p < BM / QP; ++p)
@@ -197,7 +197,7 @@ struct AmxProducts : Bf16PairProducts {
     return Bf16PairProducts::allocate(kr, sc) && sc.ktail.reserve(32 * kr.a.E);
   }
   // Ev rounded up to its 2 x 16-row blocks of C tiles.
-  static int64_t ot_rows(const KernelArgs& a) { return round_up(a.Ev, 32); }
+  static int64_t ot_rows(const Problem& a) { return round_up(a.Ev, 32); }
 
   // 32 keys (two C tile rows) at a time; K rows are read in place, but for the last 32 keys of
   // S when S is not a multiple of 32 (copied, zero-padded, into ktail: a tile load reads 16
@@ -207,7 +207,7 @@ struct AmxProducts : Bf16PairProducts {
     using S = typename Kr::S;
     using V = typename Kr::V;
     constexpr int BM = Kr::BM, QP = Kr::QP, NV = Kr::NV, kLanes = Kr::kLanes;
-    const KernelArgs& a = kr.a;
+    const Problem& a = kr.a;
     const int64_t E = a.E, krs = a.k.row_stride;
     uint16_t* ktail = ws.products.ktail.ptr;
     for (int64_t g = 0; g < nb; g += 32) {
@@ -245,7 +245,7 @@ struct AmxProducts : Bf16PairProducts {
   template <class Kr, class W>
   static void accumulate(const Kr& kr, W& ws, const VIn* Vs, int64_t j0, int64_t nb) {
     constexpr int BM = Kr::BM, QP = Kr::QP;
-    const KernelArgs& a = kr.a;
+    const Problem& a = kr.a;
     const int64_t np = pair_weights<Kr>(ws, nb);
     const int64_t chunks = (nb + 31) / 32;
     uint32_t* pp = ws.products.pp.ptr;

@@ -27,8 +27,8 @@ import fastattn
 RECORD = Path(__file__).with_name("golden_outputs.json")
 
 # name: (batch, L, S, E, Ev, dtype, options). Row kernel (L <= 4) and tiles, both sides of the
-# tile sizes, GQA, every option of the forward; float16 runs the row kernel only (the tiles
-# widen it first, as they do float32's).
+# tile sizes, GQA, every option of the forward; 16-bit storage on the rows and the tiles (which
+# pack or widen it).
 CASES = {
     "plain": ((2, 3), 70, 150, 24, 20, "float32", {}),
     "decode": ((2, 4), 1, 300, 64, 64, "float32", {}),
@@ -56,6 +56,9 @@ CASES = {
     "bfloat16-odd-E": ((1, 2), 70, 99, 33, 16, "bfloat16", {}),
     "bfloat16-decode": ((2, 4), 1, 300, 64, 64, "bfloat16", {}),
     "float16-decode": ((2, 4), 1, 300, 64, 64, "float16", {}),
+    "float16": ((2, 2), 70, 150, 24, 20, "float16", {"causal": True}),
+    "bfloat16-gqa": ((2, 4), 70, 130, 40, 24, "bfloat16", {"kv_heads": 2, "mask": "bool"}),
+    "bfloat16-shared-kv": ((2, 3), 40, 97, 16, 8, "bfloat16", {"kv_heads": 1}),
 }
 THREADS = (1, 2)
 

@@ -1,75 +1,45 @@
 # Type stubs for the compiled module fastattn._core (src/fastattn/_core.pyx); the docstrings are
 # there. Array arguments are read through the buffer protocol; fastattn.backends.cpu passes
 # ndarrays.
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 NO_BOUND: Final[int]  # a band side that bounds nothing
-RAN: Final[int]  # attention() ran the kernel
-WIDEN: Final[int]  # it ran nothing: widen q, k, v to the compute dtype and call again
-PAIRS: Final[int]  # it ran nothing: pack bfloat16 in key pairs and call again
-AMX: Final[int]  # it ran nothing: pack bfloat16 for AMX tiles and call again
-NONFINITE: Final[int]  # it ran, and an output is inf or NaN before normalization
+OUTPUT_NONFINITE: Final[int]  # attention()'s flag: an output is inf or NaN before normalization
 
-def attention(
-    double: bool,
-    storage: int,
-    batch_shape: tuple[int, ...],
-    L: int,
-    S: int,
-    E: int,
-    Ev: int,
-    q: npt.NDArray[np.generic],
-    k: npt.NDArray[np.generic],
-    v: npt.NDArray[np.generic],
-    mask_kind: int,
-    mask: npt.NDArray[np.generic] | None,
-    band_lo: int,
-    band_hi: int,
-    offset: int,
-    scale: float,
-    softcap: float,
-    alibi: npt.NDArray[np.floating] | None,
-    kv_lengths: npt.NDArray[np.int64] | None,
-    kv_group: int,
-    out: npt.NDArray[np.floating],
-    weights: npt.NDArray[np.floating] | None,
-    lse: npt.NDArray[np.floating] | None,
-    num_threads: int,
-    sinks: npt.NDArray[np.floating] | None = None,
-) -> int: ...
-def attention_backward(
-    double: bool,
-    storage: int,
-    batch_shape: tuple[int, ...],
-    L: int,
-    S: int,
-    E: int,
-    Ev: int,
-    q: npt.NDArray[np.floating],
-    k: npt.NDArray[np.floating],
-    v: npt.NDArray[np.floating],
-    mask_kind: int,
-    mask: npt.NDArray[np.generic] | None,
-    band_lo: int,
-    band_hi: int,
-    offset: int,
-    scale: float,
-    softcap: float,
-    alibi: npt.NDArray[np.floating] | None,
-    kv_lengths: npt.NDArray[np.int64] | None,
-    kv_group: int,
-    out: npt.NDArray[np.floating],
-    lse: npt.NDArray[np.floating],
-    num_threads: int,
-    dout: npt.NDArray[np.floating],
-    dq: npt.NDArray[np.floating],
-    dk: npt.NDArray[np.floating],
-    dv: npt.NDArray[np.floating],
-    grads_bf16: bool = False,
-) -> int: ...
+_Array = npt.NDArray[Any]
+
+class Problem:
+    def __init__(
+        self,
+        *,
+        q: _Array,
+        k: _Array,
+        v: _Array,
+        out: _Array,
+        mask: _Array | None = None,
+        weights: _Array | None = None,
+        lse: _Array | None = None,
+        alibi: _Array | None = None,
+        kv_lengths: _Array | None = None,
+        sinks: _Array | None = None,
+        dout: _Array | None = None,
+        dq: _Array | None = None,
+        dk: _Array | None = None,
+        dv: _Array | None = None,
+        band_lo: int = ...,
+        band_hi: int = ...,
+        offset: int = 0,
+        scale: float = 1.0,
+        softcap: float = 0.0,
+        kv_group: int = 1,
+        num_threads: int = 0,
+    ) -> None: ...
+
+def attention(problem: Problem) -> int: ...
+def attention_backward(problem: Problem) -> None: ...
 def attention_plain(
     q: object, k: object, v: object, causal: object, scale: object, num_threads: object
 ) -> npt.NDArray[np.floating] | None: ...

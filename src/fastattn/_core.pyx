@@ -15,7 +15,9 @@ from libcpp.string cimport string
 from libcpp.vector cimport vector
 
 
-cdef extern from "attention.hpp" namespace "fastattn":
+cdef extern from "problem.hpp" namespace "fastattn":
+    # The one problem struct of csrc/problem.hpp (its comments say what each field is): the
+    # fields the binding sets; those the dispatcher owns are not declared here.
     cdef enum class DType "fastattn::DType":
         kFloat32 "fastattn::DType::kFloat32"
         kFloat64 "fastattn::DType::kFloat64"
@@ -24,46 +26,46 @@ cdef extern from "attention.hpp" namespace "fastattn":
         kSame "fastattn::Storage::kSame"
         kFloat16 "fastattn::Storage::kFloat16"
         kBFloat16 "fastattn::Storage::kBFloat16"
-        kBFloat16Pairs "fastattn::Storage::kBFloat16Pairs"
-        kBFloat16Amx "fastattn::Storage::kBFloat16Amx"
 
     cdef enum class MaskKind "fastattn::MaskKind":
         kNone "fastattn::MaskKind::kNone"
         kBool "fastattn::MaskKind::kBool"
         kAdditive "fastattn::MaskKind::kAdditive"
 
-    cdef cppclass Operand:
+    const int kMaxBatchDims "fastattn::kMaxBatchDims"
+    const int64_t kNoBound "fastattn::kNoBound"
+
+    cdef cppclass StridedView "fastattn::StridedView":
         const void* data
-        vector[int64_t] batch_strides
+        int64_t batch_strides[64]
         int64_t row_stride
         int64_t col_stride
 
-    cdef cppclass Problem:
+    cdef cppclass CProblem "fastattn::Problem":
         DType dtype
         Storage storage
-        vector[int64_t] batch_shape
+        int n_batch_dims
+        int64_t batch_shape[64]
         int64_t L, S, E, Ev
-        Operand q, k, v
+        StridedView q, k, v
         int64_t kv_group
         MaskKind mask_kind
-        Operand mask
+        StridedView mask
         int64_t band_lo, band_hi, offset
         double scale, softcap
-        Operand alibi, kv_lengths, sinks
-        Operand out, weights, lse
+        StridedView alibi, kv_lengths, sinks
+        StridedView out, weights, lse
         int num_threads
-        Operand dout, dq, dk, dv
-        cbool grads_bf16
         int (*interrupt_poll)(void*) noexcept nogil
         void* interrupt_ctx
+        StridedView dout, dq, dk, dv
+        cbool grads_bf16
 
-    const int64_t kNoBound "fastattn::kNoBound"
+cdef extern from "attention.hpp" namespace "fastattn":
     const int kOutputNonFinite "fastattn::kOutputNonFinite"
 
-    int c_attention "fastattn::attention"(const Problem& p) except + nogil
-    int c_attention_backward "fastattn::attention_backward"(const Problem& p) except + nogil
-    int c_reads_storage "fastattn::reads_storage"(const Problem& p) except +
-    int c_backward_reads_storage "fastattn::backward_reads_storage"(const Problem& p) except +
+    int c_attention "fastattn::attention"(CProblem& p) except + nogil
+    int c_attention_backward "fastattn::attention_backward"(CProblem& p) except + nogil
     void c_exp2_f32 "fastattn::exp2<float>"(const float* x, float* y, int64_t n) except + nogil
     void c_exp2_f64 "fastattn::exp2<double>"(const double* x, double* y, int64_t n) except + nogil
     string c_active_isa "fastattn::active_isa"() except +
@@ -80,25 +82,27 @@ cdef extern from "attention.hpp" namespace "fastattn":
     int c_default_threads "fastattn::default_threads"()
 
 
-cdef void _fill(Operand& op, object array, Py_ssize_t n_batch) except *:
+cdef void _fill(StridedView& op, object array, Py_ssize_t n_batch, int axes=2) except *:
     # The buffer protocol gives the address, shape and strides without NumPy's C API; the caller
-    # keeps `array` alive. Axes the array lacks, or holds once (size 1), broadcast: stride 0.
+    # keeps `array` alive. `axes`: how many of the operand's two matrix axes the array has (2;
+    # 1 for lse, (..., L); 0 for per-batch-entry arrays), the others unit axes. Axes the array
+    # lacks, or holds once (size 1), broadcast: stride 0.
     cdef Py_buffer view
     # Strides without the format: the dtype was checked by the caller, and NumPy builds a
     # format string for every request that asks for one (a tenth of a tiny call's core time).
     PyObject_GetBuffer(array, &view, PyBUF_STRIDES)
-    cdef Py_ssize_t pad = n_batch + 2 - view.ndim
-    cdef Py_ssize_t d
+    cdef Py_ssize_t pad = n_batch + axes - view.ndim
+    cdef Py_ssize_t d, i
     cdef int64_t stride
     try:
         if pad < 0:
             raise ValueError("operand has more axes than the batch shape")
         op.data = view.buf
-        op.batch_strides.resize(n_batch)
         for d in range(n_batch + 2):
             stride = 0
-            if d >= pad and view.shape[d - pad] != 1:
-                stride = view.strides[d - pad] // view.itemsize
+            i = d - pad
+            if 0 <= i < view.ndim and view.shape[i] != 1:
+                stride = view.strides[i] // view.itemsize
             if d < n_batch:
                 op.batch_strides[d] = stride
             elif d == n_batch:
@@ -152,7 +156,7 @@ if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-cdef inline void _watch(Problem& p, _Interrupt* st) noexcept:
+cdef inline void _watch(CProblem& p, _Interrupt* st) noexcept:
     st.error = NULL
     if <unsigned long>PyThread_get_thread_ident() == _main_thread:
         p.interrupt_poll = _check_signals
@@ -170,8 +174,9 @@ cdef int _raise_if_interrupted(_Interrupt* st) except -1:
 
 
 NO_BOUND = kNoBound
+OUTPUT_NONFINITE = kOutputNonFinite
 # NumPy's descriptors of builtin types are singletons: `a.dtype is _F32` is an identity test.
-_F32, _F64 = _np.dtype(_np.float32), _np.dtype(_np.float64)
+_F32, _F64, _F16 = _np.dtype(_np.float32), _np.dtype(_np.float64), _np.dtype(_np.float16)
 _ndarray, _empty = _np.ndarray, _np.empty
 
 
@@ -186,10 +191,9 @@ cdef inline bint _plain_view(Py_buffer* view, Py_ssize_t itemsize):
     return True
 
 
-cdef void _fill_view(Operand& op, Py_buffer* view, Py_ssize_t n_batch):
+cdef void _fill_view(StridedView& op, Py_buffer* view, Py_ssize_t n_batch):
     cdef Py_ssize_t d
     op.data = view.buf
-    op.batch_strides.resize(n_batch)
     for d in range(n_batch):
         op.batch_strides[d] = 0 if view.shape[d] == 1 else view.strides[d] // view.itemsize
     op.row_stride = 0 if view.shape[n_batch] == 1 else view.strides[n_batch] // view.itemsize
@@ -208,7 +212,7 @@ def attention_plain(q, k, v, causal, scale, num_threads):
     if not _plain_call(q, k, v, causal, scale, num_threads, _F32, _F64):
         return None
     cdef Py_buffer bq, bk, bv
-    cdef Problem p
+    cdef CProblem p
     cdef Py_ssize_t d, nb, n_items = 1
     PyObject_GetBuffer(q, &bq, PyBUF_STRIDES)
     try:
@@ -217,7 +221,7 @@ def attention_plain(q, k, v, causal, scale, num_threads):
             PyObject_GetBuffer(v, &bv, PyBUF_STRIDES)
             try:
                 nb = bq.ndim - 2
-                if nb < 0 or bk.ndim != bq.ndim or bv.ndim != bq.ndim:
+                if nb < 0 or nb > kMaxBatchDims or bk.ndim != bq.ndim or bv.ndim != bq.ndim:
                     return None
                 for d in range(nb):
                     if bk.shape[d] != bq.shape[d] or bv.shape[d] != bq.shape[d]:
@@ -232,7 +236,7 @@ def attention_plain(q, k, v, causal, scale, num_threads):
                 if not (_plain_view(&bq, bq.itemsize) and _plain_view(&bk, bq.itemsize)
                         and _plain_view(&bv, bq.itemsize)):
                     return None
-                p.batch_shape.resize(nb)
+                p.n_batch_dims = nb
                 for d in range(nb):
                     p.batch_shape[d] = bq.shape[d]
                 _fill_view(p.q, &bq, nb)
@@ -260,11 +264,10 @@ cdef inline bint _plain_call(q, k, v, causal, scale, num_threads, f32, f64):
     return scale is None or type(scale) is float
 
 
-cdef object _run_plain(Problem& p, tuple batch, dtype, causal, scale, num_threads):
+cdef object _run_plain(CProblem& p, tuple batch, dtype, causal, scale, num_threads):
     # The rest of a checked common call: the output, the options, the kernel without the GIL.
     out = _empty(batch + (p.L, p.Ev), dtype)
     p.dtype = DType.kFloat64 if dtype is _F64 else DType.kFloat32
-    p.storage = Storage.kSame
     _fill(p.out, out, len(batch))
     p.mask_kind = MaskKind.kNone
     p.band_lo = -kNoBound
@@ -282,7 +285,7 @@ cdef object _run_plain(Problem& p, tuple batch, dtype, causal, scale, num_thread
     return out
 
 
-cdef bint _fill_tensor(Operand& op, t, Py_ssize_t itemsize, shape, Py_ssize_t nb) except -1:
+cdef bint _fill_tensor(StridedView& op, t, Py_ssize_t itemsize, shape, Py_ssize_t nb) except -1:
     # A tensor's address and element strides (size-1 axes broadcast: stride 0), from its
     # data_ptr() and stride(); False when the address is not aligned to its items.
     cdef uintptr_t ptr = t.data_ptr()
@@ -291,7 +294,6 @@ cdef bint _fill_tensor(Operand& op, t, Py_ssize_t itemsize, shape, Py_ssize_t nb
     if ptr % itemsize:
         return False
     op.data = <const void*>ptr
-    op.batch_strides.resize(nb)
     for d in range(nb):
         op.batch_strides[d] = 0 if shape[d] == 1 else strides[d]
     op.row_stride = 0 if shape[nb] == 1 else strides[nb]
@@ -311,13 +313,13 @@ def attention_plain_tensors(q, k, v, causal, scale, num_threads, f32, f64):
     cdef tuple sq = tuple(q.shape)
     sk, sv = k.shape, v.shape
     cdef Py_ssize_t nd = len(sq), nb = nd - 2, d, itemsize = 8 if tdtype is f64 else 4
-    cdef Problem p
-    if nb < 0 or len(sk) != nd or len(sv) != nd:
+    cdef CProblem p
+    if nb < 0 or nb > kMaxBatchDims or len(sk) != nd or len(sv) != nd:
         return None
     p.L, p.E, p.S, p.Ev = sq[nb], sq[nb + 1], sk[nb], sv[nb + 1]
     if sk[nb + 1] != p.E or sv[nb] != p.S or p.L == 0 or p.S == 0 or p.E == 0 or p.Ev == 0:
         return None
-    p.batch_shape.resize(nb)
+    p.n_batch_dims = nb
     for d in range(nb):
         if sq[d] == 0 or sk[d] != sq[d] or sv[d] != sq[d]:
             return None  # broadcasting and empty problems: the general path
@@ -326,122 +328,109 @@ def attention_plain_tensors(q, k, v, causal, scale, num_threads, f32, f64):
             and _fill_tensor(p.v, v, itemsize, sv, nb)):
         return None
     return _run_plain(p, sq[:nb], _F64 if tdtype is f64 else _F32, causal, scale, num_threads)
-RAN, WIDEN, PAIRS, AMX, NONFINITE = 0, 1, 2, 3, 4  # what attention() did: see its docstring
+cdef Storage _storage_of(dtype) except *:
+    # q's dtype (k's and v's are the same): in the compute dtype, or 16-bit of a float32 problem.
+    # == rather than `is`: a native dtype may be another instance (a byte-swapped one is not
+    # equal, and the caller made every array native)
+    if dtype == _F32 or dtype == _F64:
+        return Storage.kSame
+    if dtype == _F16:
+        return Storage.kFloat16
+    if dtype.name == "bfloat16":
+        return Storage.kBFloat16
+    raise TypeError(f"the kernel does not read {dtype}")
 
 
-cdef void _problem(Problem& p, bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
-                   int64_t E, int64_t Ev, q, k, v, int mask_kind, mask, int64_t band_lo,
-                   int64_t band_hi, int64_t offset, double scale, double softcap, alibi,
-                   kv_lengths, int64_t kv_group, out, weights, lse, int num_threads,
-                   sinks) except *:
-    # The arguments both passes share, in attention()'s order.
-    cdef Py_ssize_t nb = len(batch_shape)
-    p.dtype = DType.kFloat64 if double else DType.kFloat32
-    p.storage = (Storage.kSame, Storage.kFloat16, Storage.kBFloat16,
-                 Storage.kBFloat16Pairs, Storage.kBFloat16Amx)[storage]
-    p.batch_shape = batch_shape
-    p.L = L
-    p.S = S
-    p.E = E
-    p.Ev = Ev
-    _fill(p.q, q, nb)
-    _fill(p.k, k, nb)
-    _fill(p.v, v, nb)
-    p.kv_group = kv_group
-    if mask_kind == 1:
-        p.mask_kind = MaskKind.kBool
-        _fill(p.mask, mask, nb)
-    elif mask_kind == 2:
-        p.mask_kind = MaskKind.kAdditive
-        _fill(p.mask, mask, nb)
-    else:
-        p.mask_kind = MaskKind.kNone
-    p.band_lo = band_lo
-    p.band_hi = band_hi
-    p.offset = offset
-    p.scale = scale
-    p.softcap = softcap
-    if alibi is not None:
-        _fill(p.alibi, alibi, nb)
-    if kv_lengths is not None:
-        _fill(p.kv_lengths, kv_lengths, nb)
-    if sinks is not None:
-        _fill(p.sinks, sinks, nb)
-    _fill(p.out, out, nb)
-    if weights is not None:
-        _fill(p.weights, weights, nb)
-    if lse is not None:
-        _fill(p.lse, lse, nb)
-    p.num_threads = num_threads
+cdef class Problem:
+    """One problem of the compiled kernel (csrc/problem.hpp's ``Problem``), built by keyword:
+    the arrays, whose dtypes and shapes ``fastattn._validate`` checked, and the options.
 
-
-def attention(bint double, int storage, tuple batch_shape, int64_t L, int64_t S, int64_t E, int64_t Ev,
-              q, k, v, int mask_kind, mask, int64_t band_lo, int64_t band_hi, int64_t offset,
-              double scale, double softcap, alibi, kv_lengths, int64_t kv_group, out, weights,
-              lse, int num_threads, sinks=None):
-    """Runs the fused kernel on arrays whose dtype and shapes ``fastattn._validate`` checked.
-
-    Each array broadcasts against ``batch_shape`` plus its own two matrix axes (per-entry
-    arrays: alibi, kv_lengths, sinks, and lse of shape (..., L, 1), carry them as trailing axes).
-    ``band_lo``/``band_hi``: query i sees keys i + band_lo .. i + band_hi (``NO_BOUND``: open).
-    ``storage``: 0 when q, k, v are in the compute dtype, 1 float16, 2 bfloat16, 3 bfloat16
-    pairs (k padded to an even E, v packed in pairs of keys), 4 bfloat16 for AMX (q and k padded
-    to a multiple of 32 features, v as V^T padded to multiples of 32). Returns ``RAN``; or,
-    having run nothing, ``WIDEN`` when the kernel does not read 16-bit storage for this problem
-    (the caller widens q, k and v and calls again with storage 0), ``PAIRS`` when it reads
-    bfloat16 as pairs (the caller packs them and calls again with storage 3) or ``AMX`` (packs
-    them for AMX and calls again with storage 4). ``NONFINITE``: it ran, and an output is inf
-    or NaN before normalization (the sum of weights times values overflowed, or the inputs hold
-    an inf or a NaN).
+    Sizes come from the arrays: q ``(..., L, E)``, k ``(..., S, E)``, v ``(..., S, Ev)`` and the
+    output ``out`` ``(*batch, L, Ev)``, whose leading axes are the broadcast batch shape every
+    other array broadcasts against. The storage comes from q's dtype (k, v, and in the backward
+    pass out and dout, stored alike: the compute dtype, float16 or bfloat16, which the kernel
+    reads, packs or widens as it needs), the compute dtype from out's (float32 or float64).
+    ``lse`` is ``(..., L)``; ``alibi``, ``kv_lengths`` and ``sinks`` have batch axes only; a bool
+    ``mask`` removes keys, another adds to the scores. ``band_lo``/``band_hi``: query i sees
+    keys i + band_lo .. i + band_hi (``NO_BOUND``: open). The backward pass reads ``dout`` and
+    writes ``dq``, ``dk``, ``dv`` (zeroed, of the full batch shape), as bfloat16 when they are.
     """
-    cdef Problem p
-    _problem(p, double, storage, batch_shape, L, S, E, Ev, q, k, v, mask_kind, mask, band_lo,
-             band_hi, offset, scale, softcap, alibi, kv_lengths, kv_group, out, weights, lse,
-             num_threads, sinks)
-    cdef int reads
-    if storage in (1, 2):
-        reads = c_reads_storage(p)
-        if reads != 1:
-            return PAIRS if reads == 3 else AMX if reads == 4 else WIDEN
+
+    cdef CProblem c
+    cdef tuple arrays  # every operand, alive as long as the problem that points into them
+
+    def __init__(self, *, q, k, v, out, mask=None, weights=None, lse=None, alibi=None,
+                 kv_lengths=None, sinks=None, dout=None, dq=None, dk=None, dv=None,
+                 int64_t band_lo=-kNoBound, int64_t band_hi=kNoBound, int64_t offset=0,
+                 double scale=1.0, double softcap=0.0, int64_t kv_group=1,
+                 int num_threads=0):
+        cdef CProblem* p = &self.c
+        batch = out.shape[:out.ndim - 2]
+        cdef Py_ssize_t nb = len(batch), d
+        if nb > kMaxBatchDims:
+            raise ValueError("too many batch axes")
+        self.arrays = (q, k, v, out, mask, weights, lse, alibi, kv_lengths, sinks, dout, dq, dk,
+                       dv)
+        p.dtype = DType.kFloat64 if out.dtype == _F64 else DType.kFloat32
+        p.storage = _storage_of(q.dtype)
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise TypeError(f"q, k and v are stored alike, not as {q.dtype}, {k.dtype}, {v.dtype}")
+        p.n_batch_dims = nb
+        for d in range(nb):
+            p.batch_shape[d] = batch[d]
+        p.L = q.shape[q.ndim - 2]
+        p.E = q.shape[q.ndim - 1]
+        p.S = k.shape[k.ndim - 2]
+        p.Ev = v.shape[v.ndim - 1]
+        _fill(p.q, q, nb)
+        _fill(p.k, k, nb)
+        _fill(p.v, v, nb)
+        _fill(p.out, out, nb)
+        p.kv_group = kv_group
+        p.mask_kind = (MaskKind.kNone if mask is None else
+                       MaskKind.kBool if mask.dtype == _np.bool_ else MaskKind.kAdditive)
+        p.band_lo, p.band_hi, p.offset = band_lo, band_hi, offset
+        p.scale, p.softcap = scale, softcap
+        p.num_threads = num_threads
+        p.grads_bf16 = dq is not None and dq.dtype.name == "bfloat16"
+        _fill_optional(p.mask, mask, nb)
+        _fill_optional(p.weights, weights, nb)
+        _fill_optional(p.lse, lse, nb, 1)
+        _fill_optional(p.alibi, alibi, nb, 0)
+        _fill_optional(p.kv_lengths, kv_lengths, nb, 0)
+        _fill_optional(p.sinks, sinks, nb, 0)
+        _fill_optional(p.dout, dout, nb)
+        _fill_optional(p.dq, dq, nb)
+        _fill_optional(p.dk, dk, nb)
+        _fill_optional(p.dv, dv, nb)
+
+
+cdef inline void _fill_optional(StridedView& op, array, Py_ssize_t nb, int axes=2) except *:
+    if array is not None:
+        _fill(op, array, nb, axes)
+
+
+def attention(Problem problem):
+    """Runs the fused kernel on the problem, without the GIL. Returns flags: ``OUTPUT_NONFINITE``
+    when an output is inf or NaN before normalization (the sum of weights times values
+    overflowed, or the inputs hold an inf or a NaN), else 0."""
     cdef _Interrupt st
     cdef int flags
-    _watch(p, &st)
+    _watch(problem.c, &st)
     with nogil:
-        flags = c_attention(p)
+        flags = c_attention(problem.c)
     _raise_if_interrupted(&st)
-    return NONFINITE if flags & kOutputNonFinite else RAN
+    return flags & kOutputNonFinite
 
 
-def attention_backward(bint double, int storage, tuple batch_shape, int64_t L, int64_t S,
-                       int64_t E, int64_t Ev, q, k, v, int mask_kind, mask, int64_t band_lo,
-                       int64_t band_hi, int64_t offset, double scale, double softcap, alibi,
-                       kv_lengths, int64_t kv_group, out, lse, int num_threads, dout, dq, dk, dv,
-                       bint grads_bf16=False):
-    """The fused backward pass: writes dq, dk, dv (zeroed, of the full batch shape) for the
-    upstream gradient ``dout``, from the forward's ``out`` and ``lse`` ((..., L, 1)). The other
-    arguments are attention()'s. ``storage`` 0: q, k, v, out and dout in the compute dtype, and
-    so the gradients; 2: all five as bfloat16 bits (uint16), lse in float32, and the gradients
-    in float32, or as bfloat16 bits when ``grads_bf16``. Returns ``RAN``, or ``WIDEN`` having run
-    nothing when the kernel does not read that storage here (the caller widens and calls again
-    with storage 0)."""
-    cdef Problem p
-    cdef Py_ssize_t nb = len(batch_shape)
-    _problem(p, double, storage, batch_shape, L, S, E, Ev, q, k, v, mask_kind, mask, band_lo,
-             band_hi, offset, scale, softcap, alibi, kv_lengths, kv_group, out, None, lse,
-             num_threads, None)
-    _fill(p.dout, dout, nb)
-    _fill(p.dq, dq, nb)
-    _fill(p.dk, dk, nb)
-    _fill(p.dv, dv, nb)
-    p.grads_bf16 = grads_bf16
-    if storage != 0 and c_backward_reads_storage(p) != 1:
-        return WIDEN
+def attention_backward(Problem problem):
+    """The fused backward pass: writes the problem's dq, dk and dv for its upstream gradient
+    ``dout``, from the forward's ``out`` and ``lse``."""
     cdef _Interrupt st
-    _watch(p, &st)
+    _watch(problem.c, &st)
     with nogil:
-        c_attention_backward(p)
+        c_attention_backward(problem.c)
     _raise_if_interrupted(&st)
-    return RAN
 
 
 def exp2(x):

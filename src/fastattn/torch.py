@@ -13,6 +13,7 @@ kernel (:func:`fastattn.attention_backward`) as a second operator,
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -129,8 +130,7 @@ def _run_cpu(q, k, v, opts: dict, return_weights: bool, return_lse: bool):
     return out, lse, weights
 
 
-@torch.library.custom_op("fastattn::attention", mutates_args=())
-def _attention_op(
+def _attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -160,6 +160,11 @@ def _attention_op(
     return (_from_numpy(out), _from_numpy(lse),
             torch.empty(0, dtype=_torch_dtype(out.dtype)) if weights is None
             else _from_numpy(weights))
+
+
+# The op's inputs by name, in its order: its autograd formula returns one gradient per input.
+_ATTENTION_INPUTS = tuple(inspect.signature(_attention).parameters)
+_attention_op = torch.library.custom_op("fastattn::attention", mutates_args=())(_attention)
 
 
 def _on_gpu(q, k, v, opts, return_weights):
@@ -268,12 +273,13 @@ def _(q, k, v, out, lse, dout, mask, causal, scale, enable_gqa, num_threads, ali
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, mask, causal, scale, enable_gqa, num_threads, align, window_left, window_right,
-     alibi_slopes, softcap, kv_lengths, similarity, sinks, _return_weights) = inputs
+    x = dict(zip(_ATTENTION_INPUTS, inputs))
     out, lse, _weights = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, kv_lengths, sinks)
-    ctx.options = (causal, scale, enable_gqa, num_threads, align, window_left, window_right,
-                   softcap, similarity)
+    ctx.save_for_backward(*(x[name] for name in ("q", "k", "v")), out, lse,
+                          *(x[name] for name in ("mask", "alibi_slopes", "kv_lengths", "sinks")))
+    ctx.options = tuple(x[name] for name in (
+        "causal", "scale", "enable_gqa", "num_threads", "align", "window_left", "window_right",
+        "softcap", "similarity"))
     # Unused outputs then get None, not zeros: a gradient through lse or the weights is told
     # apart from none without looking at the data.
     ctx.set_materialize_grads(False)
@@ -287,7 +293,7 @@ def _backward(ctx, dout, dlse, dweights):
             "the returned lse or weights")
     q, k, v, out, lse, mask, alibi_slopes, kv_lengths, sinks = ctx.saved_tensors
     if dout is None:
-        return (None,) * 17
+        return (None,) * len(_ATTENTION_INPUTS)
     (causal, scale, enable_gqa, num_threads, align, window_left, window_right, softcap,
      similarity) = ctx.options
     # Under torch.func transforms, the op through an autograd.Function that they take
@@ -296,10 +302,9 @@ def _backward(ctx, dout, dlse, dweights):
     dq, dk, dv, dsinks = backward(
         q, k, v, out, lse, dout, mask, causal, scale, enable_gqa, num_threads, align,
         window_left, window_right, alibi_slopes, softcap, kv_lengths, similarity, sinks)
-    grads = [None] * 17  # one per input of the op, in its order
-    grads[:3] = dq, dk, dv
-    grads[15] = dsinks if sinks is not None else None
-    return tuple(grads)
+    grads = dict.fromkeys(_ATTENTION_INPUTS)  # one per input of the op, in its order
+    grads.update(q=dq, k=dk, v=dv, sinks=dsinks if sinks is not None else None)
+    return tuple(grads.values())
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)

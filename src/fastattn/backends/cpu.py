@@ -12,9 +12,6 @@ from .. import _core
 from .._gradients import sinks_gradient, sum_to
 from .._validate import Plan, is_bfloat16, on_device, prepare
 
-# 16-bit storage codes of the compiled kernel (fastattn::Storage).
-_STORAGE = {"float16": 1, "bfloat16": 2}
-
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (norms taken in float64); zero rows stay zero."""
@@ -28,79 +25,18 @@ def _unit_rows_and_norms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (x / norm).astype(x.dtype, copy=False), norm
 
 
-def _bfloat16_pairs(q: np.ndarray, k: np.ndarray, v: np.ndarray):
-    """bfloat16 bits (uint16) laid out for the kernel's bfloat16 tiles: q and k with E padded to
-    even (a zero feature changes no score), k contiguous along it, and v packed in pairs of keys:
-    ``vp[..., j // 2, c]`` holds keys j and j + 1 (even j; an odd S pairs the last with zero) of
-    column c, low half first. Broadcast batch axes stay broadcast (only the last two are copied).
-    """
-    if q.shape[-1] % 2:
-        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), q.dtype)], axis=-1)
-        k = np.concatenate([k, np.zeros(k.shape[:-1] + (1,), k.dtype)], axis=-1)
-    if k.strides[-1] != k.itemsize:  # also after padding: concatenate keeps a Fortran layout
-        k = np.ascontiguousarray(k)
-    # Pairs by integer ops along whole rows: a copy through a (..., S/2, Ev, 2) transpose took
-    # 3 ms of a 17 ms (4, 8, 1024, 1024, 64) call, these 0.3 ms.
-    lo, hi = v[..., 0::2, :], v[..., 1::2, :]
-    # (..., (S + 1) // 2, Ev), an odd last key paired with zero; C order whatever v's layout
-    # (the kernel reads a pair row by row)
-    vp = lo.astype(np.uint32, order="C")
-    vp[..., : hi.shape[-2], :] |= hi.astype(np.uint32) << 16
-    return q, k, vp
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _bfloat16_amx(q: np.ndarray, k: np.ndarray, v: np.ndarray):
-    """bfloat16 bits (uint16) laid out for the kernel's AMX tiles: q and k with E padded with
-    zero features to a multiple of 32 (a tile row), k contiguous along it (read in place when it
-    already is), and v transposed, ``vt[..., s, c]`` a view of a ``(..., Ev32, S32)`` array
-    whose rows (value columns) hold the keys contiguously, zero-padded to multiples of 32.
-    Broadcast batch axes stay broadcast.
-    """
-    E = q.shape[-1]
-    pad = _round_up(E, 32) - E
-    if pad:
-        q = np.concatenate([q, np.zeros(q.shape[:-1] + (pad,), q.dtype)], axis=-1)
-        k = np.concatenate([k, np.zeros(k.shape[:-1] + (pad,), k.dtype)], axis=-1)
-    if k.strides[-1] != k.itemsize:
-        k = np.ascontiguousarray(k)
-    S, Ev = v.shape[-2:]
-    vt = np.zeros(v.shape[:-2] + (_round_up(Ev, 32), _round_up(S, 32)), v.dtype)
-    vt[..., :Ev, :S] = np.swapaxes(v, -1, -2)
-    return q, k, np.swapaxes(vt, -1, -2)
-
-
-def _trailing(a: np.ndarray | None) -> np.ndarray | None:
-    """A per-batch-entry array with two unit matrix axes, as the kernel's operands have."""
-    return None if a is None else a.reshape(a.shape + (1, 1))
-
-
-def _problem(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> list[Any]:
-    """The kernel arguments both passes share, batch shape to kv_group (see _core.attention)."""
-    mask = plan.mask
-    mask_kind = 0 if mask is None else (1 if mask.dtype == np.bool_ else 2)
-    return [
-        plan.batch,
-        plan.L,
-        plan.S,
-        plan.E,
-        plan.Ev,
-        q,
-        k,
-        v,
-        mask_kind,
-        mask,
-        *plan.band_within(_core.NO_BOUND),
-        plan.offset,
-        plan.scale,
-        plan.softcap or 0.0,
-        _trailing(plan.alibi),
-        _trailing(plan.kv_lengths),
-        plan.kv_group,
-    ]
+def _problem(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, sinks: bool = True,
+             **arrays: Any) -> _core.Problem:
+    """The kernel's problem: the plan's options on these q, k and v (as stored: the kernel reads
+    16-bit storage as it needs) and the other arrays (out, weights, lse; the backward pass's
+    dout, dq, dk and dv). ``sinks=False``: without the plan's sinks (the backward pass's lse
+    already holds them)."""
+    lo, hi = plan.band_within(_core.NO_BOUND)
+    return _core.Problem(
+        q=q, k=k, v=v, mask=plan.mask, band_lo=lo, band_hi=hi, offset=plan.offset,
+        scale=plan.scale, softcap=plan.softcap or 0.0, alibi=plan.alibi,
+        kv_lengths=plan.kv_lengths, sinks=plan.sinks if sinks else None, kv_group=plan.kv_group,
+        num_threads=plan.num_threads or 0, **arrays)
 
 
 def _grouped_queries(plan: Plan) -> Plan | None:
@@ -138,48 +74,22 @@ def run(plan: Plan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     L, S, Ev = plan.L, plan.S, plan.Ev
     out = np.empty(plan.batch + (L, Ev), plan.dtype)
     weights = np.empty(plan.batch + (L, S), plan.dtype) if plan.return_weights else None
-    lse = np.empty(plan.batch + (L, 1), plan.dtype) if plan.return_lse else None
+    lse = np.empty(plan.batch + (L,), plan.dtype) if plan.return_lse else None
     q, k, v = plan.q, plan.k, plan.v
     if plan.similarity == "cosine":  # normalized in the compute dtype: no 16-bit storage left
         q, k = _unit_rows(q.astype(plan.dtype)), _unit_rows(k.astype(plan.dtype))
         v = v.astype(plan.dtype, copy=False)
-    if _launch(plan, q, k, v, out, weights, lse) == _core.NONFINITE:
+    problem = _problem(plan, q, k, v, out=out, weights=weights, lse=lse)
+    if _core.attention(problem) & _core.OUTPUT_NONFINITE:
         exponents = overflow_exponents(plan, v)
         if exponents is not None:  # again with v scaled down, then the output scaled back up
-            _launch(plan, q, k, scaled_down(plan, v, exponents, v.dtype), out, weights, lse)
+            v = scaled_down(plan, v, exponents, v.dtype)
+            _core.attention(_problem(plan, q, k, v, out=out, weights=weights, lse=lse))
             scale_up(out, exponents)
-    if lse is not None:
-        lse = lse[..., 0]
     if plan.out_dtype != plan.dtype:
         out = out.astype(plan.out_dtype)
         weights = None if weights is None else weights.astype(plan.out_dtype)
     return out, weights, lse
-
-
-def _launch(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
-            weights: np.ndarray | None, lse: np.ndarray | None) -> int:
-    """Runs the forward kernel on q, k and v as stored (16-bit storage read as given, packed or
-    widened, as the kernel asks); ``_core.RAN``, or ``_core.NONFINITE`` when an output was not
-    finite before normalization."""
-    args = _problem(plan, q, k, v) + [out, weights, lse, plan.num_threads or 0,
-                                      _trailing(plan.sinks)]
-    storage = 0
-    if q.dtype == k.dtype == v.dtype != plan.dtype:
-        storage = _STORAGE[v.dtype.name]
-        args[5:8] = (a.view(np.uint16) for a in (q, k, v))  # bits, strides kept
-    status = _core.attention(plan.dtype == np.float64, storage, *args)
-    if status == _core.WIDEN:  # 16-bit storage the kernel does not read here: widen once
-        args[5:8] = (a.astype(plan.dtype) for a in (q, k, v))
-        status = _core.attention(plan.dtype == np.float64, 0, *args)
-    elif status == _core.PAIRS:
-        args[3] = plan.E + plan.E % 2
-        args[5:8] = _bfloat16_pairs(args[5], args[6], args[7])
-        status = _core.attention(False, 3, *args)
-    elif status == _core.AMX:
-        args[3] = _round_up(plan.E, 32)
-        args[5:8] = _bfloat16_amx(args[5], args[6], args[7])
-        status = _core.attention(False, 4, *args)
-    return status
 
 
 def overflow_exponents(plan: Plan, v: np.ndarray) -> np.ndarray | None:
@@ -246,14 +156,18 @@ def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
         fresh = run(scores_only)[2]
         assert fresh is not None  # return_lse
         lse = fresh
-    grads = _bfloat16_backward(plan, q, k, v, out, lse, dout, dtypes)
-    if grads is None:  # in the compute dtype
+    # The kernel reads q, k, v, out and dout as stored when all five are stored alike (16-bit
+    # storage too: bfloat16 as pairs where the CPU has them, else widened), and writes the
+    # gradients as bfloat16 where that is their dtype and nothing is summed after it (no
+    # broadcast, no GQA), else in the compute dtype.
+    if not q.dtype == k.dtype == v.dtype == out.dtype == dout.dtype:
         q, k, v, out, dout = (a.astype(plan.dtype, copy=False) for a in (q, k, v, out, dout))
-        grads = [np.zeros(plan.batch + shape, plan.dtype)
-                 for shape in ((plan.L, plan.E), (plan.S, plan.E), (plan.S, plan.Ev))]
-        args = _problem(plan, q, k, v) + [out, lse[..., None], plan.num_threads or 0, dout,
-                                          *grads]
-        _core.attention_backward(plan.dtype == np.float64, 0, *args)
+    shapes = ((plan.L, plan.E), (plan.S, plan.E), (plan.S, plan.Ev))
+    direct = is_bfloat16(q.dtype) and all(
+        a.shape == plan.batch + s and d == q.dtype for a, s, d in zip((q, k, v), shapes, dtypes))
+    grads = [np.zeros(plan.batch + s, q.dtype if direct else plan.dtype) for s in shapes]
+    _core.attention_backward(_problem(plan, q, k, v, sinks=False, out=out, lse=lse, dout=dout,
+                                      dq=grads[0], dk=grads[1], dv=grads[2]))
     dq, dk, dv = grads
     dq = sum_to(dq, q.shape, 1)
     dk, dv = sum_to(dk, k.shape, plan.kv_group), sum_to(dv, v.shape, plan.kv_group)
@@ -264,30 +178,6 @@ def run_backward(plan: Plan, out: np.ndarray, lse: np.ndarray, dout: np.ndarray,
     if plan.sinks is not None:  # from the lse used above: recomputed in float32 for 16 bits
         grads.append(sinks_gradient(plan, out, lse, dout))
     return tuple(g.astype(d, copy=False) for g, d in zip(grads, dtypes))
-
-
-def _bfloat16_backward(plan: Plan, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
-                       lse: np.ndarray, dout: np.ndarray, dtypes: tuple[np.dtype, ...]
-                       ) -> list[np.ndarray] | None:
-    """The gradients of the full batch shape by the kernel's bfloat16 backward, which reads q,
-    k, v, out and dout as stored (bfloat16 pair products, float32 sums), or None where it does
-    not run (other dtypes, or a CPU without AVX512-BF16 pairs). They come as bfloat16 when that
-    is their dtype and nothing is summed after the kernel (no broadcast, no GQA), else float32.
-    """
-    if not (plan.dtype == np.float32 and is_bfloat16(q.dtype)
-            and q.dtype == k.dtype == v.dtype == out.dtype == dout.dtype):
-        return None
-    shapes = ((plan.L, plan.E), (plan.S, plan.E), (plan.S, plan.Ev))
-    direct = all(a.shape == plan.batch + s and d == q.dtype
-                 for a, s, d in zip((q, k, v), shapes, dtypes))
-    grads = [np.zeros(plan.batch + s, np.uint16 if direct else plan.dtype) for s in shapes]
-    bits = [a.view(np.uint16) for a in (q, k, v, out, dout)]
-    args = _problem(plan, *bits[:3]) + [bits[3], lse[..., None], plan.num_threads or 0, bits[4],
-                                        *grads, direct]
-    status = _core.attention_backward(False, _STORAGE["bfloat16"], *args)
-    if status == _core.WIDEN:
-        return None
-    return [g.view(q.dtype) for g in grads] if direct else grads
 
 
 class CpuBackend:
