@@ -10,10 +10,9 @@
 // additive masks (broadcast), causal and sliding-window bands with either alignment, softcap,
 // ALiBi, kv_lengths, weights and log-sum-exp outputs, gradients (dq, dk, dv written through
 // strides), 1, 2 or default threads; and the
-// inconsistent problems the core must refuse with std::invalid_argument. The forward's 16-bit
-// storage is left to the Python tests; the backward's bfloat16 storage is run here too (as
-// pairs where the variant has them, widened elsewhere: the core decides, the caller only gives
-// the storage).
+// inconsistent problems the core must refuse with std::invalid_argument; and bfloat16 storage,
+// forward and backward (packed as pairs or for AMX where the variant has them, widened
+// elsewhere: the core decides, the caller only gives the storage).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -247,7 +246,7 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   };
   const uint16_t gsentinel = 0x7777;
   Tensor<uint16_t> hq, hk, hv, hout, hdout, hdq, hdk, hdv;
-  Tensor<T> fdq, fdk, fdv;
+  Tensor<T> fdq, fdk, fdv, bout;
   bool bf16_ran = false;
   if (bf16) {
     hq = bits_of(q), hk = bits_of(k), hv = bits_of(v), hout = bits_of(out);
@@ -256,6 +255,13 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
     ph.weights = StridedView();
     ph.storage = fastattn::Storage::kBFloat16;
     ph.q = view(hq, nb), ph.k = view(hk, nb), ph.v = view(hv, nb);
+    // The forward from the same bfloat16 storage (the core packs or widens it for its tiles),
+    // into a float32 output of its own, before the backward's views replace out.
+    bout = make_tensor<T>(rng, with(c.batch, {c.L, c.Ev}), false, sentinel);
+    Problem pf = ph;
+    pf.lse = StridedView();
+    pf.out = view(bout, nb);
+    fastattn::attention(pf);
     ph.out = view(hout, nb), ph.dout = view(hdout, nb);
     ph.grads_bf16 = c.grads_bf16;
     if (c.grads_bf16) {
@@ -353,12 +359,18 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
     int64_t b = 0;
     for (size_t d = 0; d < nb; ++d) b = b * c.batch[d] + bi[d];
     const int64_t od = dout.index(with(bi, {0, 0}));
+    // Dabs: the magnitude of D's terms, dO_e v_je one by one (D = rowsum(dO * O) is computed
+    // from O, whose rounding is that of each term, not of their sum dP_j, which may cancel).
     LD D = 0, Dabs = 0;
     for (int64_t j = 0; j < S; ++j) {
       dp[size_t(j)] = 0;
-      for (int64_t e = 0; e < c.Ev; ++e) dp[size_t(j)] += at(dout, od, i, e) * at(v, ov, j, e);
+      LD terms_j = 0;
+      for (int64_t e = 0; e < c.Ev; ++e) {
+        dp[size_t(j)] += at(dout, od, i, e) * at(v, ov, j, e);
+        terms_j += std::fabs(at(dout, od, i, e) * at(v, ov, j, e));
+      }
       if (w[size_t(j)] != 0) D += w[size_t(j)] * dp[size_t(j)];
-      Dabs += w[size_t(j)] * std::fabs(dp[size_t(j)]);
+      Dabs += w[size_t(j)] * terms_j;
     }
     for (int64_t j = 0; j < S; ++j) {
       const LD wj = w[size_t(j)];
@@ -442,6 +454,18 @@ void run_case(const Case& c, std::mt19937& rng, const std::string& isa, Stats& s
   only_view(dk, true, "dk");
   only_view(dv, true, "dv");
   if (bf16_ran) {
+    // The bfloat16 forward against the float32 one on the same values: the pairs and AMX
+    // round the weights to bfloat16 (half an ulp, 2^-9, of each), so within 2^-6 of the largest
+    // value; a key or feature packed in the wrong place would move an output by far more.
+    LD vmax = 0, diff = 0;
+    for_each_index(v.shape,
+                   [&](const Shape& idx) { vmax = std::max(vmax, LD(std::fabs(v.at(idx)))); });
+    for_each_index(out.shape, [&](const Shape& idx) {
+      diff = std::max(diff, LD(std::fabs(bout.at(idx) - out.at(idx))));
+    });
+    if (diff > (vmax + 1) / 64 && error.empty())
+      error = "bfloat16 forward off the float32 one by " + std::to_string(double(diff));
+    only_view(bout, true, "bfloat16 forward's out");
     auto only_bits = [&](const Tensor<uint16_t>& t, const char* what) {
       std::vector<bool> in_view(t.buf.size(), false);
       for_each_index(t.shape, [&](const Shape& idx) { in_view[size_t(t.index(idx))] = true; });

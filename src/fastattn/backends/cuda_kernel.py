@@ -58,48 +58,195 @@ TILES = {
 }
 
 
+def _constants(tiles: _Tiles):
+    """The accumulator's type (a cast, also inside the kernel) and its 0, 1 and -inf: every
+    constant of the kernel built in it, so the float32 PTX has no float64 arithmetic."""
+    acc = tiles.dtype.type  # np.float32 or np.float64
+    return acc, acc(0.0), acc(1.0), acc(-np.inf)
+
+
+def _row_steps(tiles: _Tiles):
+    """A row's own steps (its query, the online softmax, its output): device functions."""
+    acc, ZERO, ONE, NEG_INF = _constants(tiles)
+
+    @cuda.jit(device=True)
+    def load_query(q, qr, qo, i, q_sl, q_se, E, q_resident, cosine, live):
+        """This row's query in qr when it fits one chunk; its norm for cosine (else 1)."""
+        if q_resident and live:
+            for e in range(E):
+                qr[e] = acc(q[qo + i * q_sl + e * q_se])
+        q_norm = ONE
+        if cosine and live:
+            qq = ZERO
+            for e in range(E):
+                x = acc(q[qo + i * q_sl + e * q_se])
+                qq += x * x
+            q_norm = math.sqrt(qq)
+        return q_norm
+
+    @cuda.jit(device=True)
+    def online_softmax(s, nk, o, nv, m_i, l_i, m_new):
+        """Logits to weights against the new maximum, the sum and the accumulator rescaled by
+        exp(m_old - m_new); returns the new (m, l)."""
+        alpha = ZERO if m_i == NEG_INF else math.exp(m_i - m_new)
+        tile_sum = ZERO
+        for jj in range(nk):
+            p = math.exp(s[jj] - m_new)
+            s[jj] = p
+            tile_sum += p
+        for d in range(nv):
+            o[d] *= alpha
+        return m_new, l_i * alpha + tile_sum
+
+    @cuda.jit(device=True)
+    def add_values(o, s, sV, nk, nv):
+        for d in range(nv):
+            # The tile's sum is formed alone, then added: long rows of equal terms err like
+            # sqrt(S) eps, not like S eps.
+            part = ZERO
+            for jj in range(nk):
+                part += s[jj] * sV[jj, d]
+            o[d] += part
+
+    @cuda.jit(device=True)
+    def finish_row(out, lse, o, row, Ev, dv0, nv, m_i, l_i, sink, write_lse):
+        """The row's output (and lse) from its accumulator, the sink joining the sum once;
+        returns the final (m, l), the sink folded in, which the weights sweep uses."""
+        # l == 0: no key took part, the output is 0 (never NaN); a NaN l stays NaN.
+        factor = ZERO if l_i == ZERO else ONE / l_i
+        if sink != NEG_INF:  # joins the denominator once, after the last key
+            m2 = sink if l_i == ZERO or sink > m_i else m_i
+            alpha = ZERO if l_i == ZERO else math.exp(m_i - m2)
+            l_i = l_i * alpha + math.exp(sink - m2)
+            m_i = m2
+            factor = alpha / l_i
+        for d in range(nv):
+            out[row * Ev + dv0 + d] = o[d] * factor
+        if write_lse:
+            lse[row] = NEG_INF if l_i == ZERO else m_i + math.log(l_i)
+        return m_i, l_i
+
+    return load_query, online_softmax, add_values, finish_row
+
+
+def _tile_steps(tiles: _Tiles):
+    """A key tile's steps through shared memory, by every thread of the block: the scores of
+    its keys, its values."""
+    acc, ZERO, ONE, NEG_INF = _constants(tiles)
+    DK = tiles.dk
+
+    @cuda.jit(device=True)
+    def tile_scores(q, k, sK, qr, s, kk, qo, ko, i, q_sl, q_se, k_ss, k_se, n0, nk, E, t, rows,
+                    live, q_resident, cosine):
+        """s[jj] = q_i . k_(n0 + jj) over the tile's keys, K through shared memory by DK-wide
+        chunks (q's chunks reloaded with them when it does not fit one); kk: the keys' squared
+        norms (cosine only)."""
+        for jj in range(nk):
+            s[jj] = ZERO
+            kk[jj] = ZERO
+        for e0 in range(0, E, DK):
+            ne = min(DK, E - e0)
+            cuda.syncthreads()  # every row is done with the previous chunk of sK
+            for idx in range(t, nk * ne, rows):
+                jj = idx // ne
+                e = idx - jj * ne
+                sK[jj, e] = acc(k[ko + (n0 + jj) * k_ss + (e0 + e) * k_se])
+            if not q_resident and live:
+                for e in range(ne):
+                    qr[e] = acc(q[qo + i * q_sl + (e0 + e) * q_se])
+            cuda.syncthreads()
+            if live:
+                for jj in range(nk):
+                    dot = s[jj]
+                    for e in range(ne):
+                        dot += qr[e] * sK[jj, e]
+                    s[jj] = dot
+                if cosine:  # each row sums the keys' squares itself: no extra barrier
+                    for jj in range(nk):
+                        sq = kk[jj]
+                        for e in range(ne):
+                            sq += sK[jj, e] * sK[jj, e]
+                        kk[jj] = sq
+
+    @cuda.jit(device=True)
+    def load_values(v, sV, vo, n0, nk, nv, dv0, v_ss, v_se, t, rows):
+        """The tile's value rows (nv columns from dv0) into shared memory, by every thread."""
+        cuda.syncthreads()  # every row is done with the previous sV
+        for idx in range(t, nk * nv, rows):
+            jj = idx // nv
+            d = idx - jj * nv
+            sV[jj, d] = acc(v[vo + (n0 + jj) * v_ss + (dv0 + d) * v_se])
+        cuda.syncthreads()
+
+    return tile_scores, load_values
+
+
+def _logit_steps(tiles: _Tiles):
+    """A tile's scores as logits (the one masking policy), and as weights for return_weights."""
+    acc, ZERO, ONE, NEG_INF = _constants(tiles)
+
+    @cuda.jit(device=True)
+    def tile_logits(s, kk, bmask, fmask, i, n0, nk, q_norm, cosine, scale, softcap, lo, hi,
+                    kv_len, mask_kind, mo, m_sl, m_ss, slope, offset, m_i):
+        """The tile's scores as logits, in the reference's order (cosine, scale, softcap,
+        masks, ALiBi; -inf for a key the row does not see); returns the row's new maximum."""
+        m_new = m_i
+        for jj in range(nk):
+            j = n0 + jj
+            x = s[jj]
+            if cosine:  # a zero row has cosine 0 with anything, as the reference
+                norms = q_norm * math.sqrt(kk[jj])
+                x = ZERO if norms == ZERO else x / norms
+            x = x * scale
+            if softcap > ZERO:
+                x = softcap * math.tanh(x / softcap)
+            seen = j >= i + lo and j <= i + hi and j < kv_len
+            if mask_kind == BOOL_MASK:
+                seen = seen and bmask[mo + i * m_sl + j * m_ss]
+            elif mask_kind == FLOAT_MASK:
+                x = x + acc(fmask[mo + i * m_sl + j * m_ss])
+            if slope != ZERO:
+                x = x - slope * acc(abs(j - (i + offset)))
+            if not seen:
+                x = NEG_INF
+            s[jj] = x
+            # A NaN score makes the row NaN, as in the reference: it takes the max.
+            if m_new == m_new and (x > m_new or x != x):
+                m_new = x
+        return m_new
+
+    @cuda.jit(device=True)
+    def weights_outside_band(w, row, S, j_begin, j_end, m_i, l_i):
+        """The weights sweep, before its tiles: keys outside the tile's band, exp(-inf - m) / l."""
+        w_out = ZERO if l_i == ZERO else math.exp(NEG_INF - m_i) / l_i
+        for j in range(j_begin):
+            w[row * S + j] = w_out
+        for j in range(j_end, S):
+            w[row * S + j] = w_out
+
+    @cuda.jit(device=True)
+    def tile_weights(w, row, S, n0, nk, s, m_i, l_i):
+        """The weights sweep: the tile's logits as weights with the row's final (m, l)."""
+        for jj in range(nk):
+            w[row * S + n0 + jj] = ZERO if l_i == ZERO else math.exp(s[jj] - m_i) / l_i
+
+    return tile_logits, weights_outside_band, tile_weights
+
+
 def _make_kernel(tiles: _Tiles):
-    """The flash kernel accumulating in ``tiles.dtype``."""
-    acc = tiles.dtype.type  # np.float32 or np.float64: a cast, also inside the kernel
+    """The flash kernel accumulating in ``tiles.dtype``, over its steps (device functions, which
+    the compiler inlines): one thread per query row, sweeping the key tiles its block sees."""
     acc_t = tiles.nb_type
     BLOCK_N, DK, DV = tiles.block_n, tiles.dk, tiles.dv
-    ZERO, ONE, NEG_INF = acc(0.0), acc(1.0), acc(-np.inf)
+    _, ZERO, _, NEG_INF = _constants(tiles)
+    load_query, online_softmax, add_values, finish_row = _row_steps(tiles)
+    tile_scores, load_values = _tile_steps(tiles)
+    tile_logits, weights_outside_band, tile_weights = _logit_steps(tiles)
 
     @cuda.jit
-    def flash(
-        q,
-        k,
-        v,
-        bmask,
-        fmask,
-        out,
-        w,
-        lse,
-        table,
-        alibi,
-        sinks,
-        L,
-        S,
-        E,
-        Ev,
-        q_sl,
-        q_se,
-        k_ss,
-        k_se,
-        v_ss,
-        v_se,
-        m_sl,
-        m_ss,
-        mask_kind,
-        lo,
-        hi,
-        offset,
-        scale,
-        softcap,
-        cosine,
-        want_w,
-        want_lse,
-    ):
+    def flash(q, k, v, bmask, fmask, out, w, lse, table, alibi, sinks, L, S, E, Ev, q_sl, q_se,
+              k_ss, k_se, v_ss, v_se, m_sl, m_ss, mask_kind, lo, hi, offset, scale, softcap,
+              cosine, want_w, want_lse):
         sK = cuda.shared.array((BLOCK_N, DK), acc_t)
         sV = cuda.shared.array((BLOCK_N, DV), acc_t)
         qr = cuda.local.array(DK, acc_t)  # this thread's query row (one DK chunk of it)
@@ -115,14 +262,8 @@ def _make_kernel(tiles: _Tiles):
         i = r0 + t
         live = i < L  # every thread takes part in loads and barriers; only live ones compute
         row = bh * L + i
-        qo = table[bh, Q_OFF]
-        ko = table[bh, K_OFF]
-        vo = table[bh, V_OFF]
-        mo = table[bh, M_OFF]
+        qo, ko, vo, mo = table[bh, Q_OFF], table[bh, K_OFF], table[bh, V_OFF], table[bh, M_OFF]
         kv_len = table[bh, KV_LEN]
-        slope = alibi[bh]
-        sink = sinks[bh]  # -inf: no sink
-
         # Keys some row of this tile can see: the band of its first and last rows.
         last = min(L, r0 + rows) - 1
         j_begin = max(0, r0 + lo)
@@ -143,128 +284,35 @@ def _make_kernel(tiles: _Tiles):
                 l_i = ZERO
             for d in range(nv):
                 o[d] = ZERO
-            if q_resident and live:
-                for e in range(E):
-                    qr[e] = acc(q[qo + i * q_sl + e * q_se])
-            q_norm = ONE
-            if cosine and live:
-                qq = ZERO
-                for e in range(E):
-                    x = acc(q[qo + i * q_sl + e * q_se])
-                    qq += x * x
-                q_norm = math.sqrt(qq)
-            if to_w and live:  # keys outside the tile's band: weight exp(-inf - m) / l
-                w_out = ZERO if l_i == ZERO else math.exp(NEG_INF - m_i) / l_i
-                for j in range(j_begin):
-                    w[row * S + j] = w_out
-                for j in range(j_end, S):
-                    w[row * S + j] = w_out
+            q_norm = load_query(q, qr, qo, i, q_sl, q_se, E, q_resident, cosine, live)
+            if to_w and live:
+                weights_outside_band(w, row, S, j_begin, j_end, m_i, l_i)
             for n0 in range(j_begin, j_end, BLOCK_N):
                 nk = min(BLOCK_N, j_end - n0)
-                for jj in range(nk):
-                    s[jj] = ZERO
-                    kk[jj] = ZERO
-                for e0 in range(0, E, DK):
-                    ne = min(DK, E - e0)
-                    cuda.syncthreads()  # every row is done with the previous chunk of sK
-                    for idx in range(t, nk * ne, rows):
-                        jj = idx // ne
-                        e = idx - jj * ne
-                        sK[jj, e] = acc(k[ko + (n0 + jj) * k_ss + (e0 + e) * k_se])
-                    if not q_resident and live:
-                        for e in range(ne):
-                            qr[e] = acc(q[qo + i * q_sl + (e0 + e) * q_se])
-                    cuda.syncthreads()
-                    if live:
-                        for jj in range(nk):
-                            dot = s[jj]
-                            for e in range(ne):
-                                dot += qr[e] * sK[jj, e]
-                            s[jj] = dot
-                        if cosine:  # each row sums the keys' squares itself: no extra barrier
-                            for jj in range(nk):
-                                sq = kk[jj]
-                                for e in range(ne):
-                                    sq += sK[jj, e] * sK[jj, e]
-                                kk[jj] = sq
-
+                tile_scores(q, k, sK, qr, s, kk, qo, ko, i, q_sl, q_se, k_ss, k_se, n0, nk, E, t,
+                            rows, live, q_resident, cosine)
                 active = False  # this row has a key with a finite or NaN score so far
                 if live:
-                    # Scores in the reference's order: cosine, scale, softcap, masks, ALiBi.
-                    m_new = m_i
-                    for jj in range(nk):
-                        j = n0 + jj
-                        x = s[jj]
-                        if cosine:  # a zero row has cosine 0 with anything, as the reference
-                            norms = q_norm * math.sqrt(kk[jj])
-                            x = ZERO if norms == ZERO else x / norms
-                        x = x * scale
-                        if softcap > ZERO:
-                            x = softcap * math.tanh(x / softcap)
-                        seen = j >= i + lo and j <= i + hi and j < kv_len
-                        if mask_kind == BOOL_MASK:
-                            seen = seen and bmask[mo + i * m_sl + j * m_ss]
-                        elif mask_kind == FLOAT_MASK:
-                            x = x + acc(fmask[mo + i * m_sl + j * m_ss])
-                        if slope != ZERO:
-                            x = x - slope * acc(abs(j - (i + offset)))
-                        if not seen:
-                            x = NEG_INF
-                        s[jj] = x
-                        # A NaN score makes the row NaN, as in the reference: it takes the max.
-                        if m_new == m_new and (x > m_new or x != x):
-                            m_new = x
+                    m_new = tile_logits(s, kk, bmask, fmask, i, n0, nk, q_norm, cosine, scale,
+                                        softcap, lo, hi, kv_len, mask_kind, mo, m_sl, m_ss,
+                                        alibi[bh], offset, m_i)
                     if to_w:
-                        for jj in range(nk):
-                            w[row * S + n0 + jj] = (
-                                ZERO if l_i == ZERO else math.exp(s[jj] - m_i) / l_i
-                            )
-                    else:
-                        # exp(-inf - (-inf)) is NaN: a row that has seen no key yet adds nothing.
-                        active = m_new != NEG_INF
+                        tile_weights(w, row, S, n0, nk, s, m_i, l_i)
+                    # exp(-inf - (-inf)) is NaN: a row that has seen no key yet adds nothing.
+                    active = not to_w and m_new != NEG_INF
                     if active:
-                        alpha = ZERO if m_i == NEG_INF else math.exp(m_i - m_new)
-                        tile_sum = ZERO
-                        for jj in range(nk):
-                            p = math.exp(s[jj] - m_new)
-                            s[jj] = p
-                            tile_sum += p
-                        l_i = l_i * alpha + tile_sum
-                        m_i = m_new
-                        for d in range(nv):
-                            o[d] *= alpha
-
+                        m_i, l_i = online_softmax(s, nk, o, nv, m_i, l_i, m_new)
                 if nv > 0:
-                    cuda.syncthreads()  # every row is done with the previous sV
-                    for idx in range(t, nk * nv, rows):
-                        jj = idx // nv
-                        d = idx - jj * nv
-                        sV[jj, d] = acc(v[vo + (n0 + jj) * v_ss + (dv0 + d) * v_se])
-                    cuda.syncthreads()
+                    load_values(v, sV, vo, n0, nk, nv, dv0, v_ss, v_se, t, rows)
                 if active:
-                    for d in range(nv):
-                        # The tile's sum is formed alone, then added: long rows of equal terms
-                        # err like sqrt(S) eps, not like S eps.
-                        part = ZERO
-                        for jj in range(nk):
-                            part += s[jj] * sV[jj, d]
-                        o[d] += part
-
+                    add_values(o, s, sV, nk, nv)
             if live and not to_w:
-                # l == 0: no key took part, the output is 0 (never NaN); a NaN l stays NaN.
-                factor = ZERO if l_i == ZERO else ONE / l_i
-                if sink != NEG_INF:  # joins the denominator once, after the last key
-                    m2 = sink if l_i == ZERO or sink > m_i else m_i
-                    alpha = ZERO if l_i == ZERO else math.exp(m_i - m2)
-                    l_i = l_i * alpha + math.exp(sink - m2)
-                    m_i = m2
-                    factor = alpha / l_i
-                for d in range(nv):
-                    out[row * Ev + dv0 + d] = o[d] * factor
-                if want_lse and sweep == passes - 1:
-                    lse[row] = NEG_INF if l_i == ZERO else m_i + math.log(l_i)
+                m_i, l_i = finish_row(out, lse, o, row, Ev, dv0, nv, m_i, l_i, sinks[bh],
+                                      want_lse and sweep == passes - 1)
 
     return flash
+
+
 
 
 KERNELS = {dtype: _make_kernel(tiles) for dtype, tiles in TILES.items()}
