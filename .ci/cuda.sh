@@ -30,7 +30,10 @@ step "contract tests and test_cuda.py on backend='cuda', under the simulator"
 # The tests marked "cuda" (pyproject.toml; conftest.py marks every test the backend fixture
 # runs on a CUDA entry); the PTX test of test_cuda.py (marked "ptx") repeats the step above.
 # The simulator keeps one core busy per pytest worker.
-FASTATTN_TEST_CUDA=sim run_pytest -q -rs -n auto -m "cuda and not ptx" \
+# The simulator runs the kernel as Python, one thread at a time: the property tests draw the
+# "simulator" profile's examples (tests/conftest.py), fewer than on the compiled paths.
+HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-simulator} FASTATTN_TEST_CUDA=sim \
+  run_pytest -q -rs -n auto -m "cuda and not ptx" \
   --junitxml="$work/junit.xml"
 python - "$work/junit.xml" <<'PY'
 import sys

@@ -23,6 +23,8 @@ settings.register_profile("ci", max_examples=400, **_COMMON)
 settings.register_profile("long", max_examples=3000, **_COMMON)
 # .ci/sanitize.sh: the sanitizers slow the kernel ~3x and every test runs on each ISA path.
 settings.register_profile("sanitize", max_examples=60, **_COMMON)
+# .ci/cuda.sh: the CUDA simulator runs the kernel as Python, a thread at a time (~100x slower).
+settings.register_profile("simulator", max_examples=100, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
