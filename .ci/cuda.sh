@@ -6,13 +6,21 @@
 # Usage: .ci/cuda.sh [python]   (default: $PYTHON, else python3)
 # BUILD_DIR=<folder>: build the extension there (an earlier build of the same flags is reused);
 # by default in a temporary folder.
+# USE_ENV=<venv>: add the cuda extra to this virtual environment (one with the test extra, as
+# .ci/run's) instead of making a fresh one: CI saves a second install of everything else.
 # Exits non-zero on any failure, when pytest collects nothing, or when no contract test passed
 # on the simulated CUDA backend.
 PYTHON=${1:-${PYTHON:-python3}}
 source "$(dirname "$0")/lib.sh"
 
-step "fresh environment with the cuda and test extras"
-fresh_env "$work/env"
+if [ -n "${USE_ENV:-}" ]; then
+  step "the cuda extra added to $USE_ENV"
+  # shellcheck disable=SC1091
+  source "$USE_ENV/bin/activate"
+else
+  step "fresh environment with the cuda and test extras"
+  fresh_env "$work/env"
+fi
 # Its own build folder unless given one, so as not to collide with a developer's build/.
 python -m pip install -q -Cbuild-dir="${BUILD_DIR:-$work/build}" ".[cuda,test]"
 python - <<'PY'

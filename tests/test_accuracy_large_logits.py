@@ -61,6 +61,10 @@ def test_large_logits_as_accurate_as_the_textbook_formula(backend):
     if backend.name == "cpu-baseline":
         pytest.skip("the portable baseline path has no FMA: its products are rounded before they "
                     "are summed, where the formula's BLAS rounds once per multiply-add")
+    if backend.name == "cuda-sim":
+        pytest.skip("the CUDA simulator runs the kernel's arithmetic as NumPy scalars, with none "
+                    "of a GPU's fused multiply-adds: its rounding, which this test weighs over "
+                    "400 calls (a minute of simulation), is a GPU's to show")
     rng = np.random.default_rng(20261130)
     ratios = []
     for _ in range(DRAWS):
