@@ -99,16 +99,18 @@ def check_backward(q, k, v, dout_rng, **options):
 
 
 def _check_sinks(got, want, plan, dout, rel) -> None:
-    """dsinks = -sum_i p_i D_i: within rel times the magnitude of its terms, sum_i p_i |dO_i|.|O_i|
-    (the kernel's out and lse, in the compute dtype, give p_i and D_i), plus a rounding of its
-    own dtype."""
+    """dsinks = -sum_i p_i D_i: within rel times the magnitude of its terms,
+    sum_i p_i |dO_i|.(P_i |V|) (the kernel's out and lse, in the compute dtype, give p_i and D_i;
+    out's own terms, P |V|, bound its error where they cancel: an out of 1e-9 from weights times
+    values of 1), plus a rounding of its own dtype."""
     assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.dtype)
     with np.errstate(all="ignore"):
         unit = reference._unit_plan(np.float64, plan)
-        out, _, lse = reference.attention_in(np.float64, unit)
+        _, _, lse = reference.attention_in(np.float64, unit)
+        out = reference.attention_in(np.float64, dataclasses.replace(unit, v=np.abs(unit.v)))[0]
         sink = np.broadcast_to(plan.sinks.astype(np.float64), plan.batch)[..., None]
         p, adout = np.exp(sink - lse), np.abs(dout.astype(np.float64))
-        mag = np.abs(sum_to((p * (adout * np.abs(out)).sum(-1)).sum(-1), plan.sinks.shape, 1))
+        mag = np.abs(sum_to((p * (adout * out).sum(-1)).sum(-1), plan.sinks.shape, 1))
     # The kernel's exp gives 0 below the smallest normal number: weights that small, and out's
     # share of them, are dropped (up to S tiny max|v| in each out_i).
     dropped = (p * adout.sum(-1)).sum(-1) * plan.S * np.finfo(plan.dtype).tiny * _max_abs(plan.v)
