@@ -48,7 +48,6 @@ struct BackwardKernel {
   using V = typename S::V;
   using R = RowOps<T>;
   static constexpr int kLanes = S::kLanes;
-  static constexpr int MR = M::MR;
   static constexpr int QP = Tile::QP;  // the micro-GEMM's width: two vectors
   static constexpr int BM = Tile::BM;  // the forward's tile, so that its masking applies as is
   static constexpr int BN = Tile::BN;
@@ -119,11 +118,8 @@ struct BackwardKernel {
   template <bool kAccumulate>
   static void product(int64_t rows, int64_t panels, const T* A, int64_t ars, int64_t acs,
                       const T* B, int64_t ldb, int64_t n, T* C, int64_t ldc, T mul = T(1)) {
-    for (int64_t p = 0; p < panels; ++p)
-      for (int64_t r = 0; r < rows; r += MR)
-        M::template gemm_rows<kAccumulate>(int(min64(MR, rows - r)), A + r * ars, ars, acs,
-                                           B + p * QP, ldb, n, C + r * ldc + p * QP, ldc,
-                                           nullptr, mul);
+    M::template gemm_panels<kAccumulate>(rows, panels, A, ars, acs, B, QP, ldb, n, C, ldc,
+                                         nullptr, mul);
   }
 
   // x (the entry's L rows of cols, at x[i * rs + c * cs]) into a transposed block per query

@@ -31,12 +31,8 @@ struct Bf16PairBackward {
   static void product(int64_t rows, int64_t panels, const void* A, int64_t ars, int64_t acs,
                       const uint32_t* B, int64_t ldb, int64_t n, float* C, int64_t ldc,
                       float mul = 1.0f) {
-    constexpr int MR = Kr::MR, QP = Kr::QP;
-    const char* a0 = static_cast<const char*>(A);
-    for (int64_t p = 0; p < panels; ++p)
-      for (int64_t r = 0; r < rows; r += MR)
-        gemm_bf16_rows<kAccumulate>(int(min64(MR, rows - r)), a0 + r * ars, ars, acs,
-                                    B + p * QP, ldb, n, C + r * ldc + p * QP, ldc, nullptr, mul);
+    gemm_bf16_panels<kAccumulate>(rows, panels, static_cast<const char*>(A), ars, acs, B,
+                                  Kr::QP, ldb, n, C, ldc, nullptr, mul);
   }
 
   // D = rowsum(dO * O), 16 rows along the lanes, each lane summing its row in column order:

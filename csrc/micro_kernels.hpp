@@ -91,6 +91,22 @@ struct Micro {
       gemm_rows<kAccumulate, R - 1>(rows, a, ars, acs, b, ldb, n, c, ldc, colmax, mul);
     }
   }
+
+  // A whole product by gemm_rows: C (+)= A B over `rows` rows of C, MR at a time, and `panels`
+  // panels of 2 * kLanes columns; panel p reads B from b + p * b_panel and writes C (and
+  // colmax, when given) at column p * 2 * kLanes. Every product of the tiles, forward and
+  // backward, is one call.
+  template <bool kAccumulate>
+  static void gemm_panels(int64_t rows, int64_t panels, const T* a, int64_t ars, int64_t acs,
+                          const T* b, int64_t b_panel, int64_t ldb, int64_t n, T* c, int64_t ldc,
+                          T* colmax, T mul = T(1)) {
+    constexpr int QP = 2 * kLanes;
+    for (int64_t p = 0; p < panels; ++p)
+      for (int64_t r = 0; r < rows; r += MR)
+        gemm_rows<kAccumulate>(int(rows - r < MR ? rows - r : MR), a + r * ars, ars, acs,
+                               b + p * b_panel, ldb, n, c + r * ldc + p * QP, ldc,
+                               colmax ? colmax + p * QP : nullptr, mul);
+  }
 };
 
 // A 16 x 16 block copied transposed, the packing of rows into the tiles' query-along-lanes
@@ -201,7 +217,9 @@ inline void gemm_bf16(const char* __restrict a, int64_t ars, int64_t acs,
   }
 }
 
-template <bool kAccumulate, int R = 8>
+constexpr int kBf16MR = 8;  // rows of a gemm_bf16 call: MR on AVX-512 (19 of 32 registers)
+
+template <bool kAccumulate, int R = kBf16MR>
 inline void gemm_bf16_rows(int rows, const char* a, int64_t ars, int64_t acs, const uint32_t* b,
                            int64_t ldb, int64_t n, float* c, int64_t ldc, float* colmax,
                            float mul) {
@@ -210,6 +228,21 @@ inline void gemm_bf16_rows(int rows, const char* a, int64_t ars, int64_t acs, co
   } else if constexpr (R > 1) {
     gemm_bf16_rows<kAccumulate, R - 1>(rows, a, ars, acs, b, ldb, n, c, ldc, colmax, mul);
   }
+}
+
+// gemm_panels on bfloat16 pairs: C (+)= A B over `rows` rows of C, kBf16MR at a time, and `panels`
+// panels of 32 columns; panel p reads B from b + p * b_panel and writes C (and colmax, when
+// given) at column 32 p.
+template <bool kAccumulate>
+inline void gemm_bf16_panels(int64_t rows, int64_t panels, const char* a, int64_t ars,
+                             int64_t acs, const uint32_t* b, int64_t b_panel, int64_t ldb,
+                             int64_t n, float* c, int64_t ldc, float* colmax, float mul) {
+  constexpr int MR = kBf16MR, QP = 32;
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t r = 0; r < rows; r += MR)
+      gemm_bf16_rows<kAccumulate>(int(rows - r < MR ? rows - r : MR), a + r * ars, ars, acs,
+                                  b + p * b_panel, ldb, n, c + r * ldc + p * QP, ldc,
+                                  colmax ? colmax + p * QP : nullptr, mul);
 }
 
 // Rows x and y of float32 (16 lanes each) as bfloat16 pairs (x_i, y_i), rounded to nearest even.

@@ -75,30 +75,20 @@ struct PlainProducts {
 
   template <class Kr, class W>
   static void scores(const Kr& kr, W& ws, const T* K, int64_t j0, int64_t nb) {
-    using M = Micro<T>;
-    constexpr int BM = Kr::BM, QP = Kr::QP, MR = M::MR;
+    constexpr int BM = Kr::BM, QP = Kr::QP;
     const Problem& a = kr.a;
-    const T* k0 = K + j0 * a.k.row_stride;
-    for (int p = 0; p < BM / QP; ++p)
-      for (int64_t j = 0; j < nb; j += MR)
-        M::template gemm_rows<false>(int(min64(MR, nb - j)), k0 + j * a.k.row_stride,
-                                     a.k.row_stride, a.k.col_stride,
-                                     ws.products.qt.ptr + p * a.E * QP, QP, a.E,
-                                     ws.st.ptr + j * BM + p * QP, BM, ws.colmax + p * QP,
-                                     T(a.scale));
+    Micro<T>::template gemm_panels<false>(nb, BM / QP, K + j0 * a.k.row_stride, a.k.row_stride,
+                                          a.k.col_stride, ws.products.qt.ptr, a.E * QP, QP, a.E,
+                                          ws.st.ptr, BM, ws.colmax, T(a.scale));
   }
 
   template <class Kr, class W>
   static void accumulate(const Kr& kr, W& ws, const T* Vs, int64_t j0, int64_t nb) {
-    using M = Micro<T>;
-    constexpr int BM = Kr::BM, QP = Kr::QP, MR = M::MR;
+    constexpr int BM = Kr::BM, QP = Kr::QP;
     const Problem& a = kr.a;
-    const T* v0 = Vs + j0 * a.v.row_stride;
-    for (int p = 0; p < BM / QP; ++p)
-      for (int64_t c = 0; c < a.Ev; c += MR)
-        M::template gemm_rows<true>(int(min64(MR, a.Ev - c)), v0 + c * a.v.col_stride,
-                                    a.v.col_stride, a.v.row_stride, ws.st.ptr + p * QP, BM, nb,
-                                    ws.ot.ptr + c * BM + p * QP, BM, nullptr);
+    Micro<T>::template gemm_panels<true>(a.Ev, BM / QP, Vs + j0 * a.v.row_stride, a.v.col_stride,
+                                         a.v.row_stride, ws.st.ptr, QP, BM, nb, ws.ot.ptr, BM,
+                                         nullptr);
   }
 };
 
@@ -139,15 +129,11 @@ struct Bf16PairProducts {
 
   template <class Kr, class W>
   static void scores(const Kr& kr, W& ws, const In* K, int64_t j0, int64_t nb) {
-    constexpr int BM = Kr::BM, QP = Kr::QP, MR = Kr::MR;
+    constexpr int BM = Kr::BM, QP = Kr::QP;
     const Problem& a = kr.a;
-    const char* k0 = reinterpret_cast<const char*>(K + j0 * a.k.row_stride);
-    for (int p = 0; p < BM / QP; ++p)
-      for (int64_t j = 0; j < nb; j += MR)
-        gemm_bf16_rows<false>(int(min64(MR, nb - j)), k0 + j * a.k.row_stride * 2,
-                              a.k.row_stride * 2, 4, ws.products.qp.ptr + p * (a.E / 2) * QP, QP,
-                              a.E / 2, ws.st.ptr + j * BM + p * QP, BM, ws.colmax + p * QP,
-                              float(a.scale));
+    gemm_bf16_panels<false>(nb, BM / QP, reinterpret_cast<const char*>(K + j0 * a.k.row_stride),
+                            a.k.row_stride * 2, 4, ws.products.qp.ptr, (a.E / 2) * QP, QP,
+                            a.E / 2, ws.st.ptr, BM, ws.colmax, float(a.scale));
   }
 
   // P^T to bfloat16 pairs of keys (an odd last key pairs with 0); returns the pairs' count.
@@ -167,15 +153,13 @@ struct Bf16PairProducts {
 
   template <class Kr, class W>
   static void accumulate(const Kr& kr, W& ws, const VIn* Vs, int64_t j0, int64_t nb) {
-    constexpr int BM = Kr::BM, QP = Kr::QP, MR = Kr::MR;
+    constexpr int BM = Kr::BM, QP = Kr::QP;
     const Problem& a = kr.a;
     const int64_t np = pair_weights<Kr>(ws, nb);
-    const char* v0 = reinterpret_cast<const char*>(Vs + (j0 / 2) * a.v.row_stride);
-    for (int p = 0; p < BM / QP; ++p)
-      for (int64_t c = 0; c < a.Ev; c += MR)
-        gemm_bf16_rows<true>(int(min64(MR, a.Ev - c)), v0 + c * a.v.col_stride * 4,
-                             a.v.col_stride * 4, a.v.row_stride * 4, ws.products.pp.ptr + p * QP,
-                             BM, np, ws.ot.ptr + c * BM + p * QP, BM, nullptr, 1.0f);
+    gemm_bf16_panels<true>(a.Ev, BM / QP,
+                           reinterpret_cast<const char*>(Vs + (j0 / 2) * a.v.row_stride),
+                           a.v.col_stride * 4, a.v.row_stride * 4, ws.products.pp.ptr, QP, BM, np,
+                           ws.ot.ptr, BM, nullptr, 1.0f);
   }
 };
 #endif
