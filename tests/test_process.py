@@ -177,7 +177,7 @@ def test_forked_child_computes_with_all_its_cores(mode):
 # --- Ctrl-C -----------------------------------------------------------------------------------
 
 INTERRUPT_SCRIPT = """
-    import json, os, signal, sys, threading, time
+    import ctypes, json, os, signal, sys, threading, time
     import numpy as np
     import fastattn
 
@@ -219,7 +219,14 @@ INTERRUPT_SCRIPT = """
         n *= 4
     call = problem(n)
 
+    libc = ctypes.CDLL(None)
+
     def rss():
+        # glibc keeps freed heap memory (the interrupted calls' gradients, ~10 MB each, once its
+        # mmap threshold has risen to their size) until trimmed: trim it, so that what stays is
+        # what nothing freed.
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
