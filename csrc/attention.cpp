@@ -88,6 +88,10 @@ void start(Problem& p) {
   require(p.band_lo >= -kNoBound && p.band_hi <= kNoBound, "band out of range");
   p.has_band = p.band_lo > -kNoBound || p.band_hi < kNoBound;
   require(p.softcap >= 0, "softcap must be >= 0");
+  require(!p.block_table || (nd == 2 && p.page_size >= 1 && p.kv_lengths.data != nullptr),
+          "paged k and v need two batch axes, page_size >= 1 and kv_lengths");
+  require(!p.block_table || !p.weights.data, "paged k and v return no weights");
+  require(p.num_splits >= 0, "num_splits must be >= 0");
   require(p.num_threads >= 0, "num_threads must be >= 0");
   if (p.num_threads == 0) p.num_threads = default_threads();
   if (p.num_threads > available_cores()) p.num_threads = available_cores();
@@ -133,6 +137,7 @@ int attention(Problem& p) {
 int attention_backward(Problem& p) {
   start(p);
   require(p.weights.data == nullptr, "the backward pass writes no weights");
+  require(p.block_table == nullptr, "the backward pass reads no paged k and v");
   require(!p.grads_bf16 || p.storage == Storage::kBFloat16,
           "bfloat16 gradients come only from bfloat16 storage");
   require_data(p.lse, "lse: null data pointer");

@@ -239,7 +239,7 @@ struct BackwardKernel {
   void logits(Workspace& ws, const EntryParams<T>& ep, int64_t m_off, int64_t i0, int64_t rows,
               int64_t j0, int64_t nb, bool user_mask) const {
     if (a.softcap > 0) std::memcpy(ws.zt.ptr, ws.tw.st.ptr, sizeof(T) * size_t(nb * BM));
-    if (tile.needs_mask(i0, rows, j0, nb, user_mask))
+    if (tile.needs_mask(ep, i0, rows, j0, nb, user_mask))
       tile.mask_block(ws.tw, ep, i0, rows, j0, nb, m_off, user_mask);
   }
 
@@ -289,8 +289,9 @@ struct BackwardKernel {
 
   // Query tiles [first, last) that see some key of [j0, j0 + nb): the band read from the keys'
   // side (query i sees key j when j - band_hi <= i <= j - band_lo).
-  void query_tiles(int64_t j0, int64_t nb, int64_t& first, int64_t& last) const {
-    const int64_t lo = max64(0, j0 - a.band_hi), hi = min64(a.L, j0 + nb - a.band_lo);
+  void query_tiles(const EntryParams<T>& ep, int64_t j0, int64_t nb, int64_t& first,
+                   int64_t& last) const {
+    const int64_t lo = max64(0, j0 - ep.band_hi), hi = min64(a.L, j0 + nb - ep.band_lo);
     first = lo / BM;
     last = hi > lo ? (hi - 1) / BM + 1 : first;
   }
@@ -339,7 +340,7 @@ struct BackwardKernel {
       std::memset(ws.dk.ptr, 0, sizeof(T) * size_t(nb * E_pad));
       std::memset(ws.dv.ptr, 0, sizeof(T) * size_t(nb * Ev_pad));
       int64_t qt_first, qt_last;
-      query_tiles(j0, nb, qt_first, qt_last);
+      query_tiles(ep, j0, nb, qt_first, qt_last);
       const In* Kb = K + j0 * a.k.row_stride;
       const In* Vb = Vs + j0 * a.v.row_stride;
       if constexpr (kPairs)

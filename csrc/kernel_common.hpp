@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 
 #include "problem.hpp"
 #include "online_softmax.hpp"
@@ -51,36 +52,92 @@ inline int64_t batch_offset(const Problem& a, const StridedView& view, int64_t b
   return off;
 }
 
-// Per-batch-entry scalars of the problem: the ALiBi slope (negated) and the number of
-// keys that take part.
+// Per-batch-entry scalars of the problem: the ALiBi slope (negated), the number of keys that
+// take part, the sink, and the entry's diagonal and band (the problem's, moved by diag_shift).
 template <class T>
 struct EntryParams {
   T neg_slope = T(0);  // -slope: ALiBi's bias per unit of distance
   int64_t keys = 0;     // min(S, kv_lengths[b])
   T sink = -std::numeric_limits<T>::infinity();  // the sink logit; -inf: none
+  int64_t band_lo = 0, band_hi = 0;  // query i sees keys i + band_lo .. i + band_hi
+  int64_t offset = 0;                // query i's diagonal is key i + offset
 };
+
+// The keys of batch entry b that take part: min(S, kv_lengths[b]).
+inline int64_t entry_keys(const Problem& a, int64_t b) {
+  if (!a.kv_lengths.data) return a.S;
+  const int64_t n =
+      static_cast<const int64_t*>(a.kv_lengths.data)[batch_offset(a, a.kv_lengths, b, 1)];
+  return min64(a.S, max64(n, 0));
+}
 
 template <class T>
 inline EntryParams<T> entry_params(const Problem& a, int64_t b) {
   EntryParams<T> e;
-  e.keys = a.S;
-  if (a.kv_lengths.data) {
-    const int64_t n = static_cast<const int64_t*>(a.kv_lengths.data)[batch_offset(a, a.kv_lengths,
-                                                                                  b, 1)];
-    e.keys = min64(a.S, max64(n, 0));
-  }
+  e.keys = entry_keys(a, b);
   if (a.alibi.data)
     e.neg_slope = -static_cast<const T*>(a.alibi.data)[batch_offset(a, a.alibi, b, 1)];
   if (a.sinks.data) e.sink = static_cast<const T*>(a.sinks.data)[batch_offset(a, a.sinks, b, 1)];
+  e.band_lo = a.band_lo;
+  e.band_hi = a.band_hi;
+  e.offset = a.offset;
+  if (a.diag_shift.data) {  // an unbounded side stays unbounded
+    const int64_t s =
+        static_cast<const int64_t*>(a.diag_shift.data)[batch_offset(a, a.diag_shift, b, 1)];
+    e.offset += s;
+    if (e.band_lo > -kNoBound) e.band_lo = max64(e.band_lo + s, -kNoBound);
+    if (e.band_hi < kNoBound) e.band_hi = min64(e.band_hi + s, kNoBound);
+  }
   return e;
 }
 
 // Keys [first, last) that some query of rows i0 .. i_last can see: the band and kv_lengths.
-inline void key_range(const Problem& a, int64_t i0, int64_t i_last, int64_t keys,
-                      int64_t& first, int64_t& last) {
-  first = max64(0, i0 + a.band_lo);
-  last = min64(keys, i_last + a.band_hi + 1);
+template <class T>
+inline void key_range(const EntryParams<T>& e, int64_t i0, int64_t i_last, int64_t& first,
+                      int64_t& last) {
+  first = max64(0, i0 + e.band_lo);
+  last = min64(e.keys, i_last + e.band_hi + 1);
   if (last < first) last = first;
+}
+
+// Where one batch entry's key rows lie in k or v (elements of E, as stored): row j at
+// base + j * rs, or, in a paged problem (problem.hpp), through the sequence's row of the block
+// table. Rows j .. run_end(j) - 1 are rs apart (one page), which the tiles' products need.
+template <class E>
+struct KeyRows {
+  const E* base = nullptr;  // unpaged: row 0; paged: the entry's head in page 0
+  int64_t rs = 0;
+  const int32_t* pages = nullptr;  // the sequence's page ids; null: unpaged
+  int64_t page_size = 0, page_stride = 0;
+  // Rows that may be read: paged, the entry's keys (the pages past them are not checked).
+  int64_t readable = std::numeric_limits<int64_t>::max();
+
+  const E* row(int64_t j) const {
+    if (!pages) return base + j * rs;
+    return base + int64_t(pages[j / page_size]) * page_stride + (j % page_size) * rs;
+  }
+  int64_t run_end(int64_t j) const {
+    return pages ? (j / page_size + 1) * page_size : std::numeric_limits<int64_t>::max();
+  }
+};
+
+// The key rows of batch entry b in `view` (k or v, or a copy of either), read as E. In a paged
+// problem the first batch axis indexes pages, not entries.
+template <class E>
+inline KeyRows<E> key_rows(const Problem& a, const StridedView& view, int64_t b) {
+  KeyRows<E> r;
+  r.rs = view.row_stride;
+  if (!a.block_table) {
+    r.base = static_cast<const E*>(view.data) + batch_offset(a, view, b, a.kv_group);
+    return r;
+  }
+  const int64_t heads = a.batch_shape[1], s = b / heads;
+  r.base = static_cast<const E*>(view.data) + (b % heads) / a.kv_group * view.batch_strides[1];
+  r.pages = a.block_table + s * a.block_table_stride;
+  r.page_size = a.page_size;
+  r.page_stride = view.batch_strides[0];
+  r.readable = entry_keys(a, b);
+  return r;
 }
 
 // softcap * tanh(s / softcap) on n scores (n a multiple of the vector width).
@@ -150,7 +207,7 @@ inline void line_to_logits(const Problem& a, const EntryParams<T>& e, T* s,
 
 // The row view: one row of scores s[0:n_pad] of query i against keys j0 .. j0 + nb - 1 into
 // logits; softcap first, padding keys (nb .. n_pad) -inf. Key j0 + t lies j0 + t - i - offset
-// right of the diagonal; query i sees keys [i + band_lo, i + band_hi].
+// right of the diagonal; query i sees keys [i + band_lo, i + band_hi] (the entry's).
 template <class T>
 inline void mask_scores(const Problem& a, const EntryParams<T>& e, T* srow, int64_t n_pad,
                         int64_t i, int64_t j0, int64_t nb, int64_t m_off) {
@@ -159,10 +216,10 @@ inline void mask_scores(const Problem& a, const EntryParams<T>& e, T* srow, int6
   if (nb < n_pad) R::fill(srow + nb, n_pad - nb, R::kNegInf);
   ScoreLine<T> line;
   line.n = nb;
-  line.dist0 = j0 - i - a.offset;
+  line.dist0 = j0 - i - e.offset;
   if (a.mask_kind != MaskKind::kNone) line.mask = mask_at<T>(a, m_off, i, j0, a.mask.col_stride);
-  line.seen_lo = min64(max64(i + a.band_lo - j0, 0), nb);
-  line.seen_hi = min64(max64(i + a.band_hi + 1 - j0, line.seen_lo), nb);
+  line.seen_lo = min64(max64(i + e.band_lo - j0, 0), nb);
+  line.seen_hi = min64(max64(i + e.band_hi + 1 - j0, line.seen_lo), nb);
   line_to_logits(a, e, srow, line);
 }
 
@@ -190,8 +247,10 @@ inline T fold_sink(T sink, T& m, T& l) {
 }
 
 // Whether the band hides some key of block [j0, j0 + nb) from some query of rows i0 .. i_last.
-inline bool band_cuts(const Problem& a, int64_t i0, int64_t i_last, int64_t j0, int64_t nb) {
-  return j0 < i_last + a.band_lo || j0 + nb - 1 > i0 + a.band_hi;
+template <class T>
+inline bool band_cuts(const EntryParams<T>& e, int64_t i0, int64_t i_last, int64_t j0,
+                      int64_t nb) {
+  return j0 < i_last + e.band_lo || j0 + nb - 1 > i0 + e.band_hi;
 }
 
 // Whether the call was asked to stop (Ctrl-C; see thread_pool.hpp): checked between items and

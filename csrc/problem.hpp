@@ -69,6 +69,26 @@ struct Problem {
   StridedView kv_lengths;  // when data != nullptr: int64, keys j >= kv_lengths[b] take no part
   StridedView sinks;       // when data != nullptr: one logit per batch entry, in `dtype`, that
                            // joins the softmax's denominator only (gpt-oss's attention sinks)
+  // When data != nullptr: int64, one per batch entry, moving entry b's diagonal (and its band
+  // with it) by shift[b] keys: query i's diagonal is key i + offset + shift[b]. A KV cache's
+  // queries are the rows of its last keys (bottom-right, per entry: shift = its keys - L); a
+  // ragged batch's sequences each have their own lengths.
+  StridedView diag_shift;
+
+  // Paged k and v (block_table != nullptr; two batch axes, sequences and heads): the first axis
+  // of k and v is their pages (k.batch_strides[0] elements apart), of page_size keys each. Key j
+  // of sequence s (the index along the first batch axis) is row j % page_size of page
+  // block_table[s * block_table_stride + j / page_size]. The caller checked every page id that
+  // is read: those of the keys below each entry's kv_lengths, which paged problems must give.
+  // A contiguous cache whose sequences are picked by an index is paged with one page each.
+  const int32_t* block_table = nullptr;
+  int64_t block_table_stride = 0;
+  int64_t page_size = 0;
+
+  // Key splits per query group of the row kernel (a decode step): 0 chooses (enough parts to
+  // occupy every thread when batch entries alone do not), 1 none, n > 1 that many (at most 64,
+  // and only with more than one thread). The parts' results are merged exactly.
+  int num_splits = 0;
 
   StridedView out;      // written: (batch..., L, Ev), in `dtype`
   StridedView weights;  // written when data != nullptr: (batch..., L, S)

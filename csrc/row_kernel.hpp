@@ -53,7 +53,10 @@ struct RowKernel {
         n_groups((args.L + RMAX - 1) / RMAX) {
     const int64_t units = a.batch_count * n_groups;
     // Splits only occupy threads: one thread would pay their merge for nothing.
-    if (a.num_threads > 1 && units > 0 && units < 2 * int64_t(a.num_threads)) {
+    if (a.num_threads > 1 && a.num_splits > 1) {
+      splits = min64(a.num_splits, kMaxSplits);
+    } else if (a.num_threads > 1 && a.num_splits == 0 && units > 0 &&
+               units < 2 * int64_t(a.num_threads)) {
       const int64_t want = (2 * int64_t(a.num_threads) + units - 1) / units;
       splits = max64(1, min64(min64(want, kMaxSplits), a.S / kMinKeysPerSplit));
     }
@@ -83,14 +86,14 @@ struct RowKernel {
   // and a whole number of vectors wide, else gathered (zero-padded to `width_p`) into buf.
   // Returns true for rows in place (of In, 16-bit ones widened by the loops as they load), false
   // for rows gathered into buf (already T).
-  static bool rows_of(const In* base, int64_t rs, int64_t cs, int64_t width, int64_t width_p,
+  static bool rows_of(const KeyRows<In>& src_rows, int64_t cs, int64_t width, int64_t width_p,
                       int64_t j0, int64_t nb, T* buf, const void** rows) {
     if (cs == 1 && width == width_p) {
-      for (int64_t j = 0; j < nb; ++j) rows[j] = base + (j0 + j) * rs;
+      for (int64_t j = 0; j < nb; ++j) rows[j] = src_rows.row(j0 + j);
       return true;
     }
     for (int64_t j = 0; j < nb; ++j) {
-      const In* src = base + (j0 + j) * rs;
+      const In* src = src_rows.row(j0 + j);
       T* dst = buf + j * width_p;
       if (cs == 1) {
         widen(src, dst, width);
@@ -113,21 +116,28 @@ struct RowKernel {
     }
   }
 
+  // The rows of the next chunk, prefetched while this one is computed: rows[0 : n] of `bytes`.
+  struct Prefetch {
+    const KeyRows<In>* rows = nullptr;  // null: none
+    int64_t j0 = 0, n = 0, bytes = 0;
+    void row(int64_t r) const {
+      if (r < n) prefetch_row(reinterpret_cast<const char*>(rows->row(j0 + r)), bytes);
+    }
+  };
+
   // s[j] = q . k_j * scale for j < nb (the scale applied to the sum, as the textbook does: see
   // online_softmax.hpp). Four keys at a time: four independent FMA chains hide the FMA
   // latency that a single dot product would wait on at every step.
-  // While key j is scored, the K row of key j + CK (next chunk's) is prefetched: `pf` points
-  // at it with stride pf_stride bytes, for pf_rows rows of pf_bytes (pf == nullptr: none).
-  // Spread over the loop, the prefetches never fill the miss queues in one burst.
+  // While key j is scored, the K row of key j + CK (next chunk's) is prefetched (pf.rows ==
+  // nullptr: none). Spread over the loop, the prefetches never fill the miss queues in one burst.
   template <class RT>
-  void scores(const T* qr, const void* const* kr, int64_t nb, T* s, const char* pf = nullptr,
-              int64_t pf_stride = 0, int64_t pf_rows = 0, int64_t pf_bytes = 0) const {
+  void scores(const T* qr, const void* const* kr, int64_t nb, T* s, const Prefetch& pf) const {
     const RT* const* krows = reinterpret_cast<const RT* const*>(kr);
     const T sc = T(a.scale);
     int64_t j = 0;
     for (; j + 4 <= nb; j += 4) {
-      if (pf)
-        for (int64_t r = j; r < j + 4 && r < pf_rows; ++r) prefetch_row(pf + r * pf_stride, pf_bytes);
+      if (pf.rows)
+        for (int64_t r = j; r < j + 4; ++r) pf.row(r);
       const RT *k0 = krows[j], *k1 = krows[j + 1], *k2 = krows[j + 2], *k3 = krows[j + 3];
       V a0 = S::splat(T(0)), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t e = 0; e < Ep; e += kLanes) {
@@ -153,14 +163,13 @@ struct RowKernel {
   // With pf, as scores: the V row of key j + CK is prefetched while key j is summed.
   template <int NV, class RT>
   static void accumulate(const T* p, const void* const* vr, int64_t nb, int64_t cc, T* o,
-                         const char* pf = nullptr, int64_t pf_stride = 0, int64_t pf_rows = 0,
-                         int64_t pf_bytes = 0) {
+                         const Prefetch& pf = Prefetch()) {
     const RT* const* vrows = reinterpret_cast<const RT* const*>(vr);
     V acc[NV];
 #pragma GCC unroll 8
     for (int i = 0; i < NV; ++i) acc[i] = S::splat(T(0));
     for (int64_t j = 0; j < nb; ++j) {
-      if (pf && j < pf_rows) prefetch_row(pf + j * pf_stride, pf_bytes);
+      if (pf.rows) pf.row(j);
       const V pj = S::splat(p[j]);
       const RT* row = vrows[j] + cc;
 #pragma GCC unroll 8
@@ -173,14 +182,14 @@ struct RowKernel {
   // o[0:Evp] += sum_j p[j] v_j in register blocks of 8, 4, 2, 1 vectors; the first block's
   // pass prefetches the next chunk's V rows (or, with fewer than 8 vectors, one burst does).
   template <class RT>
-  void accumulate_row(const T* p, const void* const* vrows, int64_t nb, T* o, const char* pf,
-                      int64_t pf_stride, int64_t pf_rows, int64_t pf_bytes) const {
+  void accumulate_row(const T* p, const void* const* vrows, int64_t nb, T* o,
+                      const Prefetch& pf) const {
     int64_t cc = 0;
-    if (pf && Evp >= 8 * kLanes) {
-      accumulate<8, RT>(p, vrows, nb, cc, o, pf, pf_stride, pf_rows, pf_bytes);
+    if (pf.rows && Evp >= 8 * kLanes) {
+      accumulate<8, RT>(p, vrows, nb, cc, o, pf);
       cc += 8 * kLanes;
-    } else if (pf) {
-      for (int64_t j = 0; j < pf_rows; ++j) prefetch_row(pf + j * pf_stride, pf_bytes);
+    } else if (pf.rows) {
+      for (int64_t j = 0; j < pf.n; ++j) pf.row(j);
     }
     for (; cc + 8 * kLanes <= Evp; cc += 8 * kLanes) accumulate<8, RT>(p, vrows, nb, cc, o);
     if (cc + 4 * kLanes <= Evp) accumulate<4, RT>(p, vrows, nb, cc, o), cc += 4 * kLanes;
@@ -192,15 +201,6 @@ struct RowKernel {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, FASTATTN_PFL);
   }
 
-  static void prefetch_rows(const In* base, int64_t rs, int64_t cs, int64_t width, int64_t j0,
-                            int64_t nb) {
-    if (cs != 1) return;
-    const int64_t bytes = width * int64_t(sizeof(In));
-    for (int64_t j = 0; j < nb; ++j) {
-      const char* row = reinterpret_cast<const char*>(base + (j0 + j) * rs);
-      for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, FASTATTN_PFL);
-    }
-  }
 
   // The group's query rows, widened to T and zero-padded to Ep, into ws.qv.
   void load_queries(Workspace& ws, int64_t b, int64_t i0, int64_t rows) const {
@@ -217,8 +217,7 @@ struct RowKernel {
   void group(Workspace& ws, int64_t b, int64_t i0, int64_t k_begin, int64_t k_end,
              Partial& part) const {
     const int64_t rows = min64(RMAX, a.L - i0);
-    const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
-    const In* Vs = static_cast<const In*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
+    const KeyRows<In> K = key_rows<In>(a, a.k, b), Vs = key_rows<In>(a, a.v, b);
     const int64_t m_off = a.mask_kind != MaskKind::kNone ? batch_offset(a, a.mask, b, 1) : 0;
     load_queries(ws, b, i0, rows);
     RowState<T> st[RMAX];
@@ -228,51 +227,45 @@ struct RowKernel {
     // Only keys inside the band of some row of the group, and within kv_lengths, are read.
     const EntryParams<T> ep = entry_params<T>(a, b);
     int64_t first, last;
-    key_range(a, i0, i0 + rows - 1, ep.keys, first, last);
+    key_range(ep, i0, i0 + rows - 1, first, last);
     k_begin = max64(k_begin, first);
     k_end = max64(k_begin, min64(k_end, last));
     for (int64_t j0 = k_begin; j0 < k_end; j0 += CK) {
       if (stop_requested(a)) return;  // the call raises: what is written does not matter
       const int64_t nb = min64(CK, k_end - j0);
       const int64_t nb_p = round_up(nb, kLanes);
-      const bool k_in_place =
-          rows_of(K, a.k.row_stride, a.k.col_stride, a.E, Ep, j0, nb, ws.kbuf.ptr, ws.krows);
+      const bool k_in_place = rows_of(K, a.k.col_stride, a.E, Ep, j0, nb, ws.kbuf.ptr, ws.krows);
       // Decode is bound by memory: while this chunk is computed, the next chunk's K and V rows
       // are prefetched, one row per key processed (the hardware prefetcher stops at every 4 KiB
       // page, and a burst of prefetches would stall on full miss queues). The first chunk's
       // rows are asked for up front.
       const int64_t next = max64(0, min64(CK, k_end - j0 - CK));
       const bool pf_ok = a.k.col_stride == 1 && a.v.col_stride == 1;
-      if (j0 == k_begin && pf_ok) {
-        prefetch_rows(K, a.k.row_stride, 1, a.E, j0, nb);
-        prefetch_rows(Vs, a.v.row_stride, 1, a.Ev, j0, nb);
-      }
-      const char* pf_k = pf_ok && next ? reinterpret_cast<const char*>(K + (j0 + CK) * a.k.row_stride)
-                                       : nullptr;
-      const char* pf_v = pf_ok && next ? reinterpret_cast<const char*>(Vs + (j0 + CK) * a.v.row_stride)
-                                       : nullptr;
-      const int64_t k_rs = a.k.row_stride * int64_t(sizeof(In)), v_rs = a.v.row_stride * int64_t(sizeof(In));
       const int64_t k_bytes = a.E * int64_t(sizeof(In)), v_bytes = a.Ev * int64_t(sizeof(In));
+      if (j0 == k_begin && pf_ok) {
+        const Prefetch first_k{&K, j0, nb, k_bytes}, first_v{&Vs, j0, nb, v_bytes};
+        for (int64_t j = 0; j < nb; ++j) first_k.row(j), first_v.row(j);
+      }
+      Prefetch pf_k, pf_v;  // the first row's passes prefetch the next chunk
+      if (pf_ok && next) pf_k = {&K, j0 + CK, next, k_bytes}, pf_v = {&Vs, j0 + CK, next, v_bytes};
       for (int64_t r = 0; r < rows; ++r) {
         T* srow = ws.s.ptr + r * CK;
-        const char* pf = r == 0 ? pf_k : nullptr;  // the first row's pass prefetches
+        const Prefetch& pf = r == 0 ? pf_k : Prefetch();
         if (k_in_place)
-          scores<In>(ws.qv.ptr + r * Ep, ws.krows, nb, srow, pf, k_rs, next, k_bytes);
+          scores<In>(ws.qv.ptr + r * Ep, ws.krows, nb, srow, pf);
         else
-          scores<T>(ws.qv.ptr + r * Ep, ws.krows, nb, srow, pf, k_rs, next, k_bytes);
+          scores<T>(ws.qv.ptr + r * Ep, ws.krows, nb, srow, pf);
         mask_scores(a, ep, srow, nb_p, i0 + r, j0, nb, m_off);
         online_softmax_update(srow, nb_p, R::max(srow, nb_p), st[r], part.o + r * Evp, Evp);
       }
       const bool v_in_place =
-          rows_of(Vs, a.v.row_stride, a.v.col_stride, a.Ev, Evp, j0, nb, ws.vbuf.ptr, ws.vrows);
+          rows_of(Vs, a.v.col_stride, a.Ev, Evp, j0, nb, ws.vbuf.ptr, ws.vrows);
       for (int64_t r = 0; r < rows; ++r) {
-        const char* pf = r == 0 ? pf_v : nullptr;
+        const Prefetch& pf = r == 0 ? pf_v : Prefetch();
         if (v_in_place)
-          accumulate_row<In>(ws.s.ptr + r * CK, ws.vrows, nb, part.o + r * Evp, pf, v_rs, next,
-                             v_bytes);
+          accumulate_row<In>(ws.s.ptr + r * CK, ws.vrows, nb, part.o + r * Evp, pf);
         else
-          accumulate_row<T>(ws.s.ptr + r * CK, ws.vrows, nb, part.o + r * Evp, pf, v_rs, next,
-                            v_bytes);
+          accumulate_row<T>(ws.s.ptr + r * CK, ws.vrows, nb, part.o + r * Evp, pf);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {

@@ -73,15 +73,21 @@ struct TileKernel {
   }
 
   // S^T rows 0 .. nb - 1 for keys j0 .. of this entry's K (q . k * scale), and their column
-  // maximum.
-  void scores(Workspace& ws, const In* K, int64_t j0, int64_t nb) const {
+  // maximum. Keys j0 .. j0 + nb - 1 lie on one page (KeyRows::run_end).
+  void scores(Workspace& ws, const KeyRows<In>& K, int64_t j0, int64_t nb) const {
     for (int i = 0; i < BM; ++i) ws.colmax[i] = R::kNegInf;
     P::scores(*this, ws, K, j0, nb);
   }
 
   // O^T += V^T P^T for keys j0 .. j0 + nb - 1 of this entry's V.
-  void accumulate(Workspace& ws, const VIn* Vs, int64_t j0, int64_t nb) const {
+  void accumulate(Workspace& ws, const KeyRows<VIn>& Vs, int64_t j0, int64_t nb) const {
     P::accumulate(*this, ws, Vs, j0, nb);
+  }
+
+  // The end of the key block that starts at j0: blocks of BN keys, aligned to BN, cut short at
+  // the entry's last key and at the end of a page (a paged problem's blocks are its pages' runs).
+  int64_t block_end(const KeyRows<In>& K, int64_t j0, int64_t keys) const {
+    return min64(min64((j0 / BN + 1) * BN, keys), K.run_end(j0));
   }
 
   // For a bool mask that is the same for every query (a key padding mask, (..., 1, S)): whether
@@ -108,10 +114,10 @@ struct TileKernel {
       const int64_t key = j0 + j;
       ScoreLine<T> line;
       line.n = rows;
-      line.dist0 = i0 + a.offset - key;
+      line.dist0 = i0 + ep.offset - key;
       if (user_mask) line.mask = mask_at<T>(a, m_off, i0, key, a.mask.row_stride);
-      line.seen_lo = min64(max64(key - a.band_hi - i0, 0), rows);
-      line.seen_hi = min64(max64(key - a.band_lo + 1 - i0, line.seen_lo), rows);
+      line.seen_lo = min64(max64(key - ep.band_hi - i0, 0), rows);
+      line.seen_hi = min64(max64(key - ep.band_lo + 1 - i0, line.seen_lo), rows);
       line_to_logits(a, ep, ws.st.ptr + j * BM, line);
     }
     for (int v = 0; v < NV; ++v) {
@@ -122,9 +128,10 @@ struct TileKernel {
   }
 
   // Whether a block needs mask_block: anything that changes scores, or a band edge in it.
-  bool needs_mask(int64_t i0, int64_t rows, int64_t j0, int64_t nb, bool user_mask) const {
+  bool needs_mask(const EntryParams<T>& ep, int64_t i0, int64_t rows, int64_t j0, int64_t nb,
+                  bool user_mask) const {
     return user_mask || a.softcap > 0 || a.alibi.data ||
-           (a.has_band && band_cuts(a, i0, i0 + rows - 1, j0, nb));
+           (a.has_band && band_cuts(ep, i0, i0 + rows - 1, j0, nb));
   }
 
   // Online softmax over one block: new maximum, rescaled sum and output, then S^T -> P^T.
@@ -175,14 +182,14 @@ struct TileKernel {
   void tile(Workspace& ws, int64_t b, int64_t qtile) const {
     const int64_t i0 = qtile * BM;
     const int64_t rows = min64(BM, a.L - i0);
-    const In* K = static_cast<const In*>(a.k.data) + batch_offset(a, a.k, b, a.kv_group);
-    const VIn* Vs = static_cast<const VIn*>(a.v.data) + batch_offset(a, a.v, b, a.kv_group);
+    const KeyRows<In> K = key_rows<In>(a, a.k, b);
+    const KeyRows<VIn> Vs = key_rows<VIn>(a, a.v, b);
     const int64_t m_off = a.mask_kind != MaskKind::kNone ? batch_offset(a, a.mask, b, 1) : 0;
 
     // Key blocks this tile needs: those with a key inside some row's band and kv_lengths.
     const EntryParams<T> ep = entry_params<T>(a, b);
     int64_t k_first, k_last;
-    key_range(a, i0, i0 + rows - 1, ep.keys, k_first, k_last);
+    key_range(ep, i0, i0 + rows - 1, k_first, k_last);
     const int64_t kb_begin = k_first / BN;
     const int64_t kb_end = k_last > k_first ? (k_last - 1) / BN + 1 : kb_begin;
 
@@ -195,14 +202,15 @@ struct TileKernel {
     std::memset(ws.ot.ptr, 0, sizeof(T) * size_t(BM * ot_rows()));
 
     bool first = true;
-    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    for (int64_t j0 = kb_begin * BN, j1; j0 < kb_end * BN && j0 < ep.keys; j0 = j1) {
       if (stop_requested(a)) return;  // the call raises: what is written does not matter
-      const int64_t j0 = kb * BN, nb = min64(BN, ep.keys - j0);
+      j1 = block_end(K, j0, ep.keys);
+      const int64_t nb = j1 - j0;
       const KeysIn in = keys_in(m_off, j0, nb);
       if (in == KeysIn::kNone) continue;
       scores(ws, K, j0, nb);
       const bool user_mask = a.mask_kind != MaskKind::kNone && in == KeysIn::kSome;
-      if (needs_mask(i0, rows, j0, nb, user_mask))
+      if (needs_mask(ep, i0, rows, j0, nb, user_mask))
         mask_block(ws, ep, i0, rows, j0, nb, m_off, user_mask);
       softmax_block(ws, nb, first);
       accumulate(ws, Vs, j0, nb);
@@ -219,7 +227,7 @@ struct TileKernel {
   }
 
   void finish(Workspace& ws, const EntryParams<T>& ep, int64_t b, int64_t i0, int64_t rows,
-              int64_t kb_begin, int64_t kb_end, const In* K, int64_t m_off) const {
+              int64_t kb_begin, int64_t kb_end, const KeyRows<In>& K, int64_t m_off) const {
     const int64_t Ev = a.Ev;
     // Normalize once. A query with no key (l == 0) gives zeros; a NaN sum stays NaN.
     T* out = static_cast<T*>(const_cast<void*>(a.out.data)) + batch_offset(a, a.out, b, 1);
@@ -256,8 +264,10 @@ struct TileKernel {
 
   // The normalized weights, for return_weights: scores are recomputed block by block against the
   // final maximum and sum (as FlashAttention does), so the forward pass stays single-pass.
+  // (Paged problems return no weights: their blocks are BN keys here.)
   void write_weights(Workspace& ws, const EntryParams<T>& ep, int64_t b, int64_t i0, int64_t rows,
-                     int64_t kb_begin, int64_t kb_end, const In* K, int64_t m_off) const {
+                     int64_t kb_begin, int64_t kb_end, const KeyRows<In>& K,
+                     int64_t m_off) const {
     T* W = static_cast<T*>(const_cast<void*>(a.weights.data)) + batch_offset(a, a.weights, b, 1);
     const int64_t wrs = a.weights.row_stride, wcs = a.weights.col_stride;
     for (int i = 0; i < BM; ++i) ws.alpha[i] = ws.l[i] == T(0) ? T(0) : T(1) / ws.l[i];
@@ -270,7 +280,7 @@ struct TileKernel {
         for (int64_t j = nk; j < nb; ++j) W[(i0 + i) * wrs + (j0 + j) * wcs] = T(0) * ws.alpha[i];
       if (nk == 0) continue;
       scores(ws, K, j0, nk);
-      if (needs_mask(i0, rows, j0, nk, a.mask_kind != MaskKind::kNone))
+      if (needs_mask(ep, i0, rows, j0, nk, a.mask_kind != MaskKind::kNone))
         mask_block(ws, ep, i0, rows, j0, nk, m_off, a.mask_kind != MaskKind::kNone);
       for (int64_t j = 0; j < nk; ++j)
         for (int v = 0; v < NV; ++v) {

@@ -12,6 +12,8 @@
 //   scores(kr, ws, K, j0, nb)              S^T rows 0 .. nb - 1 for keys j0 .. and the column
 //                                          maximum (ws.colmax);
 //   accumulate(kr, ws, Vs, j0, nb)         O^T += V^T P^T for keys j0 .. j0 + nb - 1.
+// K and Vs are the entry's KeyRows (kernel_common.hpp); keys j0 .. j0 + nb - 1 lie on one page,
+// rows rs apart, so a product reads them from K.row(j0) through the strides.
 #pragma once
 
 #include <cstdint>
@@ -74,19 +76,19 @@ struct PlainProducts {
   }
 
   template <class Kr, class W>
-  static void scores(const Kr& kr, W& ws, const T* K, int64_t j0, int64_t nb) {
+  static void scores(const Kr& kr, W& ws, const KeyRows<T>& K, int64_t j0, int64_t nb) {
     constexpr int BM = Kr::BM, QP = Kr::QP;
     const Problem& a = kr.a;
-    Micro<T>::template gemm_panels<false>(nb, BM / QP, K + j0 * a.k.row_stride, a.k.row_stride,
+    Micro<T>::template gemm_panels<false>(nb, BM / QP, K.row(j0), a.k.row_stride,
                                           a.k.col_stride, ws.products.qt.ptr, a.E * QP, QP, a.E,
                                           ws.st.ptr, BM, ws.colmax, T(a.scale));
   }
 
   template <class Kr, class W>
-  static void accumulate(const Kr& kr, W& ws, const T* Vs, int64_t j0, int64_t nb) {
+  static void accumulate(const Kr& kr, W& ws, const KeyRows<T>& Vs, int64_t j0, int64_t nb) {
     constexpr int BM = Kr::BM, QP = Kr::QP;
     const Problem& a = kr.a;
-    Micro<T>::template gemm_panels<true>(a.Ev, BM / QP, Vs + j0 * a.v.row_stride, a.v.col_stride,
+    Micro<T>::template gemm_panels<true>(a.Ev, BM / QP, Vs.row(j0), a.v.col_stride,
                                          a.v.row_stride, ws.st.ptr, QP, BM, nb, ws.ot.ptr, BM,
                                          nullptr);
   }
@@ -128,10 +130,10 @@ struct Bf16PairProducts {
   }
 
   template <class Kr, class W>
-  static void scores(const Kr& kr, W& ws, const In* K, int64_t j0, int64_t nb) {
+  static void scores(const Kr& kr, W& ws, const KeyRows<In>& K, int64_t j0, int64_t nb) {
     constexpr int BM = Kr::BM, QP = Kr::QP;
     const Problem& a = kr.a;
-    gemm_bf16_panels<false>(nb, BM / QP, reinterpret_cast<const char*>(K + j0 * a.k.row_stride),
+    gemm_bf16_panels<false>(nb, BM / QP, reinterpret_cast<const char*>(K.row(j0)),
                             a.k.row_stride * 2, 4, ws.products.qp.ptr, (a.E / 2) * QP, QP,
                             a.E / 2, ws.st.ptr, BM, ws.colmax, float(a.scale));
   }
@@ -151,13 +153,13 @@ struct Bf16PairProducts {
     return np;
   }
 
+  // v is the kernel's own packed copy (packing.hpp): never paged, j0 even.
   template <class Kr, class W>
-  static void accumulate(const Kr& kr, W& ws, const VIn* Vs, int64_t j0, int64_t nb) {
+  static void accumulate(const Kr& kr, W& ws, const KeyRows<VIn>& Vs, int64_t j0, int64_t nb) {
     constexpr int BM = Kr::BM, QP = Kr::QP;
     const Problem& a = kr.a;
     const int64_t np = pair_weights<Kr>(ws, nb);
-    gemm_bf16_panels<true>(a.Ev, BM / QP,
-                           reinterpret_cast<const char*>(Vs + (j0 / 2) * a.v.row_stride),
+    gemm_bf16_panels<true>(a.Ev, BM / QP, reinterpret_cast<const char*>(Vs.row(j0 / 2)),
                            a.v.col_stride * 4, a.v.row_stride * 4, ws.products.pp.ptr, QP, BM, np,
                            ws.ot.ptr, BM, nullptr, 1.0f);
   }
@@ -185,9 +187,11 @@ struct AmxProducts : Bf16PairProducts {
 
   // 32 keys (two C tile rows) at a time; K rows are read in place, but for the last 32 keys of
   // S when S is not a multiple of 32 (copied, zero-padded, into ktail: a tile load reads 16
-  // whole rows). Then the scale and the column maximum, rows < nb only.
+  // whole rows). Then the scale and the column maximum, rows < nb only. K is never paged here
+  // (AmxPacked copies a paged k: a tile load would read past a page).
   template <class Kr, class W>
-  static void scores(const Kr& kr, W& ws, const In* K, int64_t j0, int64_t nb) {
+  static void scores(const Kr& kr, W& ws, const KeyRows<In>& rows_k, int64_t j0, int64_t nb) {
+    const In* K = rows_k.base;
     using S = typename Kr::S;
     using V = typename Kr::V;
     constexpr int BM = Kr::BM, QP = Kr::QP, NV = Kr::NV, kLanes = Kr::kLanes;
@@ -227,9 +231,10 @@ struct AmxProducts : Bf16PairProducts {
   // P^T in pairs as for vdpbf16ps, zero pairs up to the 32-key chunks, then V^T (keys along a
   // row, value columns col_stride apart) times P^T by tiles.
   template <class Kr, class W>
-  static void accumulate(const Kr& kr, W& ws, const VIn* Vs, int64_t j0, int64_t nb) {
+  static void accumulate(const Kr& kr, W& ws, const KeyRows<VIn>& V, int64_t j0, int64_t nb) {
     constexpr int BM = Kr::BM, QP = Kr::QP;
     const Problem& a = kr.a;
+    const VIn* Vs = V.base;
     const int64_t np = pair_weights<Kr>(ws, nb);
     const int64_t chunks = (nb + 31) / 32;
     uint32_t* pp = ws.products.pp.ptr;

@@ -586,6 +586,99 @@ int overflow_reports() {
   return failures;
 }
 
+// A paged KV cache read through its block table (pages of 7 keys in a shuffled order, spare
+// pages holding NaN that no sequence may read, page ids past each sequence's keys out of range)
+// against the same keys contiguous: float32 and bfloat16 storage, a decode step (row kernel,
+// split keys) and a chunk of queries (tiles, or packed or widened bfloat16), per-sequence
+// lengths and bottom-right diagonals (diag_shift), on every instruction set. Under valgrind and
+// AddressSanitizer a read outside the pages read shows.
+int paged_cache() {
+  int failures = 0;
+  const int64_t B = 2, H = 2, S = 60, E = 16, page = 7, pages = (S + page - 1) / page;
+  const int64_t n_pages = B * pages + 2;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  std::vector<float> flat(size_t(B * H * S * E));
+  for (float& x : flat) x = bf16_value(bf16_bits(normal(rng)));  // exact in bfloat16 too
+  std::vector<int32_t> order(static_cast<size_t>(n_pages));
+  for (int64_t i = 0; i < n_pages; ++i) order[size_t(i)] = int32_t(i);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<float> paged(size_t(n_pages * H * page * E), std::nanf(""));
+  std::vector<int32_t> table(size_t(B * pages), 1 << 30);  // ids past the keys: never read
+  const int64_t lengths[B] = {S, 23};
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < (lengths[b] + page - 1) / page; ++j) {
+      const int32_t id = order[size_t(b * pages + j)];
+      table[size_t(b * pages + j)] = id;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t r = 0; r < page && j * page + r < S; ++r)
+          for (int64_t e = 0; e < E; ++e)
+            paged[size_t(((id * H + h) * page + r) * E + e)] =
+                flat[size_t(((b * H + h) * S + j * page + r) * E + e)];
+    }
+  std::vector<uint16_t> flat16(flat.size()), paged16(paged.size());
+  for (size_t i = 0; i < flat.size(); ++i) flat16[i] = bf16_bits(flat[i]);
+  for (size_t i = 0; i < paged.size(); ++i) paged16[i] = bf16_bits(paged[i]);
+  for (const std::string& isa : fastattn::available_isas()) {
+    fastattn::set_isa(isa);
+    for (const int64_t L : {int64_t(1), int64_t(9)})
+      for (const bool bf16 : {false, true}) {
+        std::vector<float> q(size_t(B * H * L * E)), out[2];
+        for (float& x : q) x = bf16_value(bf16_bits(normal(rng)));
+        std::vector<uint16_t> q16(q.size());
+        for (size_t i = 0; i < q.size(); ++i) q16[i] = bf16_bits(q[i]);
+        int64_t diag[B];
+        for (int64_t b = 0; b < B; ++b) diag[b] = lengths[b] - L;
+        for (int paged_run = 0; paged_run < 2; ++paged_run) {
+          out[paged_run].assign(size_t(B * H * L * E), 0.0f);
+          Problem p;
+          p.storage = bf16 ? fastattn::Storage::kBFloat16 : fastattn::Storage::kSame;
+          p.n_batch_dims = 2, p.batch_shape[0] = B, p.batch_shape[1] = H;
+          p.L = L, p.S = S, p.E = E, p.Ev = E;
+          // (B or pages, H, rows, E), C order
+          auto matrix = [&](const void* data, int64_t rows) {
+            StridedView v;
+            v.data = data;
+            v.batch_strides[0] = H * rows * E, v.batch_strides[1] = rows * E;
+            v.row_stride = E, v.col_stride = 1;
+            return v;
+          };
+          p.q = matrix(bf16 ? static_cast<const void*>(q16.data()) : q.data(), L);
+          const void* kv = paged_run ? (bf16 ? static_cast<const void*>(paged16.data())
+                                             : paged.data())
+                                     : (bf16 ? static_cast<const void*>(flat16.data())
+                                             : flat.data());
+          p.k = p.v = matrix(kv, paged_run ? page : S);
+          p.out = matrix(out[paged_run].data(), L);
+          p.kv_lengths.data = lengths;
+          p.kv_lengths.batch_strides[0] = 1;
+          p.diag_shift.data = diag;
+          p.diag_shift.batch_strides[0] = 1;
+          p.band_hi = 0;  // causal, bottom-right per sequence
+          p.scale = 0.25;
+          p.num_threads = 2;
+          p.num_splits = L == 1 ? 3 : 0;
+          if (paged_run) {
+            p.block_table = table.data();
+            p.block_table_stride = pages;
+            p.page_size = page;
+          }
+          fastattn::attention(p);
+        }
+        double err = 0;
+        for (size_t i = 0; i < out[0].size(); ++i)
+          err = std::max(err, double(std::fabs(out[0][i] - out[1][i])));
+        if (!(err < 1e-5)) {
+          std::printf("FAIL paged cache %s L=%lld bf16=%d: max difference %g\n", isa.c_str(),
+                      (long long)L, int(bf16), err);
+          ++failures;
+        }
+      }
+  }
+  fastattn::set_isa("");
+  return failures;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -597,7 +690,7 @@ int main(int argc, char** argv) {
     return r < 10 ? int64_t(r % 2) : r < 70 ? 1 + pick(rng) % small : 1 + pick(rng) % large;
   };
   Stats stats;
-  int failures = refusals() + overflow_reports();
+  int failures = refusals() + overflow_reports() + paged_cache();
   for (const std::string& isa : fastattn::available_isas()) {
     fastattn::set_isa(isa);
     for (int r = 0; r < rounds; ++r) {

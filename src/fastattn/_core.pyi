@@ -25,6 +25,9 @@ class Problem:
         alibi: _Array | None = None,
         kv_lengths: _Array | None = None,
         sinks: _Array | None = None,
+        diag_shift: _Array | None = None,
+        block_table: _Array | None = None,
+        page_size: int = 0,
         dout: _Array | None = None,
         dq: _Array | None = None,
         dk: _Array | None = None,
@@ -36,6 +39,7 @@ class Problem:
         softcap: float = 0.0,
         kv_group: int = 1,
         num_threads: int = 0,
+        num_splits: int = 0,
     ) -> None: ...
 
 def attention(problem: Problem) -> int: ...

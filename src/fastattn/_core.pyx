@@ -53,7 +53,10 @@ cdef extern from "problem.hpp" namespace "fastattn":
         StridedView mask
         int64_t band_lo, band_hi, offset
         double scale, softcap
-        StridedView alibi, kv_lengths, sinks
+        StridedView alibi, kv_lengths, sinks, diag_shift
+        const int* block_table
+        int64_t block_table_stride, page_size
+        int num_splits
         StridedView out, weights, lse
         int num_threads
         int (*interrupt_poll)(void*) noexcept nogil
@@ -350,27 +353,32 @@ cdef class Problem:
     other array broadcasts against. The storage comes from q's dtype (k, v, and in the backward
     pass out and dout, stored alike: the compute dtype, float16 or bfloat16, which the kernel
     reads, packs or widens as it needs), the compute dtype from out's (float32 or float64).
-    ``lse`` is ``(..., L)``; ``alibi``, ``kv_lengths`` and ``sinks`` have batch axes only; a bool
+    ``lse`` is ``(..., L)``; ``alibi``, ``kv_lengths``, ``sinks`` and ``diag_shift`` (int64:
+    moves each entry's diagonal and band by that many keys) have batch axes only; a bool
     ``mask`` removes keys, another adds to the scores. ``band_lo``/``band_hi``: query i sees
-    keys i + band_lo .. i + band_hi (``NO_BOUND``: open). The backward pass reads ``dout`` and
-    writes ``dq``, ``dk``, ``dv`` (zeroed, of the full batch shape), as bfloat16 when they are.
+    keys i + band_lo .. i + band_hi (``NO_BOUND``: open). ``block_table`` (int32, (B, pages)):
+    k and v are paged, their first axis pages of ``page_size`` keys; the caller checked every
+    page id below ``kv_lengths``, which it must give. ``num_splits``: key splits of a decode step
+    (0: chosen). The backward pass reads ``dout`` and writes ``dq``, ``dk``, ``dv`` (zeroed, of
+    the full batch shape), as bfloat16 when they are.
     """
 
     cdef CProblem c
     cdef tuple arrays  # every operand, alive as long as the problem that points into them
 
     def __init__(self, *, q, k, v, out, mask=None, weights=None, lse=None, alibi=None,
-                 kv_lengths=None, sinks=None, dout=None, dq=None, dk=None, dv=None,
+                 kv_lengths=None, sinks=None, diag_shift=None, block_table=None,
+                 int64_t page_size=0, dout=None, dq=None, dk=None, dv=None,
                  int64_t band_lo=-kNoBound, int64_t band_hi=kNoBound, int64_t offset=0,
                  double scale=1.0, double softcap=0.0, int64_t kv_group=1,
-                 int num_threads=0):
+                 int num_threads=0, int num_splits=0):
         cdef CProblem* p = &self.c
         batch = out.shape[:out.ndim - 2]
         cdef Py_ssize_t nb = len(batch), d
         if nb > kMaxBatchDims:
             raise ValueError("too many batch axes")
-        self.arrays = (q, k, v, out, mask, weights, lse, alibi, kv_lengths, sinks, dout, dq, dk,
-                       dv)
+        self.arrays = (q, k, v, out, mask, weights, lse, alibi, kv_lengths, sinks, diag_shift,
+                       block_table, dout, dq, dk, dv)
         p.dtype = DType.kFloat64 if out.dtype == _F64 else DType.kFloat32
         p.storage = _storage_of(q.dtype)
         if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -399,10 +407,26 @@ cdef class Problem:
         _fill_optional(p.alibi, alibi, nb, 0)
         _fill_optional(p.kv_lengths, kv_lengths, nb, 0)
         _fill_optional(p.sinks, sinks, nb, 0)
+        _fill_optional(p.diag_shift, diag_shift, nb, 0)
+        p.num_splits = num_splits
+        if block_table is not None:
+            _fill_pages(self.c, block_table, page_size)
         _fill_optional(p.dout, dout, nb)
         _fill_optional(p.dq, dq, nb)
         _fill_optional(p.dk, dk, nb)
         _fill_optional(p.dv, dv, nb)
+
+
+cdef void _fill_pages(CProblem& p, block_table, int64_t page_size) except *:
+    # A C-contiguous int32 (B, pages) table, as the caller made it. The keys a sequence can
+    # hold, S, are its pages' (k's row axis is one page).
+    if block_table.dtype != _np.int32 or block_table.ndim != 2 or not block_table.flags.c_contiguous:
+        raise TypeError("block_table must be a C-contiguous 2-D int32 array")
+    cdef const int[:, ::1] table = block_table
+    p.block_table = &table[0, 0] if table.shape[0] and table.shape[1] else NULL
+    p.block_table_stride = table.shape[1]
+    p.page_size = page_size
+    p.S = table.shape[1] * page_size
 
 
 cdef inline void _fill_optional(StridedView& op, array, Py_ssize_t nb, int axes=2) except *:

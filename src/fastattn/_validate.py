@@ -190,7 +190,7 @@ def window_bounds(window) -> tuple[int | None, int | None]:
     return out[0], out[1]
 
 
-def _per_batch(name, a, batch, kinds, dtype, shapes, given=None) -> np.ndarray:
+def per_batch(name, a, batch, kinds, dtype, shapes, given=None) -> np.ndarray:
     """``a`` checked to hold one value per batch entry (broadcasting), in ``dtype``.
 
     ``given`` is the shape the caller passed, for the message, if ``a`` was reshaped.
@@ -238,9 +238,9 @@ def prepare(
     dtype, out_dtype = compute_dtypes(q.dtype, k.dtype, v.dtype)
     storage = storage_dtype(dtype, q.dtype, k.dtype, v.dtype)
     if mask is not None:
-        mask = _mask(mask, batch + (L, S), dtype, _shapes(q=q, k=k, v=v))
-    scale = _scale(scale, E)
-    num_threads = _num_threads(num_threads)
+        mask = checked_mask(mask, batch + (L, S), dtype, _shapes(q=q, k=k, v=v))
+    scale = checked_scale(scale, E)
+    num_threads = checked_num_threads(num_threads)
     if align not in ALIGNS:
         raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
     if similarity not in SIMILARITIES:
@@ -252,13 +252,13 @@ def prepare(
     shapes = (_shapes(q=q, k=k, v=v)
               if alibi_slopes is not None or kv_lengths is not None or sinks is not None else "")
     if alibi_slopes is not None:
-        alibi_slopes = _per_batch("alibi_slopes", alibi_slopes, batch, "fiub", dtype, shapes)
+        alibi_slopes = per_batch("alibi_slopes", alibi_slopes, batch, "fiub", dtype, shapes)
     if sinks is not None:
-        sinks = _per_batch("sinks", sinks, batch, "fiub", dtype, shapes)
+        sinks = per_batch("sinks", sinks, batch, "fiub", dtype, shapes)
     if kv_lengths is not None:
         kv_lengths = _kv_lengths(kv_lengths, batch, S, shapes)
     if softcap is not None:
-        softcap = _softcap(softcap)
+        softcap = checked_softcap(softcap)
     return Plan(
         q=_as_kernel_array(q, storage), k=_as_kernel_array(k, storage),
         v=_as_kernel_array(v, storage), mask=mask, dtype=dtype, out_dtype=out_dtype,
@@ -318,7 +318,7 @@ def _batch_shape(q: np.ndarray, k: np.ndarray, v: np.ndarray, enable_gqa) -> tup
     return batch, kv_group
 
 
-def _mask(mask, target: tuple, dtype: np.dtype, shapes: str) -> np.ndarray:
+def checked_mask(mask, target: tuple, dtype: np.dtype, shapes: str) -> np.ndarray:
     """The mask checked to broadcast to the scores' shape ``target``: bool as given, float in
     ``dtype``, with at least two axes."""
     mask = np.asarray(mask)
@@ -345,7 +345,7 @@ def _mask(mask, target: tuple, dtype: np.dtype, shapes: str) -> np.ndarray:
     return _as_kernel_array(mask_array, np.dtype(np.bool_) if mask.dtype.kind == "b" else dtype)
 
 
-def _scale(scale, E: int) -> float:
+def checked_scale(scale, E: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(E) if E > 0 else 1.0
     if isinstance(scale, numbers.Real):
@@ -353,7 +353,7 @@ def _scale(scale, E: int) -> float:
     raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
 
 
-def _num_threads(num_threads) -> int | None:
+def checked_num_threads(num_threads) -> int | None:
     if num_threads is None:
         return None
     if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
@@ -371,7 +371,7 @@ def _kv_lengths(kv_lengths, batch: tuple, S: int, shapes: str) -> np.ndarray:
     # A (B,) array counts along the first batch axis, as the number of batch axes it has.
     given = tuple(lengths.shape)
     lengths = lengths.reshape(given + (1,) * max(len(batch) - lengths.ndim, 0))
-    lengths = _per_batch("kv_lengths", lengths, batch, "iu", None, shapes, given)
+    lengths = per_batch("kv_lengths", lengths, batch, "iu", None, shapes, given)
     # Checked in the dtype given: a uint64 2**64 - 1 is no int64 -1 to the message.
     if lengths.size and (lengths.min() < 0 or lengths.max() > S):
         raise ValueError(f"kv_lengths must lie in [0, S={S}]; got values from "
@@ -379,7 +379,7 @@ def _kv_lengths(kv_lengths, batch: tuple, S: int, shapes: str) -> np.ndarray:
     return _as_kernel_array(lengths, np.dtype(np.int64))
 
 
-def _softcap(softcap) -> float:
+def checked_softcap(softcap) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a positive real number, got {softcap!r}")
     softcap = float(softcap)

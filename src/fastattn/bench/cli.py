@@ -38,6 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backward", action="store_true",
                    help="instead: the training table, forward + backward against PyTorch's "
                         "SDPA + autograd.grad, and our backward against our forward")
+    p.add_argument("--kvcache", action="store_true",
+                   help="instead: attention over a KV cache (contiguous and paged decode, a "
+                        "long context, the append) against fastattn.attention and PyTorch SDPA")
     p.add_argument("--e2e", action="store_true",
                    help="instead, a whole Llama-shaped model (random weights, 4096-token "
                         "prompt, 64 decoded tokens), fastattn against transformers' sdpa, "
@@ -64,6 +67,14 @@ def write_json(path: str, report: Report) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fastattn bench``; returns the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.kvcache:
+        from .kvcache import kvcache_table
+        from .machine import machine_info, machine_line
+
+        print(machine_line(machine_info(args.threads)))
+        print(kvcache_table(args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS),
+                            2 if args.quick else 3, args.threads))
+        return 0
     if args.e2e:
         from . import e2e
 
