@@ -8,8 +8,11 @@
 #pragma once
 
 // Prefetch locality: 2 (prefetcht1, into L2). Measured on the decode case (16,32,1,8192,128),
-// against np.dot reading the same bytes in the same run: 2.4x its time with prefetcht0 into L1
-// (whose few miss buffers then limit a core), 1.3x with prefetcht1, 1.6x with prefetcht2.
+// against np.dot reading the same bytes in the same run (AMD Zen 4): 2.4x its time with
+// prefetcht0 into L1 (whose few miss buffers then limit a core), 1.3x with prefetcht1, 1.6x
+// with prefetcht2. On Zen 5 none of these, nor no prefetch, prefetching 2 or 4 chunks ahead,
+// every other line, or chunks of 16 to 256 keys, moved one thread's rate (~19 GB/s, where a
+// plain read of the same chunks streams 40 and the kernel computes at ~45 with them in L3).
 #ifndef FASTATTN_PFL
 #define FASTATTN_PFL 2
 #endif
@@ -125,76 +128,136 @@ struct RowKernel {
     }
   };
 
-  // s[j] = q . k_j * scale for j < nb (the scale applied to the sum, as the textbook does: see
-  // online_softmax.hpp). Four keys at a time: four independent FMA chains hide the FMA
-  // latency that a single dot product would wait on at every step.
-  // While key j is scored, the K row of key j + CK (next chunk's) is prefetched (pf.rows ==
-  // nullptr: none). Spread over the loop, the prefetches never fill the miss queues in one burst.
-  template <class RT>
-  void scores(const T* qr, const void* const* kr, int64_t nb, T* s, const Prefetch& pf) const {
+  // Every K and V vector loaded serves all rows of the group, and the accumulators (rows x
+  // keys for the scores, rows x vectors for the output) are independent FMA chains that hide
+  // the FMA's latency: kAcc of them, 16 with 32 vector registers (AVX-512), 8 with 16. The
+  // scores take KJ(R) keys at a time, whose sums come out kLanes at a time (lane_sums: a third
+  // of the instructions of one horizontal sum each); the output NVA vectors of every row.
+  // Measured on the decode case (16, 32/8, 1, 8192, 128) on AMD Zen 5 against the row at a
+  // time before: 1.6x faster with K and V in L3, 4-10% with them in memory.
+  static constexpr int kAcc = FASTATTN_VBYTES >= 64 ? 16 : 8;
+  static constexpr int KJ(int R) { return R == 3 ? kAcc / 4 : kAcc / R; }
+  static constexpr int NVA = kAcc / RMAX;
+
+  // s[r * CK + j] = q_r . k_j * scale for rows r < R and keys j < nb (the scale applied to the
+  // sum, as the textbook does: see online_softmax.hpp). While key j is scored, the K row of key
+  // j + CK (next chunk's) is prefetched (pf.rows == nullptr: none): spread over the loop, the
+  // prefetches never fill the miss queues in one burst.
+  template <int R, class RT>
+  void scores(const T* qv, const void* const* kr, int64_t nb, T* s, const Prefetch& pf) const {
+    constexpr int J = KJ(R);
     const RT* const* krows = reinterpret_cast<const RT* const*>(kr);
     const T sc = T(a.scale);
     int64_t j = 0;
-    for (; j + 4 <= nb; j += 4) {
+    for (; j + J <= nb; j += J) {
       if (pf.rows)
-        for (int64_t r = j; r < j + 4; ++r) pf.row(r);
-      const RT *k0 = krows[j], *k1 = krows[j + 1], *k2 = krows[j + 2], *k3 = krows[j + 3];
-      V a0 = S::splat(T(0)), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t t = j; t < j + J; ++t) pf.row(t);
+      V acc[R * J];
+#pragma GCC unroll 16
+      for (int i = 0; i < R * J; ++i) acc[i] = S::splat(T(0));
       for (int64_t e = 0; e < Ep; e += kLanes) {
-        const V qv = S::load(qr + e);
-        a0 += qv * ld(k0 + e);
-        a1 += qv * ld(k1 + e);
-        a2 += qv * ld(k2 + e);
-        a3 += qv * ld(k3 + e);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const V q = S::load(qv + r * Ep + e);
+#pragma GCC unroll 16
+          for (int t = 0; t < J; ++t) acc[r * J + t] += q * ld(krows[j + t] + e);
+        }
       }
-      s[j] = S::hsum(a0) * sc;
-      s[j + 1] = S::hsum(a1) * sc;
-      s[j + 2] = S::hsum(a2) * sc;
-      s[j + 3] = S::hsum(a3) * sc;
+      store_sums<R, J>(acc, s + j, sc);
     }
     for (; j < nb; ++j) {
-      V acc = S::splat(T(0));
-      for (int64_t e = 0; e < Ep; e += kLanes) acc += S::load(qr + e) * ld(krows[j] + e);
-      s[j] = S::hsum(acc) * sc;
+      if (pf.rows) pf.row(j);
+      V acc[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r] = S::splat(T(0));
+      for (int64_t e = 0; e < Ep; e += kLanes) {
+        const V kv = ld(krows[j] + e);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[r] += S::load(qv + r * Ep + e) * kv;
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) s[r * CK + j] = S::hsum(acc[r]) * sc;
     }
   }
 
-  // o[cc : cc + NV vectors] += sum_j p[j] v_j[cc : ...], the NV accumulators in registers.
-  // With pf, as scores: the V row of key j + CK is prefetched while key j is summed.
-  template <int NV, class RT>
+  // s[r * CK + t] = sum of the lanes of acc[r * J + t], times sc: kLanes sums at a time where
+  // the accumulators fill whole vectors of sums, else one horizontal sum each. Both add the
+  // lanes in the same order (halves, then quarters, ...): the scores are the same bits.
+  template <int R, int J>
+  static inline void store_sums(const V* acc, T* s, T sc) {
+    if constexpr (R * J % kLanes == 0) {
+      alignas(64) T sums[R * J];
+#pragma GCC unroll 4
+      for (int g = 0; g < R * J; g += kLanes) S::store(sums + g, S::lane_sums(acc + g) * sc);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) std::memcpy(s + r * CK, sums + r * J, sizeof(T) * J);
+    } else {
+#pragma GCC unroll 16
+      for (int i = 0; i < R * J; ++i) s[i / J * CK + i % J] = S::hsum(acc[i]) * sc;
+    }
+  }
+
+  // o[r * ldo + cc : ... + NV vectors] += sum_j p[r * CK + j] v_j[cc : ...] for rows r < R,
+  // the R x NV accumulators in registers. With pf, as scores: the V row of key j + CK is
+  // prefetched while key j is summed.
+  template <int R, int NV, class RT>
   static void accumulate(const T* p, const void* const* vr, int64_t nb, int64_t cc, T* o,
-                         const Prefetch& pf = Prefetch()) {
+                         int64_t ldo, const Prefetch& pf) {
     const RT* const* vrows = reinterpret_cast<const RT* const*>(vr);
-    V acc[NV];
+    V acc[R][NV];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) acc[i] = S::splat(T(0));
+      for (int i = 0; i < NV; ++i) acc[r][i] = S::splat(T(0));
     for (int64_t j = 0; j < nb; ++j) {
       if (pf.rows) pf.row(j);
-      const V pj = S::splat(p[j]);
       const RT* row = vrows[j] + cc;
+      V vv[NV];
 #pragma GCC unroll 8
-      for (int i = 0; i < NV; ++i) acc[i] += pj * ld(row + i * kLanes);
+      for (int i = 0; i < NV; ++i) vv[i] = ld(row + i * kLanes);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const V pj = S::splat(p[r * CK + j]);
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) acc[r][i] += pj * vv[i];
+      }
     }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int i = 0; i < NV; ++i) S::store(o + cc + i * kLanes, S::load(o + cc + i * kLanes) + acc[i]);
+      for (int i = 0; i < NV; ++i) {
+        T* dst = o + r * ldo + cc + i * kLanes;
+        S::store(dst, S::load(dst) + acc[r][i]);
+      }
   }
 
-  // o[0:Evp] += sum_j p[j] v_j in register blocks of 8, 4, 2, 1 vectors; the first block's
-  // pass prefetches the next chunk's V rows (or, with fewer than 8 vectors, one burst does).
-  template <class RT>
-  void accumulate_row(const T* p, const void* const* vrows, int64_t nb, T* o,
-                      const Prefetch& pf) const {
+  // o[r * Evp : ...] += sum_j p[r * CK + j] v_j for the R rows: column blocks of NVA vectors,
+  // then 2 and 1; the first block's pass prefetches the next chunk's V rows (or, with fewer
+  // vectors than a block, one burst does).
+  template <int R, class RT>
+  void accumulate_rows(const T* p, const void* const* vrows, int64_t nb, T* o,
+                       const Prefetch& pf) const {
     int64_t cc = 0;
-    if (pf.rows && Evp >= 8 * kLanes) {
-      accumulate<8, RT>(p, vrows, nb, cc, o, pf);
-      cc += 8 * kLanes;
-    } else if (pf.rows) {
+    if (pf.rows && Evp < NVA * kLanes)
       for (int64_t j = 0; j < pf.n; ++j) pf.row(j);
+    for (; cc + NVA * kLanes <= Evp; cc += NVA * kLanes)
+      accumulate<R, NVA, RT>(p, vrows, nb, cc, o, Evp, cc == 0 ? pf : Prefetch());
+    if (NVA > 2 && cc + 2 * kLanes <= Evp)
+      accumulate<R, 2, RT>(p, vrows, nb, cc, o, Evp, Prefetch()), cc += 2 * kLanes;
+    if (cc < Evp) accumulate<R, 1, RT>(p, vrows, nb, cc, o, Evp, Prefetch());
+  }
+
+  // f(std::integral_constant<int, rows>) for rows in 1 .. RMAX: the row count as a template
+  // argument, so that the accumulators of every row stay in registers.
+  template <class F>
+  static void for_rows(int64_t rows, F f) {
+    static_assert(RMAX == 4, "for_rows dispatches 1 .. 4 rows");
+    switch (rows) {
+      case 1: return f(std::integral_constant<int, 1>());
+      case 2: return f(std::integral_constant<int, 2>());
+      case 3: return f(std::integral_constant<int, 3>());
+      default: return f(std::integral_constant<int, 4>());
     }
-    for (; cc + 8 * kLanes <= Evp; cc += 8 * kLanes) accumulate<8, RT>(p, vrows, nb, cc, o);
-    if (cc + 4 * kLanes <= Evp) accumulate<4, RT>(p, vrows, nb, cc, o), cc += 4 * kLanes;
-    if (cc + 2 * kLanes <= Evp) accumulate<2, RT>(p, vrows, nb, cc, o), cc += 2 * kLanes;
-    if (cc < Evp) accumulate<1, RT>(p, vrows, nb, cc, o);
   }
 
   static inline void prefetch_row(const char* row, int64_t bytes) {
@@ -246,27 +309,31 @@ struct RowKernel {
         const Prefetch first_k{&K, j0, nb, k_bytes}, first_v{&Vs, j0, nb, v_bytes};
         for (int64_t j = 0; j < nb; ++j) first_k.row(j), first_v.row(j);
       }
-      Prefetch pf_k, pf_v;  // the first row's passes prefetch the next chunk
-      if (pf_ok && next) pf_k = {&K, j0 + CK, next, k_bytes}, pf_v = {&Vs, j0 + CK, next, v_bytes};
+      Prefetch pf_k, pf_v;  // the passes over this chunk prefetch the next
+      if (pf_ok && next)
+        pf_k = {&K, j0 + CK, next, k_bytes},
+        pf_v = {&Vs, j0 + CK, next, v_bytes};
+      for_rows(rows, [&](auto n) {
+        if (k_in_place)
+          this->template scores<decltype(n)::value, In>(ws.qv.ptr, ws.krows, nb, ws.s.ptr, pf_k);
+        else
+          this->template scores<decltype(n)::value, T>(ws.qv.ptr, ws.krows, nb, ws.s.ptr, pf_k);
+      });
       for (int64_t r = 0; r < rows; ++r) {
         T* srow = ws.s.ptr + r * CK;
-        const Prefetch& pf = r == 0 ? pf_k : Prefetch();
-        if (k_in_place)
-          scores<In>(ws.qv.ptr + r * Ep, ws.krows, nb, srow, pf);
-        else
-          scores<T>(ws.qv.ptr + r * Ep, ws.krows, nb, srow, pf);
         mask_scores(a, ep, srow, nb_p, i0 + r, j0, nb, m_off);
         online_softmax_update(srow, nb_p, R::max(srow, nb_p), st[r], part.o + r * Evp, Evp);
       }
       const bool v_in_place =
           rows_of(Vs, a.v.col_stride, a.Ev, Evp, j0, nb, ws.vbuf.ptr, ws.vrows);
-      for (int64_t r = 0; r < rows; ++r) {
-        const Prefetch& pf = r == 0 ? pf_v : Prefetch();
+      for_rows(rows, [&](auto n) {
         if (v_in_place)
-          accumulate_row<In>(ws.s.ptr + r * CK, ws.vrows, nb, part.o + r * Evp, pf);
+          this->template accumulate_rows<decltype(n)::value, In>(ws.s.ptr, ws.vrows, nb, part.o,
+                                                                 pf_v);
         else
-          accumulate_row<T>(ws.s.ptr + r * CK, ws.vrows, nb, part.o + r * Evp, pf);
-      }
+          this->template accumulate_rows<decltype(n)::value, T>(ws.s.ptr, ws.vrows, nb, part.o,
+                                                                pf_v);
+      });
     }
     for (int64_t r = 0; r < rows; ++r) {
       part.m[r] = st[r].m;

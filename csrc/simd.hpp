@@ -81,6 +81,50 @@ struct Halving<T, int(2 * sizeof(T))> {
   static inline T sum(W v) { return v[0] + v[1]; }
 };
 
+// The sums of kLanes vectors at once: lane l of the result is the sum of the lanes of x[l].
+// log2(lanes) levels of pairwise combining (two shuffles and an add merge two vectors' halves):
+// lanes - 1 combines in all, 3 (lanes - 1) instructions, where one horizontal sum per vector
+// takes 2 log2(lanes) each (45 against 128 for 16 float lanes). Combining x[2i] and x[2i + 1]
+// level after level leaves the sums in bit-reversed order, so the inputs are taken in it.
+constexpr int bit_reversed(int i, int n) {
+  int r = 0;
+  for (int b = 1; b < n; b <<= 1) r = (r << 1) | ((i & b) ? 1 : 0);
+  return r;
+}
+// Lane i of comb(a, b) at granularity g: in each block of 2g lanes, a's first g lanes of the
+// block then b's (lo), or their second g lanes (hi); b's lanes are numbered from n.
+constexpr int comb_index(int i, int g, int n, bool hi) {
+  const int p = i / (2 * g), r = i % (2 * g), off = hi ? g : 0;
+  return r < g ? p * 2 * g + r + off : n + p * 2 * g + (r - g) + off;
+}
+// (Templated on the element and the width: a vector typedef passed as a template argument
+// loses its vector attribute.)
+template <class T, int Bytes>
+struct LaneSums {
+  static constexpr int N = Bytes / int(sizeof(T));
+  typedef T V __attribute__((vector_size(Bytes)));
+  template <int G, size_t... I>
+  static inline V comb(V a, V b, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, comb_index(int(I), G, N, false)...) +
+           __builtin_shufflevector(a, b, comb_index(int(I), G, N, true)...);
+  }
+  // One level: G pairs combined at granularity G (G vectors left, G lanes per input).
+  template <int G>
+  static inline void level(V* x) {
+#pragma GCC unroll 16
+    for (int i = 0; i < G; ++i)
+      x[i] = comb<G>(x[2 * i], x[2 * i + 1], std::make_index_sequence<N>{});
+    if constexpr (G > 1) level<G / 2>(x);
+  }
+  static inline V sums(const V* in) {
+    V x[N];
+#pragma GCC unroll 16
+    for (int i = 0; i < N; ++i) x[i] = in[bit_reversed(i, N)];
+    if constexpr (N > 1) level<N / 2>(x);
+    return x[0];
+  }
+};
+
 template <class T>
 struct Simd {
   static constexpr int kBytes = FASTATTN_VBYTES;
@@ -106,6 +150,8 @@ struct Simd {
   static inline V max(V a, V b) { return a > b ? a : b; }
   static inline T hmax(V v) { return Halving<T, kBytes>::max(v); }
   static inline T hsum(V v) { return Halving<T, kBytes>::sum(v); }
+  // Lane l: the sum of the lanes of x[l], for kLanes vectors x (LaneSums).
+  static inline V lane_sums(const V* x) { return LaneSums<T, kBytes>::sums(x); }
 };
 
 // exp2 for the online softmax, whose arguments are s - max <= 0 (and NaN, which must propagate).
