@@ -116,6 +116,22 @@ struct KeyRows {
     if (!pages) return base + j * rs;
     return base + int64_t(pages[j / page_size]) * page_stride + (j % page_size) * rs;
   }
+  // out[t] = row(j0 + t) for t < n, walking the pages (one division, not one per row).
+  void fill(int64_t j0, int64_t n, const E** out) const {
+    if (!pages) {
+      for (int64_t t = 0; t < n; ++t) out[t] = base + (j0 + t) * rs;
+      return;
+    }
+    int64_t p = j0 / page_size, r = j0 % page_size;
+    const E* page = base + int64_t(pages[p]) * page_stride;
+    for (int64_t t = 0; t < n; ++t) {
+      out[t] = page + r * rs;
+      if (++r == page_size && t + 1 < n) {  // the next page's id only when it is read
+        r = 0;
+        page = base + int64_t(pages[++p]) * page_stride;
+      }
+    }
+  }
   int64_t run_end(int64_t j) const {
     return pages ? (j / page_size + 1) * page_size : std::numeric_limits<int64_t>::max();
   }

@@ -78,6 +78,8 @@ struct RowKernel {
     Buffer<T> qv, s, o, kbuf, vbuf;
     const void* krows[CK];  // In rows in place, or T rows gathered into kbuf (see rows_of)
     const void* vrows[CK];
+    const In* kpf[CK];  // the next chunk's K and V rows, to prefetch
+    const In* vpf[CK];
   };
 
   bool allocate(Workspace& ws) const {
@@ -91,12 +93,14 @@ struct RowKernel {
   // for rows gathered into buf (already T).
   static bool rows_of(const KeyRows<In>& src_rows, int64_t cs, int64_t width, int64_t width_p,
                       int64_t j0, int64_t nb, T* buf, const void** rows) {
+    const In* in[CK];
+    src_rows.fill(j0, nb, in);
     if (cs == 1 && width == width_p) {
-      for (int64_t j = 0; j < nb; ++j) rows[j] = src_rows.row(j0 + j);
+      for (int64_t j = 0; j < nb; ++j) rows[j] = in[j];
       return true;
     }
     for (int64_t j = 0; j < nb; ++j) {
-      const In* src = src_rows.row(j0 + j);
+      const In* src = in[j];
       T* dst = buf + j * width_p;
       if (cs == 1) {
         widen(src, dst, width);
@@ -121,10 +125,10 @@ struct RowKernel {
 
   // The rows of the next chunk, prefetched while this one is computed: rows[0 : n] of `bytes`.
   struct Prefetch {
-    const KeyRows<In>* rows = nullptr;  // null: none
-    int64_t j0 = 0, n = 0, bytes = 0;
+    const In* const* rows = nullptr;  // null: none
+    int64_t n = 0, bytes = 0;
     void row(int64_t r) const {
-      if (r < n) prefetch_row(reinterpret_cast<const char*>(rows->row(j0 + r)), bytes);
+      if (r < n) prefetch_row(reinterpret_cast<const char*>(rows[r]), bytes);
     }
   };
 
@@ -306,13 +310,17 @@ struct RowKernel {
       const bool pf_ok = a.k.col_stride == 1 && a.v.col_stride == 1;
       const int64_t k_bytes = a.E * int64_t(sizeof(In)), v_bytes = a.Ev * int64_t(sizeof(In));
       if (j0 == k_begin && pf_ok) {
-        const Prefetch first_k{&K, j0, nb, k_bytes}, first_v{&Vs, j0, nb, v_bytes};
+        K.fill(j0, nb, ws.kpf);
+        Vs.fill(j0, nb, ws.vpf);
+        const Prefetch first_k{ws.kpf, nb, k_bytes}, first_v{ws.vpf, nb, v_bytes};
         for (int64_t j = 0; j < nb; ++j) first_k.row(j), first_v.row(j);
       }
       Prefetch pf_k, pf_v;  // the passes over this chunk prefetch the next
-      if (pf_ok && next)
-        pf_k = {&K, j0 + CK, next, k_bytes},
-        pf_v = {&Vs, j0 + CK, next, v_bytes};
+      if (pf_ok && next) {
+        K.fill(j0 + CK, next, ws.kpf);
+        Vs.fill(j0 + CK, next, ws.vpf);
+        pf_k = {ws.kpf, next, k_bytes}, pf_v = {ws.vpf, next, v_bytes};
+      }
       for_rows(rows, [&](auto n) {
         if (k_in_place)
           this->template scores<decltype(n)::value, In>(ws.qv.ptr, ws.krows, nb, ws.s.ptr, pf_k);
