@@ -11,6 +11,7 @@ from ._api import attention, attention_backward
 from ._core import active_isa, available_isas, set_isa
 from ._kvcache import attention_with_kvcache
 from ._merge import merge_attention
+from ._varlen import attention_varlen, attention_varlen_backward
 from .nn import (
     MultiHeadAttention,
     multi_head_attention,
@@ -39,8 +40,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "attention", "attention_backward", "attention_with_kvcache", "reference", "active_isa",
-    "available_isas", "set_isa", "__version__",
+    "attention", "attention_backward", "attention_with_kvcache", "attention_varlen",
+    "attention_varlen_backward", "reference", "active_isa", "available_isas", "set_isa",
+    "__version__",
     "self_attention", "multi_head_attention", "MultiHeadAttention", "positional_encoding",
     "plot_attention", "merge_attention",
 ]

@@ -9,7 +9,10 @@ the same run:
   against the machine's read ceiling (``torch.sum`` of 1 GiB on the threads);
 * one long sequence (1, 32/8, 1, 131072, 128) bfloat16: both cores on one sequence (split keys);
 * the append: a step's write of one token into the cache, at 1k and 32k tokens, against the
-  concatenation a growing cache of new arrays pays (transformers' DynamicCache does that).
+  concatenation a growing cache of new arrays pays (transformers' DynamicCache does that);
+* a ragged batch (8 sequences of 100 to 2,000 tokens, 8 heads of 64) through
+  :func:`fastattn.attention_varlen`, against the same batch padded (kv_lengths) and against
+  PyTorch SDPA on the packed tokens with a block-diagonal mask.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from .._api import attention
 from .._kvcache import attention_with_kvcache
+from .._varlen import attention_varlen
 from .cases import numpy_dtype
 from .ceilings import measure_ceilings
 from .timing import aligned, best_of, calibrate
@@ -122,6 +126,45 @@ def append_rows(threads: int, steps: int = 1024) -> list[list[str]]:
     return rows
 
 
+RAGGED = (100, 371, 642, 913, 1185, 1456, 1727, 2000)
+
+
+def ragged_rows(threads: int, rounds: int, n: int) -> list[list[str]]:
+    """The ragged batch's times: varlen, padded, and PyTorch with a block-diagonal mask."""
+    H, E, B, longest = 8, 64, len(RAGGED), max(RAGGED)
+    cu = np.concatenate([[0], np.cumsum(RAGGED)])
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((int(cu[-1]), H, E), dtype=np.float32) for _ in range(3))
+    padded = [np.zeros((B, H, longest, E), np.float32) for _ in range(3)]
+    for i, length in enumerate(RAGGED):
+        for dst, src in zip(padded, (q, k, v)):
+            dst[i, :, :length] = src[cu[i]:cu[i + 1]].transpose(1, 0, 2)
+    lengths = np.array(RAGGED)
+    calls: dict[str, Callable[[], Any]] = {
+        "varlen": lambda: attention_varlen(q, k, v, cu, cu, num_threads=threads),
+        "padded": lambda: attention(*padded, kv_lengths=lengths, num_threads=threads)}
+    try:
+        import torch
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(threads)
+        seq = np.repeat(np.arange(B), RAGGED)
+        mask = torch.from_numpy(seq[:, None] == seq[None, :])
+        tq, tk, tv = (torch.from_numpy(x.transpose(1, 0, 2)[None]) for x in (q, k, v))
+        calls["torch"] = lambda: sdpa(tq, tk, tv, attn_mask=mask)
+    times = _interleaved(calls, rounds, n)
+    rows = []
+    for name, t in times.items():
+        ratio = "-" if name == "varlen" else f"{t / times['varlen']:.2f}"
+        goal = {"padded": 1.5, "torch": 2.0}.get(name)
+        verdict = "-" if goal is None else (f">={goal:g} "
+                                            + ("PASS" if t / times["varlen"] >= goal else "FAIL"))
+        rows.append([name, f"{t * 1e3:.1f} ms", ratio, verdict])
+    return rows
+
+
 def kvcache_table(rounds: int, calls: int, threads: int) -> str:
     """The whole table, as text."""
     ceilings = measure_ceilings(threads)
@@ -155,5 +198,7 @@ def kvcache_table(rounds: int, calls: int, threads: int) -> str:
     text = aligned(cells)
     append = aligned([["append (1 token, 8x128 float32)", "fastattn, per step",
                        "np.concatenate, per step"]] + append_rows(threads))
+    ragged = aligned([["ragged batch (8 x 100..2000 tokens, 8 x 64)", "time",
+                       "varlen's speedup", "target"]] + ragged_rows(threads, rounds, calls))
     return (f"memory read ceiling: {read:.1f} GB/s (torch.sum of 1 GiB on {threads} threads "
-            f"where torch is installed)\n\n{text}\n\n{append}")
+            f"where torch is installed)\n\n{text}\n\n{append}\n\n{ragged}")
