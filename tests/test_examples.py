@@ -164,6 +164,18 @@ def test_training_example_trains(tmp_path):
     assert "sample: 'Beautiful is " in result.stdout
 
 
+def test_kvcache_example_generates_in_place(tmp_path):
+    result = subprocess.run([sys.executable, str(EXAMPLES / "generate_with_kvcache.py"),
+                             "--prompt", "300", "--tokens", "12"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cache: [312, 312] tokens held of 312, written in place (same buffer throughout: " \
+           "yes)" in result.stdout
+    assert "same tokens: yes" in result.stdout  # as the loop that concatenates
+    assert "tokens/s per sequence" in result.stdout
+
+
 def test_every_script_is_tested():
-    tested = {p.name for p in SCRIPTS} | {"transformers_generate.py", "train_tiny_transformer.py"}
+    tested = {p.name for p in SCRIPTS} | {"transformers_generate.py", "train_tiny_transformer.py",
+                                          "generate_with_kvcache.py"}
     assert {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")} == tested

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import fastattn
 from tolerances import assert_close_to_reference
 
+pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
 DTYPES = (np.float32, np.float64, np.float16, ml_dtypes.bfloat16)
 
 

@@ -87,7 +87,7 @@ def _int_array(name: str, a, ndim: int, shape: tuple | None = None) -> np.ndarra
 
 def _seqlens(cache_seqlens, B: int, new: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """(cache_seqlens, the keys each sequence sees) as int64 (B,), checked against capacity."""
-    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+    if isinstance(cache_seqlens, (int, np.integer)) and not isinstance(cache_seqlens, bool):
         cache_seqlens = np.full(B, int(cache_seqlens))
     seqlens = _int_array("cache_seqlens", cache_seqlens, 1, (B,))
     if seqlens.size and seqlens.min() < 0:
@@ -298,7 +298,7 @@ def _run_reference(cache: _Cache, q: np.ndarray, opt: _Options, dtype: np.dtype)
             window=opt.window, alibi_slopes=None if alibi is None else alibi[b],
             softcap=opt.softcap, sinks=None if sinks is None else sinks[b],
             return_lse=opt.return_lse)
-        if opt.return_lse:
+        if lse is not None:
             out[b], lse[b] = got
         else:
             out[b] = got

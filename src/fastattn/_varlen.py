@@ -154,6 +154,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
         if out is None:  # dtypes from the first sequence's results: all share them
             out = np.empty((q.shape[0], q.shape[1], v.shape[2]), o.dtype)
             lse = np.empty((q.shape[1], q.shape[0]), l_i.dtype)
+        assert lse is not None  # made with out
         out[cu_q[i]:cu_q[i + 1]] = o.transpose(1, 0, 2)
         lse[:, cu_q[i]:cu_q[i + 1]] = l_i
     if out is None:  # no sequence: the dtypes attention would give

@@ -25,7 +25,7 @@ from . import _core, backends
 from ._api import attention as _np_attention
 from ._validate import native, prepare, stand_in, window_bounds
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_with_kvcache"]
 
 _NO_GRAD_FOR = (
     "fastattn.torch.attention differentiates with respect to q, k, v and sinks; not with "
@@ -456,3 +456,99 @@ def _run(q, k, v, needs_grad: bool, args: tuple, return_weights: bool, return_ls
     op = (_attention_op if _is_compiling() or _transform() is None
           else _AttentionFunction.apply)
     return op(q, k, v, *args, return_weights)
+
+
+# --- attention over a KV cache ----------------------------------------------------------------
+
+def _attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+    num_splits: int,
+    causal: bool,
+    scale: float | None,
+    window_left: int | None,
+    window_right: int | None,
+    alibi_slopes: torch.Tensor | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    num_threads: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): fastattn.attention_with_kvcache on CPU tensors, the caches written in place
+    through NumPy views of their memory."""
+    _check_devices(q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                   block_table=block_table, cache_batch_idx=cache_batch_idx,
+                   alibi_slopes=alibi_slopes, sinks=sinks)
+    if q.device.type != "cpu":
+        raise NotImplementedError("fastattn.torch.attention_with_kvcache runs on CPU tensors; "
+                                  f"got {q.device}")
+    from ._kvcache import attention_with_kvcache as kv_attention
+
+    def view(t):
+        return None if t is None else _to_numpy(t)
+
+    out, lse = kv_attention(
+        view(q), _to_numpy(k_cache), _to_numpy(v_cache), view(k), view(v),
+        cache_seqlens=view(cache_seqlens), block_table=view(block_table),
+        cache_batch_idx=view(cache_batch_idx), num_splits=num_splits, causal=causal,
+        scale=scale, window=None if window_left is None and window_right is None
+        else (window_left, window_right), alibi_slopes=view(alibi_slopes), softcap=softcap,
+        sinks=view(sinks), return_lse=True, num_threads=num_threads)
+    return _from_numpy(out), _from_numpy(lse)
+
+
+_kvcache_op = torch.library.custom_op("fastattn::attention_with_kvcache",
+                                      mutates_args=("k_cache", "v_cache"))(_attention_with_kvcache)
+
+
+@_kvcache_op.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, num_splits,
+      causal, scale, window_left, window_right, alibi_slopes, softcap, sinks, num_threads):
+    B, H, L = q.shape[:3]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q.new_empty((B, H, L, v_cache.shape[-1])), q.new_empty((B, H, L), dtype=compute))
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
+                           block_table=None, cache_batch_idx=None, num_splits=0, causal=False,
+                           scale=None, window=None, alibi_slopes=None, softcap=None, sinks=None,
+                           return_lse=False, num_threads=None):
+    """:func:`fastattn.attention_with_kvcache` on PyTorch CPU tensors, as the custom operator
+    ``torch.ops.fastattn.attention_with_kvcache``, which declares that it writes ``k_cache``
+    and ``v_cache`` (so ``torch.compile`` traces it). Inference only: no gradients.
+
+    ``cache_seqlens``, ``block_table`` and ``cache_batch_idx`` are integer tensors (or, like
+    ``alibi_slopes`` and ``sinks``, anything ``torch.as_tensor`` takes). Returns ``out``, or
+    ``(out, lse)`` with ``return_lse``.
+
+    Examples
+    --------
+    >>> import torch, fastattn.torch
+    >>> k_cache = torch.zeros(1, 2, 32, 16)
+    >>> v_cache = torch.zeros_like(k_cache)
+    >>> q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    >>> out = fastattn.torch.attention_with_kvcache(q, k_cache, v_cache, k, v,
+    ...                                             cache_seqlens=torch.tensor([3]))
+    >>> out.shape, bool((k_cache[0, :, 3] == k[0, :, 0]).all())
+    (torch.Size([1, 4, 1, 16]), True)
+    """
+    left, right = window_bounds(window)
+    if causal is not True and causal is not False:
+        raise TypeError(f"causal must be True or False, got {causal!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    device = q.device
+
+    def tensor(x):
+        return None if x is None else _tensor(x, device)
+
+    out, lse = _kvcache_op(q, k_cache, v_cache, k, v, tensor(cache_seqlens), tensor(block_table),
+                           tensor(cache_batch_idx), int(num_splits), causal,
+                           _real("scale", scale), left, right, tensor(alibi_slopes),
+                           _real("softcap", softcap), tensor(sinks), num_threads)
+    return (out, lse) if return_lse else out

@@ -15,13 +15,16 @@ a bool ``(batch, 1, L, S)`` mask where padding, a sliding window or a cache need
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import torch as _torch
 
-__all__ = ["attention_forward", "register"]
+__all__ = ["FastattnCache", "attention_forward", "register"]
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -92,3 +95,127 @@ def register(name: str = "fastattn") -> str:
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+class FastattnCacheLayer(CacheLayerMixin):
+    """One layer of :class:`FastattnCache`: keys and values in buffers ``(batch, kv_heads,
+    capacity, head_dim)`` written in place; ``update`` returns views of the filled part."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, max_cache_len: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_cache_len = max_cache_len
+        self.length = 0
+        # The buffers (empty until the first update).
+        self._k: torch.Tensor = torch.empty(0)
+        self._v: torch.Tensor = torch.empty(0)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._allocate(key_states, value_states, self.max_cache_len or 256)
+        self.is_initialized = True
+
+    def _allocate(self, key_states, value_states, capacity: int) -> None:
+        B, H, _, D = key_states.shape
+        self._k = key_states.new_empty((B, H, capacity, D))
+        self._v = value_states.new_empty((B, H, capacity, value_states.shape[-1]))
+
+    def _grow(self, needed: int) -> None:
+        # Without max_cache_len the capacity doubles: each token is copied O(1) times in all,
+        # where concatenating every step copies the whole cache each time.
+        if self.max_cache_len is not None:
+            raise ValueError(f"FastattnCache(max_cache_len={self.max_cache_len}) cannot hold "
+                             f"{needed} tokens")
+        old_k, old_v = self._k, self._v
+        capacity = max(needed, 2 * old_k.shape[2])
+        self._allocate(old_k, old_v, capacity)
+        self._k[:, :, :self.length] = old_k[:, :, :self.length]
+        self._v[:, :, :self.length] = old_v[:, :, :self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the new tokens after the cached ones, in place; returns views (no copies) of
+        every cached key and value, which fastattn's attention reads by strides."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        end = self.length + n
+        if end > self._k.shape[2]:
+            self._grow(end)
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1 if self.max_cache_len is None else self.max_cache_len
+
+    def reset(self) -> None:
+        self.length = 0
+        self.keys = self.values = None
+        if self.is_initialized:
+            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Keeps the first ``length + tokens_to_remove`` tokens (a negative count), as
+        transformers' layers do."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens, got {tokens_to_remove}")
+        if self.is_initialized and tokens_to_remove:
+            self.length = max(0, self.length + tokens_to_remove)
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._k = self._k.index_select(0, beam_idx.to(self._k.device))
+            self._v = self._v.index_select(0, beam_idx.to(self._v.device))
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+
+class FastattnCache(Cache):
+    """A KV cache for transformers models that preallocates and appends in place.
+
+    transformers' ``DynamicCache`` concatenates each step's keys and values to a new tensor, so
+    generating T tokens copies O(T^2) bytes; this cache writes them into buffers (of
+    ``max_cache_len`` tokens, or doubling as needed) and hands attention views of the filled
+    part, which fastattn's attention reads by strides without a copy. Use it as
+    ``model.generate(..., past_key_values=FastattnCache())`` with a model whose
+    ``attn_implementation`` is fastattn's (:func:`register`); any attention works with it.
+
+    Examples
+    --------
+    >>> from fastattn.transformers import FastattnCache
+    >>> cache = FastattnCache(max_cache_len=4096)
+    >>> cache.get_seq_length()
+    0
+    """
+
+    def __init__(self, max_cache_len: int | None = None, **kwargs):
+        if max_cache_len is not None and (isinstance(max_cache_len, bool)
+                                          or not isinstance(max_cache_len, int)
+                                          or max_cache_len < 1):
+            raise ValueError(f"max_cache_len must be a positive int or None, got "
+                             f"{max_cache_len!r}")
+        super().__init__(layer_class_to_replicate=functools.partial(
+            FastattnCacheLayer, max_cache_len=max_cache_len), **kwargs)

@@ -27,11 +27,13 @@ def _model(torch, transformers, dtype):
     return transformers.LlamaForCausalLM(config).to(dtype).eval()
 
 
-def _run(torch, model, ids, new_tokens):
-    """(prefill seconds, decode seconds per token, generated tokens), greedy."""
+def _run(torch, model, ids, new_tokens, cache=None):
+    """(prefill seconds, decode seconds per token, generated tokens), greedy; ``cache``: the
+    KV cache to fill (None: the model's default, transformers' DynamicCache)."""
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                    **({} if cache is None else {"cache": cache}))
         t1 = time.perf_counter()
         cache, tokens = out.cache, [out.logits[:, -1].argmax(-1)]
         for _ in range(new_tokens - 1):
@@ -97,3 +99,44 @@ def format_table(rows: list[dict]) -> str:
             f"{r['sdpa_decode_s'] / r['fastattn_decode_s']:.2f} | "
             f"{r['same_tokens']}/{r['new_tokens']} |")
     return "\n".join(lines)
+
+
+def decode_with_caches(threads: int = 2, context: int = 16384, new_tokens: int = 16,
+                       rounds: int = 2) -> list[list[str]] | None:
+    """Decode time per token at a long context, float32: sdpa with DynamicCache, fastattn with
+    DynamicCache, fastattn with its own cache (appended in place, read as views); rows of the
+    KV-cache table, or None without torch and transformers."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    from .. import transformers as fa_transformers
+
+    torch.set_num_threads(threads)
+    name = fa_transformers.register()
+    model = _model(torch, transformers, torch.float32)
+    model.config.max_position_embeddings = context + new_tokens
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, context),
+                        generator=torch.Generator().manual_seed(0))
+    configs = {"sdpa + DynamicCache": ("sdpa", None), "fastattn + DynamicCache": (name, None),
+               "fastattn + FastattnCache": (name, lambda: fa_transformers.FastattnCache(
+                   max_cache_len=context + new_tokens))}
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    for r in range(rounds):
+        order = list(configs)
+        for c in order[r % 3:] + order[:r % 3]:
+            impl, make_cache = configs[c]
+            model.set_attn_implementation(impl)
+            times[c].append(_run(torch, model, ids, new_tokens,
+                                 None if make_cache is None else make_cache())[1])
+    per_token = {c: statistics.median(t) for c, t in times.items()}
+    best = per_token["fastattn + FastattnCache"]
+    targets = {"sdpa + DynamicCache": 2.0, "fastattn + DynamicCache": 1.15}
+    rows = []
+    for c, t in per_token.items():
+        goal = targets.get(c)
+        rows.append([c, f"{t * 1e3:.1f} ms", "-" if goal is None else f"{t / best:.2f}",
+                     "-" if goal is None else f">={goal:g} "
+                     + ("PASS" if t / best >= goal else "FAIL")])
+    return rows

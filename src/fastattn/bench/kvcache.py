@@ -12,7 +12,9 @@ the same run:
   concatenation a growing cache of new arrays pays (transformers' DynamicCache does that);
 * a ragged batch (8 sequences of 100 to 2,000 tokens, 8 heads of 64) through
   :func:`fastattn.attention_varlen`, against the same batch padded (kv_lengths) and against
-  PyTorch SDPA on the packed tokens with a block-diagonal mask.
+  PyTorch SDPA on the packed tokens with a block-diagonal mask;
+* end to end, the Llama-shaped model of ``--e2e`` decoding at a 16k-token context: with
+  fastattn's transformers cache against sdpa and fastattn over transformers' DynamicCache.
 """
 
 from __future__ import annotations
@@ -200,5 +202,14 @@ def kvcache_table(rounds: int, calls: int, threads: int) -> str:
                        "np.concatenate, per step"]] + append_rows(threads))
     ragged = aligned([["ragged batch (8 x 100..2000 tokens, 8 x 64)", "time",
                        "varlen's speedup", "target"]] + ragged_rows(threads, rounds, calls))
+    from .e2e import SHAPE, decode_with_caches
+
+    e2e = decode_with_caches(threads)
+    end_to_end = ("end to end: skipped (needs torch and transformers)" if e2e is None else
+                  aligned([[f"Llama-shaped ({SHAPE['num_hidden_layers']} layers, hidden "
+                            f"{SHAPE['hidden_size']}, {SHAPE['num_attention_heads']}/"
+                            f"{SHAPE['num_key_value_heads']} heads of {SHAPE['head_dim']}), "
+                            "decode at 16k tokens", "per token", "fastattn cache's speedup",
+                            "target"]] + e2e))
     return (f"memory read ceiling: {read:.1f} GB/s (torch.sum of 1 GiB on {threads} threads "
-            f"where torch is installed)\n\n{text}\n\n{append}\n\n{ragged}")
+            f"where torch is installed)\n\n{text}\n\n{append}\n\n{ragged}\n\n{end_to_end}")
