@@ -3,8 +3,9 @@
 The cache is the caller's own array, contiguous ``(B_cache, H_kv, S_max, E)`` (any strides) or
 paged ``(num_blocks, H_kv, block_size, E)`` with a block table, as FlashAttention's
 ``flash_attn_with_kvcache`` takes it. New keys and values are written into it in place (an
-append costs O(new tokens), whatever the cache holds), then the kernel reads the cache where it
-lies: through the block table, a page at a time, never through a contiguous copy.
+append costs O(new tokens), whatever the cache holds), then the kernels read the cache where it
+lies: through the block table, a page at a time, never through a contiguous copy (16-bit tiles
+of a prefill chunk make the packed copy their products need, as for any call).
 """
 
 from __future__ import annotations
