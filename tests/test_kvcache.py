@@ -17,6 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastattn
+from layouts import values
+from readme import run_example
 from tolerances import assert_close_to_reference
 
 pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
@@ -30,10 +32,6 @@ def isa(request):
     fastattn.set_isa("")
 
 
-def _values(rng, shape, dtype):
-    return rng.standard_normal(shape).astype(dtype)
-
-
 def make_cache(rng, *, B, H_kv, capacity, E, Ev, dtype, layout="contiguous", block_size=16,
                spare=2):
     """(k_cache, v_cache, extra keywords, gather) filled with random values: contiguous,
@@ -43,8 +41,8 @@ def make_cache(rng, *, B, H_kv, capacity, E, Ev, dtype, layout="contiguous", blo
     if layout == "paged":
         per_seq = -(-capacity // block_size)
         n_blocks = B * per_seq + spare
-        k_cache = _values(rng, (n_blocks, H_kv, block_size, E), dtype)
-        v_cache = _values(rng, (n_blocks, H_kv, block_size, Ev), dtype)
+        k_cache = values(rng, (n_blocks, H_kv, block_size, E), dtype)
+        v_cache = values(rng, (n_blocks, H_kv, block_size, Ev), dtype)
         table = rng.permutation(n_blocks)[:B * per_seq].reshape(B, per_seq).astype(np.int32)
 
         def gather(cache, b):
@@ -53,11 +51,11 @@ def make_cache(rng, *, B, H_kv, capacity, E, Ev, dtype, layout="contiguous", blo
         return k_cache, v_cache, {"block_table": table}, gather
     rows = B + spare if layout == "indexed" else B
     if layout == "BSHE":  # FlashAttention's layout, as a view
-        k_cache = _values(rng, (rows, capacity, H_kv, E), dtype).transpose(0, 2, 1, 3)
-        v_cache = _values(rng, (rows, capacity, H_kv, Ev), dtype).transpose(0, 2, 1, 3)
+        k_cache = values(rng, (rows, capacity, H_kv, E), dtype).transpose(0, 2, 1, 3)
+        v_cache = values(rng, (rows, capacity, H_kv, Ev), dtype).transpose(0, 2, 1, 3)
     else:
-        k_cache = _values(rng, (rows, H_kv, capacity, E), dtype)
-        v_cache = _values(rng, (rows, H_kv, capacity, Ev), dtype)
+        k_cache = values(rng, (rows, H_kv, capacity, E), dtype)
+        v_cache = values(rng, (rows, H_kv, capacity, Ev), dtype)
     idx = rng.permutation(rows)[:B] if layout == "indexed" else np.arange(B)
     extra = {"cache_batch_idx": idx} if layout == "indexed" else {}
     return k_cache, v_cache, extra, lambda cache, b: cache[idx[b]]
@@ -116,9 +114,9 @@ def test_matches_reference_and_appends(isa, p):
     k_cache, v_cache, extra, gather = make_cache(
         rng, B=B, H_kv=H_kv, capacity=p["capacity"], E=p["E"], Ev=p["Ev"], dtype=dtype,
         layout=p["layout"], block_size=p["block_size"])
-    q = _values(rng, (B, p["H"], p["Lq"], p["E"]), dtype)
-    k = _values(rng, (B, H_kv, new, p["E"]), dtype) if new else None
-    v = _values(rng, (B, H_kv, new, p["Ev"]), dtype) if new else None
+    q = values(rng, (B, p["H"], p["Lq"], p["E"]), dtype)
+    k = values(rng, (B, H_kv, new, p["E"]), dtype) if new else None
+    v = values(rng, (B, H_kv, new, p["Ev"]), dtype) if new else None
     before = [gather(c, b).copy() for c in (k_cache, v_cache) for b in range(B)]
     options = p["options"]
     out = fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=p["seqlens"],
@@ -143,8 +141,8 @@ def test_paged_equals_contiguous_for_any_block_order(isa, dtype, Lq, rng):
     B, H, H_kv, S, E = 3, 4, 2, 208, 32
     pages, n_blocks = S // 16, 2 * B * (S // 16)  # half of the blocks unused
     lengths = np.array([S - Lq, 37, 120])
-    q = _values(rng, (B, H, Lq, E), dtype)
-    k_flat, v_flat = (_values(rng, (B, H_kv, S, E), dtype) for _ in range(2))
+    q = values(rng, (B, H, Lq, E), dtype)
+    k_flat, v_flat = (values(rng, (B, H_kv, S, E), dtype) for _ in range(2))
     contiguous = fastattn.attention_with_kvcache(q, k_flat, v_flat, cache_seqlens=lengths + Lq,
                                                  causal=True)
     outs = []
@@ -168,8 +166,8 @@ def test_paged_equals_contiguous_for_any_block_order(isa, dtype, Lq, rng):
 def test_key_splits_agree(isa, splits, rng):
     # One long sequence (batch x heads cannot fill the cores): the keys split across threads,
     # merged exactly, whatever the number of parts (some of them without a key).
-    q = _values(rng, (1, 2, 1, 64), np.float32)
-    k_cache, v_cache = (_values(rng, (1, 2, 5000, 64), np.float32) for _ in range(2))
+    q = values(rng, (1, 2, 1, 64), np.float32)
+    k_cache, v_cache = (values(rng, (1, 2, 5000, 64), np.float32) for _ in range(2))
     lengths = np.array([3001])
     base = fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
                                            num_splits=1, num_threads=2, return_lse=True)
@@ -193,10 +191,22 @@ def test_row_without_keys_gives_zeros_and_minus_inf_lse(isa):
     assert np.isfinite(lse[1, :, 1:]).all()
 
 
+def test_a_window_past_any_key_bounds_nothing(rng):
+    # A window side larger than the kernel's "no bound" is no bound, as fastattn.attention
+    # takes it.
+    q = values(rng, (2, 4, 3, 16), np.float32)
+    k_cache, v_cache = (values(rng, (2, 2, 40, 16), np.float32) for _ in range(2))
+    got, unbounded = (fastattn.attention_with_kvcache(q, k_cache, v_cache, causal=True,
+                                                      cache_seqlens=np.array([30, 7]),
+                                                      window=(left, 0))
+                      for left in (2**62, None))
+    assert got.tobytes() == unbounded.tobytes()
+
+
 def test_mask_over_cache_positions(rng):
     B, H, Lq, S, E = 2, 2, 3, 40, 8
-    q = _values(rng, (B, H, Lq, E), np.float32)
-    k_cache, v_cache = (_values(rng, (B, H, S, E), np.float32) for _ in range(2))
+    q = values(rng, (B, H, Lq, E), np.float32)
+    k_cache, v_cache = (values(rng, (B, H, S, E), np.float32) for _ in range(2))
     mask = rng.random((B, 1, Lq, S)) < 0.7
     lengths = np.array([30, 12])
     out = fastattn.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, mask=mask)
@@ -205,9 +215,9 @@ def test_mask_over_cache_positions(rng):
 
 def test_reference_backend_agrees(rng):
     B, H, H_kv, S, E = 2, 4, 2, 50, 16
-    q = _values(rng, (B, H, 1, E), np.float32)
-    caches = [_values(rng, (B, H_kv, S, E), np.float32) for _ in range(2)]
-    k, v = (_values(rng, (B, H_kv, 1, E), np.float32) for _ in range(2))
+    q = values(rng, (B, H, 1, E), np.float32)
+    caches = [values(rng, (B, H_kv, S, E), np.float32) for _ in range(2)]
+    k, v = (values(rng, (B, H_kv, 1, E), np.float32) for _ in range(2))
     got = fastattn.attention_with_kvcache(q, *[c.copy() for c in caches], k, v,
                                           cache_seqlens=np.array([10, 40]), causal=True)
     want = fastattn.attention_with_kvcache(q, *caches, k, v, cache_seqlens=np.array([10, 40]),
@@ -217,9 +227,9 @@ def test_reference_backend_agrees(rng):
 
 
 def _refusal_case(rng):
-    q = _values(rng, (2, 4, 1, 8), np.float32)
-    k_cache, v_cache = (_values(rng, (6, 2, 16, 8), np.float32) for _ in range(2))
-    k, v = (_values(rng, (2, 2, 1, 8), np.float32) for _ in range(2))
+    q = values(rng, (2, 4, 1, 8), np.float32)
+    k_cache, v_cache = (values(rng, (6, 2, 16, 8), np.float32) for _ in range(2))
+    k, v = (values(rng, (2, 2, 1, 8), np.float32) for _ in range(2))
     return q, k_cache, v_cache, k, v
 
 
@@ -242,6 +252,9 @@ REFUSALS = {
         cache_seqlens=np.array([3.0, 2.0]))),
     "wrong k shape": (ValueError, r"k of shape \(2, 2, 1, 4\)", lambda q, kc, vc, k, v: dict(
         cache_seqlens=np.array([3, 2]), k=k[..., :4])),
+    "v of another length than k": (ValueError, r"v of shape \(2, 2, 2, 8\)",
+                                   lambda q, kc, vc, k, v: dict(cache_seqlens=np.array([3, 2]),
+                                                                v=np.concatenate([v, v], 2))),
     "q dtype": (TypeError, "q has dtype float64", lambda q, kc, vc, k, v: dict(
         cache_seqlens=np.array([3, 2]), q=q.astype(np.float64))),
     "q heads": (ValueError, "multiple of the cache's heads", lambda q, kc, vc, k, v: dict(
@@ -298,11 +311,11 @@ def test_generation_loop_grows_the_cache_in_place(rng):
     k_cache, v_cache = (np.zeros((B, H_kv, 64, E), np.float32) for _ in range(2))
     address = k_cache.__array_interface__["data"][0]
     lengths = np.array([5, 0])
-    k_cache[0, :, :5] = _values(rng, (H_kv, 5, E), np.float32)
-    v_cache[0, :, :5] = _values(rng, (H_kv, 5, E), np.float32)
+    k_cache[0, :, :5] = values(rng, (H_kv, 5, E), np.float32)
+    v_cache[0, :, :5] = values(rng, (H_kv, 5, E), np.float32)
     for _ in range(steps):
-        q = _values(rng, (B, H, 1, E), np.float32)
-        k, v = (_values(rng, (B, H_kv, 1, E), np.float32) for _ in range(2))
+        q = values(rng, (B, H, 1, E), np.float32)
+        k, v = (values(rng, (B, H_kv, 1, E), np.float32) for _ in range(2))
         out = fastattn.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths,
                                               causal=True)
         check_against_reference(out, q, k_cache, v_cache, lambda c, b: c[b], lengths + 1,
@@ -313,12 +326,6 @@ def test_generation_loop_grows_the_cache_in_place(rng):
 
 def test_readme_example_runs():
     # The README's example of this API, as written.
-    from pathlib import Path
-
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text[text.index("### Attention over a KV cache"):]
-    code = section[section.index("```python\n") + 10:section.index("```\n", 10)]
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    scope = run_example("### Attention over a KV cache")
     assert scope["out"].shape == (2, 8, 1, 64) and (scope["lengths"] == 12).all()
     assert np.isfinite(scope["out"]).all()

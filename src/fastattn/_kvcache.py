@@ -17,6 +17,8 @@ import numpy as np
 
 from . import _core
 from ._validate import (
+    band,
+    band_within,
     check_dtype,
     checked_mask,
     checked_num_threads,
@@ -25,6 +27,7 @@ from ._validate import (
     compute_dtypes,
     native,
     per_batch,
+    shapes_of,
     window_bounds,
 )
 
@@ -49,10 +52,6 @@ class _Cache:
     lengths: np.ndarray  # int64 (B,): keys each sequence's queries see (seqlens + Lnew)
     pages: np.ndarray | None  # int32 (B, max_blocks): the block table; one page each for
     page_size: int  # cache_batch_idx (its pages are whole sequences); None: row b is b
-
-
-def _shapes(**arrays) -> str:
-    return ", ".join(f"{name} {tuple(np.shape(a))}" for name, a in arrays.items())
 
 
 def _cache_array(name: str, cache, writable: bool) -> np.ndarray:
@@ -118,11 +117,11 @@ def _block_table(block_table, B: int, num_blocks: int, block_size: int,
 
 
 def _layout(q, k_cache, v_cache, new: int, cache_seqlens, block_table,
-            cache_batch_idx, writing: bool) -> _Cache:
+            cache_batch_idx) -> _Cache:
     """The cache's geometry checked against q's: shapes, capacity, pages and indices."""
     B, H, Lq, E = q.shape
     n_cache, H_kv, rows, Ek = k_cache.shape
-    shapes = _shapes(q=q, k_cache=k_cache, v_cache=v_cache)
+    shapes = shapes_of(q=q, k_cache=k_cache, v_cache=v_cache)
     if v_cache.shape[:3] != k_cache.shape[:3] or Ek != E:
         raise ValueError(f"q, k_cache and v_cache do not fit: {shapes} (k_cache's last axis is "
                          "q's, v_cache's first three are k_cache's)")
@@ -148,11 +147,8 @@ def _layout(q, k_cache, v_cache, new: int, cache_seqlens, block_table,
             pages, page_size = idx.astype(np.int32).reshape(B, 1), max(rows, 1)
         elif n_cache < B:
             raise ValueError(f"the cache holds {n_cache} sequences for a batch of {B}: {shapes}")
-    cache = _Cache(k_cache, v_cache, B, H, H_kv, Lq, E, v_cache.shape[-1], capacity, seqlens,
-                   lengths, pages, page_size)
-    if writing:
-        _check_slots_distinct(cache, new)
-    return cache
+    return _Cache(k_cache, v_cache, B, H, H_kv, Lq, E, v_cache.shape[-1], capacity, seqlens,
+                  lengths, pages, page_size)
 
 
 def _slots(cache: _Cache, new: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,32 +160,32 @@ def _slots(cache: _Cache, new: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(cache.pages, pos // size, axis=1), pos % size
 
 
-def _check_slots_distinct(cache: _Cache, new: int) -> None:
+def _check_slots_distinct(cache: _Cache, slots: tuple[np.ndarray, np.ndarray]) -> None:
     """Two sequences that would write the same cache row (a repeated cache_batch_idx, pages
     shared where they append) are refused: which write wins would be unspecified."""
-    page, row = _slots(cache, new)
+    page, row = slots
     flat = page.astype(np.int64).ravel() * (cache.page_size or cache.capacity) + row.ravel()
     if np.unique(flat).size != flat.size:
         raise ValueError("two sequences would write the same cache row: cache_batch_idx or "
                          "block_table repeats a place that new k and v are written to")
 
 
-def _new_tokens(name: str, x, cache: _Cache, width: int, dtype: np.dtype) -> np.ndarray:
+def _new_tokens(name: str, x, cache: _Cache, width: int, new: int,
+                dtype: np.dtype) -> np.ndarray:
     x = native(np.asarray(x))
     check_dtype(name, x)
-    if x.ndim != 4 or x.shape[:2] != (cache.B, cache.H_kv) or x.shape[3] != width:
+    if x.shape != (cache.B, cache.H_kv, new, width):
         raise ValueError(f"{name} of shape {x.shape} must be (B, H_kv, L_new, {width}) = "
-                         f"({cache.B}, {cache.H_kv}, L_new, {width}), as the cache's")
+                         f"({cache.B}, {cache.H_kv}, {new}, {width}), as the cache's and k's")
     return x.astype(dtype, copy=False)
 
 
-def _append(cache: _Cache, k: np.ndarray, v: np.ndarray) -> None:
-    """Writes k and v into the cache at each sequence's length: O(new tokens)."""
-    new = k.shape[2]
-    if new == 0 or cache.B == 0:
+def _append(cache: _Cache, slots: tuple[np.ndarray, np.ndarray], k: np.ndarray,
+            v: np.ndarray) -> None:
+    """Writes k and v into the cache at their slots (each sequence's length): O(new tokens)."""
+    page, row = (x.ravel() for x in slots)
+    if page.size == 0:  # no token, or no sequence
         return
-    page, row = _slots(cache, new)
-    page, row = page.ravel(), row.ravel()
     # Advanced indices on axes 0 and 2 put the tokens first: (B * new, H_kv, E).
     cache.k_cache[page, :, row, :] = k.transpose(0, 2, 1, 3).reshape(-1, cache.H_kv, cache.E)
     cache.v_cache[page, :, row, :] = v.transpose(0, 2, 1, 3).reshape(-1, cache.H_kv, cache.Ev)
@@ -225,19 +221,11 @@ def _options(cache: _Cache, dtype: np.dtype, *, causal, scale, window, alibi_slo
                  for name, a in (("alibi_slopes", alibi_slopes), ("sinks", sinks))}
     if mask is not None:  # its key axis is the cache's positions
         mask = checked_mask(mask, batch + (cache.Lq, cache.capacity), dtype,
-                     f"{shapes} over a cache of {cache.capacity} keys")
+                            f"{shapes} over a cache of {cache.capacity} keys")
     return _Options(bool(causal), checked_scale(scale, cache.E), window_bounds(window),
                     per_entry["alibi_slopes"],
                     None if softcap is None else checked_softcap(softcap), per_entry["sinks"],
                     mask, checked_num_threads(num_threads), int(num_splits), bool(return_lse))
-
-
-def _band(opt: _Options) -> tuple[int, int]:
-    """The band around each query's diagonal (the entry's shift moves it bottom-right)."""
-    left, right = opt.window
-    lo = -_core.NO_BOUND if left is None else -left
-    hi = _core.NO_BOUND if right is None else right
-    return lo, min(hi, 0) if opt.causal else hi
 
 
 def _run_cpu(cache: _Cache, q: np.ndarray, opt: _Options, dtype: np.dtype):
@@ -255,8 +243,10 @@ def _run_cpu(cache: _Cache, q: np.ndarray, opt: _Options, dtype: np.dtype):
     k, v = cache.k_cache, cache.v_cache
     if cache.pages is None:
         k, v = k[:B], v[:B]
+    # The band around each query's diagonal, which the entry's shift moves bottom-right.
     # (Grouped, the single query sees every key: causal hides none, and there is no window.)
-    lo, hi = (-_core.NO_BOUND, _core.NO_BOUND) if grouped else _band(opt)
+    lo, hi = band_within((None, None) if grouped else band(opt.window, opt.causal, 0),
+                         _core.NO_BOUND)
     problem = _core.Problem(
         q=q, k=k, v=v, out=out, lse=lse, mask=opt.mask, alibi=opt.alibi, sinks=opt.sinks,
         kv_lengths=cache.lengths[:, None], diag_shift=(cache.lengths - L)[:, None],
@@ -399,15 +389,17 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if q.ndim != 4:
         raise ValueError(f"q must be (B, H, L, E); got shape {q.shape}")
     new = int(np.shape(k)[2]) if writing and np.ndim(k) == 4 else 0
-    cache = _layout(q, k_cache, v_cache, new, cache_seqlens, block_table, cache_batch_idx,
-                    writing)
+    cache = _layout(q, k_cache, v_cache, new, cache_seqlens, block_table, cache_batch_idx)
     dtype, out_dtype = compute_dtypes(q.dtype, q.dtype, q.dtype)
     opt = _options(cache, dtype, causal=causal, scale=scale, window=window,
                    alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, mask=mask,
                    num_threads=num_threads, num_splits=num_splits, return_lse=return_lse)
-    if writing:  # every check passed: only now is the cache written
-        _append(cache, _new_tokens("k", k, cache, cache.E, k_cache.dtype),
-                _new_tokens("v", v, cache, cache.Ev, k_cache.dtype))
+    if writing:
+        k = _new_tokens("k", k, cache, cache.E, new, k_cache.dtype)
+        v = _new_tokens("v", v, cache, cache.Ev, new, k_cache.dtype)
+        slots = _slots(cache, new)
+        _check_slots_distinct(cache, slots)
+        _append(cache, slots, k, v)  # every check passed: only now is the cache written
     run = _run_reference if backend == "reference" else _run_cpu
     out, lse = run(cache, q if q.flags.aligned else q.copy(), opt, dtype)
     if out.dtype != out_dtype:

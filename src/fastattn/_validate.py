@@ -54,23 +54,37 @@ class Plan:
     def band(self) -> tuple[int | None, int | None]:
         """(lo, hi): query i sees keys i + lo <= j <= i + hi (None: unbounded), from the
         causal flag, the window and the alignment together."""
-        left, right = self.window
-        lo = None if left is None else self.offset - left
-        hi = None if right is None else self.offset + right
-        if self.causal:
-            hi = self.offset if hi is None else min(hi, self.offset)
-        return lo, hi
+        return band(self.window, self.causal, self.offset)
 
     def band_within(self, bound: int) -> tuple[int, int]:
-        """band() as a kernel takes it: an unbounded side as -bound or bound, and a side past
-        them clamped to them (a kernel's "no bound", far enough from int64's limits that
-        i + bound cannot overflow)."""
-        lo, hi = self.band()
-        return (-bound if lo is None else max(lo, -bound), bound if hi is None else min(hi, bound))
+        """band() as a kernel takes it (see ``band_within``)."""
+        return band_within(self.band(), bound)
 
 
-def _shapes(**arrays) -> str:
-    return ", ".join(f"{name} {tuple(a.shape)}" for name, a in arrays.items())
+def band(window: tuple[int | None, int | None], causal: bool,
+         offset: int) -> tuple[int | None, int | None]:
+    """(lo, hi): query i sees keys i + lo <= j <= i + hi (None: unbounded), for a window
+    (left, right) and the causal flag around the diagonal key i + offset."""
+    left, right = window
+    lo = None if left is None else offset - left
+    hi = None if right is None else offset + right
+    if causal:
+        hi = offset if hi is None else min(hi, offset)
+    return lo, hi
+
+
+def band_within(lo_hi: tuple[int | None, int | None], bound: int) -> tuple[int, int]:
+    """A band as a kernel takes it: an unbounded side as -bound or bound, and a side past them
+    clamped to them (a kernel's "no bound", far enough from int64's limits that i + bound
+    cannot overflow)."""
+    lo, hi = lo_hi
+    return (-bound if lo is None else max(lo, -bound), bound if hi is None else min(hi, bound))
+
+
+def shapes_of(**arrays) -> str:
+    """"q (2, 4, 8, 16), k (...)": the arrays' names and shapes, for messages (None skipped)."""
+    return ", ".join(f"{name} {tuple(np.shape(a))}" for name, a in arrays.items()
+                     if a is not None)
 
 
 def is_bfloat16(dtype: np.dtype) -> bool:
@@ -238,7 +252,7 @@ def prepare(
     dtype, out_dtype = compute_dtypes(q.dtype, k.dtype, v.dtype)
     storage = storage_dtype(dtype, q.dtype, k.dtype, v.dtype)
     if mask is not None:
-        mask = checked_mask(mask, batch + (L, S), dtype, _shapes(q=q, k=k, v=v))
+        mask = checked_mask(mask, batch + (L, S), dtype, shapes_of(q=q, k=k, v=v))
     scale = checked_scale(scale, E)
     num_threads = checked_num_threads(num_threads)
     if align not in ALIGNS:
@@ -249,7 +263,7 @@ def prepare(
         offset = S - L if align == "bottom_right" else 0
     else:  # internal: a block of a larger problem keeps that problem's diagonal
         offset = int(diagonal_offset)
-    shapes = (_shapes(q=q, k=k, v=v)
+    shapes = (shapes_of(q=q, k=k, v=v)
               if alibi_slopes is not None or kv_lengths is not None or sinks is not None else "")
     if alibi_slopes is not None:
         alibi_slopes = per_batch("alibi_slopes", alibi_slopes, batch, "fiub", dtype, shapes)
@@ -278,14 +292,15 @@ def _operands(q, k, v) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for name, a in (("q", q), ("k", k), ("v", v)):
         check_dtype(name, a)
     if min(q.ndim, k.ndim, v.ndim) < 2:
-        raise ValueError(f"q, k and v must be at least 2-D; got {_shapes(q=q, k=k, v=v)}")
+        raise ValueError(f"q, k and v must be at least 2-D; got {shapes_of(q=q, k=k, v=v)}")
     E = q.shape[-1]
     S, Ek = k.shape[-2:]
     Sv = v.shape[-2]
     if Ek != E:
-        raise ValueError(f"q and k must have the same last axis (E); got {_shapes(q=q, k=k)}")
+        raise ValueError(f"q and k must have the same last axis (E); got {shapes_of(q=q, k=k)}")
     if Sv != S:
-        raise ValueError(f"k and v must have the same number of keys (S); got {_shapes(k=k, v=v)}")
+        raise ValueError(
+            f"k and v must have the same number of keys (S); got {shapes_of(k=k, v=v)}")
     return q, k, v
 
 
@@ -296,16 +311,17 @@ def _batch_shape(q: np.ndarray, k: np.ndarray, v: np.ndarray, enable_gqa) -> tup
     if enable_gqa:
         if min(q.ndim, k.ndim, v.ndim) < 3:
             raise ValueError(
-                f"enable_gqa needs a head axis (-3) in q, k and v; got {_shapes(q=q, k=k, v=v)}"
+                f"enable_gqa needs a head axis (-3) in q, k and v; got {shapes_of(q=q, k=k, v=v)}"
             )
         hq, hk, hv = qb[-1], kb[-1], vb[-1]
         if hk != hv:
-            raise ValueError(f"k and v must have the same number of heads; got {_shapes(k=k, v=v)}")
+            raise ValueError(
+                f"k and v must have the same number of heads; got {shapes_of(k=k, v=v)}")
         if hk not in (1, hq):
             if hk == 0 or hq % hk:
                 raise ValueError(
                     "enable_gqa: the number of query heads must be a multiple of the number of "
-                    f"key/value heads; got {_shapes(q=q, k=k, v=v)}"
+                    f"key/value heads; got {shapes_of(q=q, k=k, v=v)}"
                 )
             kv_group = max(hq // hk, 1)  # hq == 0: an empty batch, nothing to group
             kb, vb = kb[:-1] + (hq,), vb[:-1] + (hq,)
@@ -313,7 +329,7 @@ def _batch_shape(q: np.ndarray, k: np.ndarray, v: np.ndarray, enable_gqa) -> tup
         batch = qb if qb == kb == vb else broadcast_shapes(qb, kb, vb)
     except ValueError:
         raise ValueError(
-            f"the batch axes of q, k and v do not broadcast; got {_shapes(q=q, k=k, v=v)}"
+            f"the batch axes of q, k and v do not broadcast; got {shapes_of(q=q, k=k, v=v)}"
         ) from None
     return batch, kv_group
 
@@ -418,7 +434,7 @@ def prepare_backward(q, k, v, out, lse, dout, **kwargs):
     the compute dtype; out and dout in it too, or in q, k and v's 16-bit storage when they are
     given in it (the kernel may read them so). Returns ``(plan, out, lse, dout)``."""
     plan = prepare(q, k, v, **kwargs)
-    shapes = _shapes(q=plan.q, k=plan.k, v=plan.v)
+    shapes = shapes_of(q=plan.q, k=plan.k, v=plan.v)
     rows = plan.batch + (plan.L,)
 
     def dtype_of(a) -> np.dtype:

@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 
 from .._api import attention
-from .._validate import broadcast_shapes, check_dtype, native_dtype
+from .._validate import broadcast_shapes, check_dtype, native_dtype, shapes_of
 
 
 def _dtypes(**arrays: np.ndarray) -> tuple[np.dtype, np.dtype]:
@@ -36,16 +36,12 @@ def _dtypes(**arrays: np.ndarray) -> tuple[np.dtype, np.dtype]:
     return result, result
 
 
-def _shapes(**arrays) -> str:
-    return ", ".join(f"{name} {tuple(a.shape)}" for name, a in arrays.items() if a is not None)
-
-
 def _check_matrix(name: str, w: np.ndarray, rows: int, why: str, **context) -> None:
     if w.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (d_in, d_out); got {_shapes(**{name: w})}")
+        raise ValueError(f"{name} must be 2-D (d_in, d_out); got {shapes_of(**{name: w})}")
     if w.shape[0] != rows:
         raise ValueError(
-            f"{name} must have {rows} rows ({why}); got {_shapes(**context, **{name: w})}"
+            f"{name} must have {rows} rows ({why}); got {shapes_of(**context, **{name: w})}"
         )
 
 
@@ -53,7 +49,7 @@ def _check_bias(name: str, b: np.ndarray | None, w_name: str, w: np.ndarray) -> 
     if b is not None and b.shape != (w.shape[1],):
         raise ValueError(
             f"{name} must have shape ({w.shape[1]},), one entry per column of {w_name}; got "
-            f"{_shapes(**{name: b, w_name: w})}"
+            f"{shapes_of(**{name: b, w_name: w})}"
         )
 
 
@@ -130,14 +126,14 @@ def self_attention(x, w_q, w_k, w_v, *, b_q=None, b_k=None, b_v=None, **attentio
     biases = {n: b for n, b in (("b_q", b_q), ("b_k", b_k), ("b_v", b_v)) if b is not None}
     compute, store = _dtypes(x=x, w_q=w_q, w_k=w_k, w_v=w_v, **biases)
     if x.ndim < 2:
-        raise ValueError(f"x must be at least 2-D (..., L, d_model); got {_shapes(x=x)}")
+        raise ValueError(f"x must be at least 2-D (..., L, d_model); got {shapes_of(x=x)}")
     d_model = x.shape[-1]
     for name, w in (("w_q", w_q), ("w_k", w_k), ("w_v", w_v)):
         _check_matrix(name, w, d_model, "x's last axis, d_model", x=x)
     if w_q.shape[1] != w_k.shape[1]:
         raise ValueError(
             "w_q and w_k must have the same number of columns (d_k), since queries meet keys in a "
-            f"dot product; got {_shapes(w_q=w_q, w_k=w_k)}"
+            f"dot product; got {shapes_of(w_q=w_q, w_k=w_k)}"
         )
     for name, b, w_name, w in (("b_q", b_q, "w_q", w_q), ("b_k", b_k, "w_k", w_k),
                                ("b_v", b_v, "w_v", w_v)):
@@ -265,13 +261,14 @@ def multi_head_attention(x, w_q, w_k, w_v, w_o, *, num_heads, context=None, num_
     for name, a in (("x", x), ("context", ctx)):
         if a.ndim < 2:
             raise ValueError(f"{name} must be at least 2-D (..., length, features); got "
-                             f"{_shapes(**{name: a})}")
+                             f"{shapes_of(**{name: a})}")
     if context is not None:
         try:
             broadcast_shapes(x.shape[:-2], ctx.shape[:-2])
         except ValueError:
             raise ValueError(
-                f"the batch axes of x and context do not broadcast; got {_shapes(x=x, context=ctx)}"
+                "the batch axes of x and context do not broadcast; got "
+                f"{shapes_of(x=x, context=ctx)}"
             ) from None
     ctx_name = "x" if context is None else "context"
     _check_matrix("w_q", w_q, x.shape[-1], "x's last axis", x=x)
@@ -279,18 +276,18 @@ def multi_head_attention(x, w_q, w_k, w_v, w_o, *, num_heads, context=None, num_
     _check_matrix("w_v", w_v, ctx.shape[-1], f"{ctx_name}'s last axis", **{ctx_name: ctx})
     if w_q.shape[1] % num_heads:
         raise ValueError(
-            f"w_q's columns must split into num_heads={num_heads} heads; got {_shapes(w_q=w_q)}"
+            f"w_q's columns must split into num_heads={num_heads} heads; got {shapes_of(w_q=w_q)}"
         )
     d_head = w_q.shape[1] // num_heads
     if w_k.shape[1] != num_kv_heads * d_head:
         raise ValueError(
             f"w_k must have num_kv_heads * d_head = {num_kv_heads} * {d_head} columns "
-            f"(d_head = w_q's columns / num_heads = {num_heads}); got {_shapes(w_q=w_q, w_k=w_k)}"
+            f"(d_head = w_q's columns / num_heads = {num_heads}); got {shapes_of(w_q=w_q, w_k=w_k)}"
         )
     if w_v.shape[1] % num_kv_heads:
         raise ValueError(
             f"w_v's columns must split into num_kv_heads={num_kv_heads} heads; got "
-            f"{_shapes(w_v=w_v)}"
+            f"{shapes_of(w_v=w_v)}"
         )
     d_v = w_v.shape[1] // num_kv_heads
     _check_matrix("w_o", w_o, num_heads * d_v,
