@@ -10,9 +10,10 @@
 // Prefetch locality: 2 (prefetcht1, into L2). Measured on the decode case (16,32,1,8192,128),
 // against np.dot reading the same bytes in the same run (AMD Zen 4): 2.4x its time with
 // prefetcht0 into L1 (whose few miss buffers then limit a core), 1.3x with prefetcht1, 1.6x
-// with prefetcht2. On Zen 5 none of these, nor no prefetch, prefetching 2 or 4 chunks ahead,
-// every other line, or chunks of 16 to 256 keys, moved one thread's rate (~19 GB/s, where a
-// plain read of the same chunks streams 40 and the kernel computes at ~45 with them in L3).
+// with prefetcht2. On Zen 5 (measured before K and V were read in segments, SEG below) none
+// of these, nor no prefetch, prefetching 2 or 4 chunks ahead, every other line, or chunks of
+// 16 to 256 keys, moved one thread's rate (~19 GB/s, where a plain read of the same chunks
+// streams 40).
 #ifndef FASTATTN_PFL
 #define FASTATTN_PFL 2
 #endif
@@ -279,7 +280,6 @@ struct RowKernel {
   static inline void prefetch_row(const char* row, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, FASTATTN_PFL);
   }
-
 
   // The group's query rows, widened to T and zero-padded to Ep, into ws.qv.
   void load_queries(Workspace& ws, int64_t b, int64_t i0, int64_t rows) const {

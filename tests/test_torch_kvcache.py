@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from readme import run_example
+
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch", reason="fastattn.torch needs torch (fastattn[torch])")
 
@@ -145,14 +147,8 @@ def test_the_cache_appends_in_place():
 
 
 def test_readme_example_runs():
-    # The README's example of the torch operator and the transformers cache, as written.
-    from pathlib import Path
-
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text[text.index("### KV caches in PyTorch and transformers"):]
-    code = section[section.index("```python\n") + 10:section.index("```\n", 10)]
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    # The README's example of this API, as written.
+    scope = run_example("### KV caches in PyTorch and transformers")
     assert scope["out"].shape == (2, 8, 1, 64)
     assert torch.equal(scope["k_cache"][0, :, 17], scope["k"][0, :, 0])
     assert scope["cache"].get_seq_length() == 0

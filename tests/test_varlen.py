@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastattn
+from readme import run_example
 from tolerances import assert_close_to_reference
 
 pytestmark = pytest.mark.native  # the sanitizer build runs these (.ci/sanitize.sh)
@@ -202,12 +203,6 @@ def test_backward_refuses_outputs_of_other_shapes():
 
 def test_readme_example_runs():
     # The README's example of this API, as written.
-    from pathlib import Path
-
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text[text.index("### Ragged batches without padding"):]
-    code = section[section.index("```python\n") + 10:section.index("```\n", 10)]
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    scope = run_example("### Ragged batches without padding")
     assert scope["out"].shape == (1517, 8, 64) and scope["dk"].shape == (1517, 2, 64)
     assert np.isfinite(scope["dq"]).all()

@@ -143,24 +143,18 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     options = dict(causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes,
                    softcap=softcap, sinks=sinks, num_threads=num_threads)
     n = cu_q.size - 1
-    out = lse = None
+    dtype, out_dtype = compute_dtypes(q.dtype, k.dtype, v.dtype)  # what attention returns
+    out = np.empty((q.shape[0], q.shape[1], v.shape[2]), out_dtype)
+    lse = np.empty((q.shape[1], q.shape[0]), dtype) if return_lse else None
     for i in range(n):
         got = attention(_heads_first(q, cu_q[i], cu_q[i + 1]),
                         _heads_first(k, cu_k[i], cu_k[i + 1]),
                         _heads_first(v, cu_k[i], cu_k[i + 1]), enable_gqa=True,
-                        align="bottom_right", return_lse=True, backend=backend,
+                        align="bottom_right", return_lse=return_lse, backend=backend,
                         **_per_sequence(options, i, n))
-        o, l_i = got
-        if out is None:  # dtypes from the first sequence's results: all share them
-            out = np.empty((q.shape[0], q.shape[1], v.shape[2]), o.dtype)
-            lse = np.empty((q.shape[1], q.shape[0]), l_i.dtype)
-        assert lse is not None  # made with out
-        out[cu_q[i]:cu_q[i + 1]] = o.transpose(1, 0, 2)
-        lse[:, cu_q[i]:cu_q[i + 1]] = l_i
-    if out is None:  # no sequence: the dtypes attention would give
-        dtype, out_dtype = compute_dtypes(q.dtype, k.dtype, v.dtype)
-        out = np.empty((0, q.shape[1], v.shape[2]), out_dtype)
-        lse = np.empty((q.shape[1], 0), dtype)
+        if lse is not None:
+            got, lse[:, cu_q[i]:cu_q[i + 1]] = got
+        out[cu_q[i]:cu_q[i + 1]] = got.transpose(1, 0, 2)
     return (out, lse) if return_lse else out
 
 

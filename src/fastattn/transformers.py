@@ -148,8 +148,12 @@ class FastattnCacheLayer(CacheLayerMixin):
         self._k[:, :, self.length:end] = key_states
         self._v[:, :, self.length:end] = value_states
         self.length = end
-        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        self._expose()
         return self.keys, self.values
+
+    def _expose(self) -> None:
+        """keys and values, as transformers reads them: views of the buffers' filled part."""
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -164,7 +168,7 @@ class FastattnCacheLayer(CacheLayerMixin):
         self.length = 0
         self.keys = self.values = None
         if self.is_initialized:
-            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+            self._expose()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Keeps the first ``length + tokens_to_remove`` tokens (a negative count), as
@@ -173,24 +177,24 @@ class FastattnCacheLayer(CacheLayerMixin):
             raise ValueError(f"crop takes a negative number of tokens, got {tokens_to_remove}")
         if self.is_initialized and tokens_to_remove:
             self.length = max(0, self.length + tokens_to_remove)
-            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            self._expose()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
             self._k = self._k.index_select(0, beam_idx.to(self._k.device))
             self._v = self._v.index_select(0, beam_idx.to(self._v.device))
-            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            self._expose()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            self._expose()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
             self._k = self._k.repeat_interleave(repeats, dim=0)
             self._v = self._v.repeat_interleave(repeats, dim=0)
-            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            self._expose()
 
 
 class FastattnCache(Cache):
