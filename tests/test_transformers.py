@@ -210,3 +210,113 @@ def test_end_to_end_bench_runs():
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
     assert all(r["fastattn_prefill_s"] > 0 and r["sdpa_decode_s"] > 0 for r in rows)
     assert "| float32 |" in report.getvalue()
+
+
+def _generate_batch(model, prompts):
+    config = transformers.GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False,
+                                           eos_token_id=-1, pad_token_id=PAD)
+    # A cache of 8 pages of 16 tokens: sized from free memory, its static tensors take ~20 s
+    # to fill on the test machine.
+    cb = transformers.ContinuousBatchingConfig(page_size=16, num_blocks=8, max_batch_tokens=64)
+    with torch.no_grad():
+        out = model.generate_batch(prompts, generation_config=config,
+                                   continuous_batching_config=cb, warmup=False)
+    return [out[key].generated_tokens for key in sorted(out)]
+
+
+@pytest.mark.parametrize("kind", sorted(SDPA_OK))
+def test_continuous_batching_equals_sdpa(kind, monkeypatch):
+    # generate_batch packs three prompts of different lengths back to back (prefill, then
+    # decode steps against its paged cache); inside the block every call runs as
+    # attention_varlen, and the tokens are sdpa's (mistral's window of 8 cuts the prompts).
+    import fastattn._varlen
+
+    model = _model(kind)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 20, 13)]
+    model.set_attn_implementation("sdpa")
+    want = _generate_batch(model, prompts)
+    packed_calls = []
+    varlen = fastattn._varlen.attention_varlen
+
+    def counted(*args, **kwargs):
+        packed_calls.append(len(args[3]) - 1)  # sequences in the call
+        return varlen(*args, **kwargs)
+
+    monkeypatch.setattr(fastattn._varlen, "attention_varlen", counted)
+    with fastattn.transformers.continuous_batching() as name:
+        model.set_attn_implementation(name)
+        got = _generate_batch(model, prompts)
+    assert got == want
+    assert max(packed_calls) == 3 and len(packed_calls) >= NEW_TOKENS * 2  # 2 layers a step
+
+
+def test_continuous_batching_restores_sdpa():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with pytest.raises(RuntimeError, match="inside"):
+        with fastattn.transformers.continuous_batching() as name:
+            assert name == "sdpa"
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is fastattn.transformers.attention_forward
+            raise RuntimeError("inside")
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+
+
+def _packed_reference(q, k, v, cu_q, cu_k, window, scale):
+    """Per sequence, float64 softmax with a causal band aligned bottom-right."""
+    out = torch.zeros(q.shape[2], q.shape[1], v.shape[-1], dtype=torch.float64)
+    group = q.shape[1] // k.shape[1]
+    for i in range(len(cu_q) - 1):
+        qs = q[0, :, cu_q[i]:cu_q[i + 1]].double()
+        ks, vs = (t[0, :, cu_k[i]:cu_k[i + 1]].double().repeat_interleave(group, 0)
+                  for t in (k, v))
+        lq, lk = qs.shape[1], ks.shape[1]
+        rows = torch.arange(lq)[:, None] + (lk - lq)
+        cols = torch.arange(lk)[None, :]
+        visible = (cols <= rows) & (cols > rows - window)
+        scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(~visible, float("-inf"))
+        out[cu_q[i]:cu_q[i + 1]] = (scores.softmax(-1) @ vs).transpose(0, 1)
+    return out
+
+
+def test_packed_call_matches_per_sequence_softmax():
+    # The call continuous batching makes: a batch of one, 2 query rows of padding past the
+    # offsets (left zero), is_causal=False with the module causal, a window of 4.
+    g = torch.Generator().manual_seed(7)
+    cu_q, cu_k = torch.tensor([0, 3, 4, 9]), torch.tensor([0, 7, 12, 21])
+    q = torch.randn(1, 4, 11, 8, generator=g)
+    k, v = (torch.randn(1, 2, 21, 8, generator=g) for _ in range(2))
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, weights = fastattn.transformers.attention_forward(
+        module, q, k, v, None, scaling=0.5, sliding_window=4, is_causal=False,
+        cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k)
+    assert weights is None and out.shape == (1, 11, 4, 8)
+    want = _packed_reference(q, k, v, cu_q, cu_k, window=4, scale=0.5)
+    torch.testing.assert_close(out[0, :9].double(), want[:9], atol=1e-5, rtol=1e-5)
+    assert not out[0, 9:].any()
+
+
+def test_packed_call_refuses_gradients_and_block_tables():
+    cu = torch.tensor([0, 2])
+    q, k, v = (torch.randn(1, 2, 2, 8, requires_grad=True) for _ in range(3))
+    module = torch.nn.Module()
+    with pytest.raises(NotImplementedError, match="inference"):
+        fastattn.transformers.attention_forward(module, q, k, v, None, cu_seq_lens_q=cu,
+                                                cu_seq_lens_k=cu)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="max_blocks_per_request"):
+        fastattn.transformers.attention_forward(module, q, k, v, None, cu_seq_lens_q=cu,
+                                                cu_seq_lens_k=cu, block_table=torch.zeros(1, 1))
+
+
+def test_readme_continuous_batching_example():
+    from readme import run_example
+
+    scope = run_example("### Continuous batching: `generate_batch`")
+    assert [len(t) for t in scope["tokens"]] == [8, 8, 8]
+    model = scope["model"]
+    model.set_attn_implementation("sdpa")  # transformers' own, restored on leaving the block
+    outputs = model.generate_batch(scope["prompts"], generation_config=scope["generation"],
+                                   continuous_batching_config=scope["paging"])
+    assert scope["tokens"] == [outputs[r].generated_tokens for r in sorted(outputs)]

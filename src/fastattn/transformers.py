@@ -11,20 +11,27 @@ therefore registers both. The mask is transformers' own SDPA mask (``masking_uti
 a bool ``(batch, 1, L, S)`` mask where padding, a sliding window or a cache needs one, None where
 ``is_causal`` alone is exact, so :func:`attention_forward` mirrors
 ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` decision for decision.
+
+:class:`FastattnCache` is a KV cache that appends in place; :func:`continuous_batching` runs
+transformers' continuous batching (``model.generate_batch``) on :func:`fastattn.attention_varlen`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import torch as _torch
 
-__all__ = ["FastattnCache", "attention_forward", "register"]
+__all__ = ["FastattnCache", "attention_forward", "continuous_batching", "register"]
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -47,6 +54,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise NotImplementedError(
             f"fastattn has no attention dropout (dropout={dropout}): call model.eval() for "
             "inference, or train with another attn_implementation")
+    if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None:
+        return _packed_forward(module, query, key, value, scaling, sliding_window, softcap,
+                               is_causal, s_aux, kwargs)
     q_length = query.shape[2]
     # As sdpa_attention_forward: the module's causality unless the caller says otherwise, and
     # the causal flag only for a prefill without a mask (a decode step sees the whole cache; a
@@ -65,6 +75,44 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                            enable_gqa=query.shape[1] != key.shape[1], softcap=softcap,
                            sinks=s_aux)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_forward(module, query, key, value, scaling, sliding_window, softcap, is_causal,
+                    s_aux, kwargs) -> tuple[torch.Tensor, None]:
+    """Continuous batching's call: sequences packed along L of a batch of one, sequence ``i``'s
+    queries rows ``cu_seq_lens_q[i]:cu_seq_lens_q[i + 1]`` and its keys (cache and new tokens)
+    rows ``cu_seq_lens_k[i]:cu_seq_lens_k[i + 1]``; rows past the last offset are padding.
+    Runs :func:`fastattn.attention_varlen` on views of the tensors, causal and windows aligned
+    bottom-right per sequence; padding rows of the output are zero."""
+    if kwargs.get("block_table") is not None:
+        raise NotImplementedError(
+            "fastattn does not take transformers' block-table decode path (flash_attn_with_kvcache"
+            "'s arguments); run continuous batching with max_blocks_per_request=0")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise NotImplementedError(
+            "packed (continuous batching) attention runs for inference only: call it under "
+            "torch.no_grad(), as generate_batch does")
+    if query.shape[0] != 1:
+        raise ValueError(f"packed sequences come as a batch of one; got query {tuple(query.shape)}")
+    from ._varlen import attention_varlen
+
+    cu_q, cu_k = (kwargs[name].detach().cpu().numpy().astype(np.int64)
+                  for name in ("cu_seq_lens_q", "cu_seq_lens_k"))
+    n_q, n_k = int(cu_q[-1]), int(cu_k[-1])
+    # (1, H, total, D) -> (total, H, D): views, read by strides
+    q, k, v = (_torch._to_numpy(t[0, :, :n].transpose(0, 1))
+               for t, n in ((query, n_q), (key, n_k), (value, n_k)))
+    # The module's causality: with sdpa's name, transformers passes is_causal=False and a
+    # block-diagonal mask that carries it, which the offsets make redundant.
+    causal = getattr(module, "is_causal", True)
+    # transformers' sliding_window w: a query sees itself and the w - 1 keys before it
+    window = None if sliding_window is None else (sliding_window - 1, None)
+    sinks = None if s_aux is None else s_aux.detach().float().cpu().numpy()
+    out = attention_varlen(q, k, v, cu_q, cu_k, causal=bool(causal), scale=scaling,
+                           window=window, softcap=softcap or None, sinks=sinks)
+    result = query.new_zeros((1, query.shape[2], query.shape[1], value.shape[-1]))
+    result[0, :n_q] = _torch._from_numpy(out)
+    return result, None
 
 
 def register(name: str = "fastattn") -> str:
@@ -95,6 +143,35 @@ def register(name: str = "fastattn") -> str:
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+@contextlib.contextmanager
+def continuous_batching() -> Iterator[str]:
+    """Within the block, transformers' continuous batching runs its attention on fastattn.
+
+    ``model.generate_batch`` (and ``model.init_continuous_batching``'s serving manager) packs
+    the batch's sequences back to back, reads their keys and values out of its paged cache and
+    calls attention with their offsets (``cu_seq_lens_q``, ``cu_seq_lens_k``); fastattn runs that
+    call as :func:`fastattn.attention_varlen`: each sequence attends only to itself, without
+    padding and without the block-diagonal mask. transformers runs continuous batching only with
+    its ``"sdpa"``, ``"paged|eager"`` or flash attention kernels, so inside the block fastattn's
+    :func:`attention_forward` is registered under ``"sdpa"`` (in this process, for every model
+    that uses ``"sdpa"``; it follows transformers' sdpa decision for decision), and on leaving
+    it transformers' own function is restored. Yields the name to give the model, ``"sdpa"``.
+
+    Examples
+    --------
+    >>> import fastattn.transformers
+    >>> with fastattn.transformers.continuous_batching() as name:  # doctest: +SKIP
+    ...     model.set_attn_implementation(name)
+    ...     outputs = model.generate_batch(prompts, generation_config=config)
+    """
+    previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionInterface.register("sdpa", attention_forward)
+    try:
+        yield "sdpa"
+    finally:
+        AttentionInterface.register("sdpa", previous)
 
 
 class FastattnCacheLayer(CacheLayerMixin):
