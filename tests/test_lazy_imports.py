@@ -37,3 +37,32 @@ def test_unknown_attribute_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no_such_thing"):
         fastattn.no_such_thing  # noqa: B018
+
+
+# Makes the optional packages missing for the child process, as in an environment without
+# fastattn's extras: importing them fails as it does for a package that is not installed.
+_WITHOUT_EXTRAS = """
+import sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'dask', 'torch', 'transformers'}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+"""
+
+
+def test_help_works_without_the_optional_dependencies():
+    # pydoc looks up every name dir() lists; the lazy submodules are listed only where they can
+    # be imported, and one asked for by name says what it needs.
+    _run(_WITHOUT_EXTRAS + """
+import pydoc, fastattn
+text = pydoc.render_doc(fastattn, renderer=pydoc.plaintext)
+assert "attention_with_kvcache" in text and "Scaled dot-product attention" in text, text[:500]
+assert not {'dask', 'torch', 'transformers'} & set(dir(fastattn))
+try:
+    fastattn.torch
+except ImportError as e:
+    assert "fastattn.torch needs torch" in str(e), e
+else:
+    raise AssertionError("fastattn.torch imported without torch")
+""")

@@ -6,12 +6,14 @@ import numpy as np
 
 from . import _core, backends  # backends.cuda imports numba only when the GPU is asked for
 from ._gradients import gradient_dtype
+from ._habits import explains_habits
 from ._validate import Plan, is_half, prepare_backward
 
 # backend= values the C-level fast path serves (NumPy inputs on the CPU kernel).
 _PLAIN_BACKENDS = ("auto", "cpu")
 
 
+@explains_habits
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
               return_weights=False, num_threads=None, align="top_left", window=None,
               alibi_slopes=None, softcap=None, return_lse=False, kv_lengths=None,
@@ -133,7 +135,7 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     # The common call (no option but causal, scale and num_threads; NumPy arrays of one native
     # dtype and batch shape) is checked and run at C level; anything else, including every
     # call that needs an error message, takes the general path below.
-    if (mask is None and not enable_gqa and not return_weights and not return_lse
+    if (mask is None and enable_gqa is False and return_weights is False and return_lse is False
             and window is None and alibi_slopes is None and softcap is None and kv_lengths is None
             and align == "top_left" and similarity == "dot" and sinks is None
             and backend in _PLAIN_BACKENDS):
@@ -162,6 +164,7 @@ def run(plan: Plan, backend: str = "cpu"):
     return results(plan, backends.run(backends.select(backend, ()), plan))
 
 
+@explains_habits
 def attention_backward(q, k, v, out, lse, dout, *, mask=None, causal=False, scale=None,
                        enable_gqa=False, num_threads=None, align="top_left", window=None,
                        alibi_slopes=None, softcap=None, kv_lengths=None, similarity="dot",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
+from ._habits import explains_habits
 from ._validate import (
     band,
     band_within,
@@ -296,6 +297,7 @@ def _run_reference(cache: _Cache, q: np.ndarray, opt: _Options, dtype: np.dtype)
     return out, lse
 
 
+@explains_habits
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
                            block_table=None, cache_batch_idx=None, num_splits=0, causal=False,
                            scale=None, window=None, alibi_slopes=None, softcap=None, sinks=None,

@@ -223,6 +223,18 @@ def per_batch(name, a, batch, kinds, dtype, shapes, given=None) -> np.ndarray:
     return a if dtype is None else _as_kernel_array(a, dtype)
 
 
+def checked_flag(name: str, value) -> bool:
+    """A switch must be a bool (Python's or NumPy's): a string or a number is refused, never
+    read as True (``causal="bottom_right"`` would be, and means ``align``)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    hint = ""
+    if name == "causal" and value in ALIGNS:
+        hint = f"; for causal attention aligned {value}, pass causal=True, align={value!r}"
+    raise TypeError(f"{name} must be True or False, got {value!r} "
+                    f"({type(value).__name__}){hint}")
+
+
 def prepare(
     q,
     k,
@@ -245,6 +257,9 @@ def prepare(
     diagonal_offset=None,
 ) -> Plan:
     """Checks the arguments of ``attention`` and resolves broadcasting and dtypes."""
+    for name, value in (("causal", causal), ("enable_gqa", enable_gqa),
+                        ("return_weights", return_weights), ("return_lse", return_lse)):
+        checked_flag(name, value)
     q, k, v = _operands(q, k, v)
     L, E = q.shape[-2:]
     S, Ev = v.shape[-2:]

@@ -13,6 +13,7 @@ import numbers
 import numpy as np
 
 from ._api import attention, attention_backward
+from ._habits import explains_habits
 from ._validate import compute_dtypes, native
 
 BACKENDS = ("auto", "cpu", "reference")
@@ -88,6 +89,7 @@ def _heads_first(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return x[lo:hi].transpose(1, 0, 2)
 
 
+@explains_habits
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                      max_seqlen_k=None, causal=False, scale=None, window=None, alibi_slopes=None,
                      softcap=None, sinks=None, return_lse=False, num_threads=None,
@@ -158,6 +160,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     return (out, lse) if return_lse else out
 
 
+@explains_habits
 def attention_varlen_backward(q, k, v, out, lse, dout, cu_seqlens_q, cu_seqlens_k, *,
                               max_seqlen_q=None, max_seqlen_k=None, causal=False, scale=None,
                               window=None, alibi_slopes=None, softcap=None, sinks=None,

@@ -23,7 +23,8 @@ import torch
 
 from . import _core, backends
 from ._api import attention as _np_attention
-from ._validate import native, prepare, stand_in, window_bounds
+from ._habits import explains_habits
+from ._validate import checked_flag, native, prepare, stand_in, window_bounds
 
 __all__ = ["attention", "attention_with_kvcache"]
 
@@ -362,6 +363,7 @@ def _tensor(x, device: torch.device) -> torch.Tensor | None:
     return t if device.type == "cpu" else t.to(device)
 
 
+@explains_habits
 def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
               return_weights=False, num_threads=None, align="top_left", window=None,
               alibi_slopes=None, softcap=None, return_lse=False, kv_lengths=None,
@@ -398,8 +400,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
     torch.Size([2, 4, 16, 8])
     """
     if (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None
-            and softcap is None and window is None and not enable_gqa and not return_weights
-            and not return_lse and align == "top_left" and similarity == "dot"
+            and softcap is None and window is None and enable_gqa is False
+            and return_weights is False and return_lse is False and align == "top_left"
+            and similarity == "dot"
             and type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
             and not _is_compiling()  # (first: what follows does not trace)
             and _transform() is None
@@ -418,6 +421,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         raise TypeError("fastattn.torch.attention takes torch tensors q, k and v; got "
                         f"{type(q).__name__}, {type(k).__name__}, {type(v).__name__} "
                         "(fastattn.attention takes NumPy arrays)")
+    for name, value in (("causal", causal), ("enable_gqa", enable_gqa),
+                        ("return_weights", return_weights), ("return_lse", return_lse)):
+        checked_flag(name, value)
     left, right = (None, None) if window is None else window_bounds(window)
     if not (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None):
         device = q.device
@@ -514,6 +520,7 @@ def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, nu
     return (q.new_empty((B, H, L, v_cache.shape[-1])), q.new_empty((B, H, L), dtype=compute))
 
 
+@explains_habits
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
                            block_table=None, cache_batch_idx=None, num_splits=0, causal=False,
                            scale=None, window=None, alibi_slopes=None, softcap=None, sinks=None,
