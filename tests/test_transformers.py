@@ -8,6 +8,7 @@ tokens, and a bfloat16 model within bfloat16's error of float32.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.torch
@@ -264,20 +265,18 @@ def test_continuous_batching_restores_sdpa():
 
 
 def _packed_reference(q, k, v, cu_q, cu_k, window, scale):
-    """Per sequence, float64 softmax with a causal band aligned bottom-right."""
-    out = torch.zeros(q.shape[2], q.shape[1], v.shape[-1], dtype=torch.float64)
-    group = q.shape[1] // k.shape[1]
+    """fastattn's NumPy reference, sequence by sequence, causal aligned bottom-right."""
+    from fastattn import reference
+
+    out = np.zeros((q.shape[2], q.shape[1], v.shape[-1]))
     for i in range(len(cu_q) - 1):
-        qs = q[0, :, cu_q[i]:cu_q[i + 1]].double()
-        ks, vs = (t[0, :, cu_k[i]:cu_k[i + 1]].double().repeat_interleave(group, 0)
-                  for t in (k, v))
-        lq, lk = qs.shape[1], ks.shape[1]
-        rows = torch.arange(lq)[:, None] + (lk - lq)
-        cols = torch.arange(lk)[None, :]
-        visible = (cols <= rows) & (cols > rows - window)
-        scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(~visible, float("-inf"))
-        out[cu_q[i]:cu_q[i + 1]] = (scores.softmax(-1) @ vs).transpose(0, 1)
-    return out
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        got = reference.attention(q[0, :, qs].double().numpy(), k[0, :, ks].double().numpy(),
+                                  v[0, :, ks].double().numpy(), causal=True,
+                                  align="bottom_right", window=(window - 1, None),
+                                  scale=scale, enable_gqa=True)
+        out[qs] = got.transpose(1, 0, 2)
+    return torch.from_numpy(out)
 
 
 def test_packed_call_matches_per_sequence_softmax():

@@ -235,6 +235,12 @@ def checked_flag(name: str, value) -> bool:
                     f"({type(value).__name__}){hint}")
 
 
+def checked_flags(**flags) -> None:
+    """checked_flag for each switch given by name."""
+    for name, value in flags.items():
+        checked_flag(name, value)
+
+
 def prepare(
     q,
     k,
@@ -257,9 +263,8 @@ def prepare(
     diagonal_offset=None,
 ) -> Plan:
     """Checks the arguments of ``attention`` and resolves broadcasting and dtypes."""
-    for name, value in (("causal", causal), ("enable_gqa", enable_gqa),
-                        ("return_weights", return_weights), ("return_lse", return_lse)):
-        checked_flag(name, value)
+    checked_flags(causal=causal, enable_gqa=enable_gqa, return_weights=return_weights,
+                  return_lse=return_lse)
     q, k, v = _operands(q, k, v)
     L, E = q.shape[-2:]
     S, Ev = v.shape[-2:]

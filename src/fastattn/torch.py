@@ -24,7 +24,7 @@ import torch
 from . import _core, backends
 from ._api import attention as _np_attention
 from ._habits import explains_habits
-from ._validate import checked_flag, native, prepare, stand_in, window_bounds
+from ._validate import checked_flags, native, prepare, stand_in, window_bounds
 
 __all__ = ["attention", "attention_with_kvcache"]
 
@@ -421,9 +421,8 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, enable_gqa=False,
         raise TypeError("fastattn.torch.attention takes torch tensors q, k and v; got "
                         f"{type(q).__name__}, {type(k).__name__}, {type(v).__name__} "
                         "(fastattn.attention takes NumPy arrays)")
-    for name, value in (("causal", causal), ("enable_gqa", enable_gqa),
-                        ("return_weights", return_weights), ("return_lse", return_lse)):
-        checked_flag(name, value)
+    checked_flags(causal=causal, enable_gqa=enable_gqa, return_weights=return_weights,
+                  return_lse=return_lse)
     left, right = (None, None) if window is None else window_bounds(window)
     if not (mask is None and alibi_slopes is None and kv_lengths is None and sinks is None):
         device = q.device
